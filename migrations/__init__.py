@@ -1,0 +1,1 @@
+"""Alembic migrations: the only source of truth for the database schema."""

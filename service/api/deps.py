@@ -1,0 +1,51 @@
+"""FastAPI dependencies: routes declare what they need (`ReadSession`, `WriteSession`, `State`)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+from sqlalchemy.orm import Session
+
+from service.db.session import session_scope
+from service.errors import Unauthorized
+from service.state import AppState
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.batchsize
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def _read_session(state: State) -> Iterator[Session]:
+    with session_scope(state.reads) as session:
+        yield session
+
+
+def _write_session(state: State) -> Iterator[Session]:
+    with session_scope(state.writes) as session:
+        yield session
+
+
+ReadSession = Annotated[Session, Depends(_read_session)]
+WriteSession = Annotated[Session, Depends(_write_session)]
+
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="Required when BATCHSIZE_API_KEY is set."
+)
+
+
+def require_api_key(state: State, api_key: Annotated[str | None, Security(_api_key_header)]) -> None:
+    """When an API key is configured, every /v1 route requires it; compared in constant time."""
+    expected = state.settings.api_key
+    if not expected:
+        return
+    if api_key is None:
+        raise Unauthorized("missing X-API-Key header", code="missing_api_key")
+    if not hmac.compare_digest(api_key.encode(), expected.encode()):
+        raise Unauthorized("wrong API key", code="wrong_api_key")

@@ -1,0 +1,100 @@
+"""/v1/recommendations: thin handlers; the logic is in service.recommendations."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
+
+from service import recommendations as use_cases
+from service import repository
+from service.api.deps import ReadSession, State, WriteSession
+from service.errors import error_responses
+from service.schemas import RecommendationCreate, RecommendationOut, RecommendationPage, Status, TrialOut
+
+router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"])
+
+RecommendationId = Annotated[str, Path(min_length=1, max_length=64, description="The recommendation's id.")]
+
+
+@router.post(
+    "",
+    response_model=RecommendationOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Ask for a batch size recommendation",
+    description=(
+        "Queues a probe and answers `202` with the job. When an identical request (same fingerprint) "
+        "already succeeded, answers `200` with the stored result instead, unless `force` is set; when an "
+        "identical one is queued or running, answers `202` with that job."
+    ),
+    responses={
+        200: {"model": RecommendationOut, "description": "An identical request already succeeded."},
+        **error_responses(400, 401, 413, 422),
+    },
+)
+def create_recommendation(
+    payload: RecommendationCreate, session: WriteSession, state: State, response: Response
+) -> dict:
+    recommendation, created = use_cases.create_recommendation(
+        session, payload=payload, host=state.host, settings=state.settings
+    )
+    if recommendation.status == "succeeded" and not created:
+        response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = f"/v1/recommendations/{recommendation.id}"
+    return use_cases.to_public(recommendation)
+
+
+@router.get(
+    "",
+    response_model=RecommendationPage,
+    summary="List recommendations, newest first",
+    responses=error_responses(401, 422),
+)
+def list_recommendations(
+    session: ReadSession,
+    status_filter: Annotated[Status | None, Query(alias="status")] = None,
+    model: Annotated[str | None, Query(max_length=128, description="Zoo model name.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> dict:
+    items, total = repository.list_recommendations(
+        session, status=status_filter, model_name=model, limit=limit, offset=offset
+    )
+    return {
+        "items": [use_cases.to_public(r) for r in items],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+@router.get(
+    "/{recommendation_id}",
+    response_model=RecommendationOut,
+    summary="Get a recommendation: status, live progress, result or error",
+    responses=error_responses(401, 404, 422),
+)
+def get_recommendation(recommendation_id: RecommendationId, session: ReadSession) -> dict:
+    return use_cases.to_public(use_cases.get_recommendation(session, recommendation_id))
+
+
+@router.get(
+    "/{recommendation_id}/trials",
+    response_model=list[TrialOut],
+    summary="Every probe trial of a recommendation, in order",
+    responses=error_responses(401, 404, 422),
+)
+def list_trials(recommendation_id: RecommendationId, session: ReadSession) -> list:
+    use_cases.get_recommendation(session, recommendation_id)
+    return list(repository.list_trials(session, recommendation_id))
+
+
+@router.delete(
+    "/{recommendation_id}",
+    response_model=RecommendationOut,
+    summary="Cancel a queued or running recommendation",
+    description="A queued job is cancelled at once; a running one is stopped by its worker within seconds.",
+    responses=error_responses(401, 404, 409, 422),
+)
+def cancel_recommendation(recommendation_id: RecommendationId, session: WriteSession) -> dict:
+    return use_cases.to_public(use_cases.cancel_recommendation(session, recommendation_id))

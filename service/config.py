@@ -1,0 +1,39 @@
+"""One settings object, read from `BATCHSIZE_*` environment variables (or a `.env` file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATCHSIZE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="Where the SQLite file and uploaded artifacts live.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite file `batchsize.db` under data_dir."
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    run_worker: bool = Field(True, description="Run the probe worker inside `batchsize serve`.")
+    probe_device: str | None = Field(None, description="'cpu' or 'cuda'; default: cuda when available.")
+    probe_timeout_s: float = Field(
+        900.0, gt=0, description="Hard limit for one probe subprocess, on top of the request's time budget."
+    )
+    max_time_budget_s: float = Field(3600.0, gt=0, description="Largest time_budget_s a request may ask.")
+    poll_interval_s: float = Field(0.5, gt=0, description="How often an idle worker looks for queued jobs.")
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    stale_after_s: float = Field(
+        60.0, gt=0, description="A running job without a heartbeat this long is re-queued."
+    )
+    max_body_bytes: int = Field(1_000_000, gt=0, description="Largest JSON body accepted.")
+    sqlite_busy_timeout_ms: int = 5000
+    api_key: str | None = Field(None, description="When set, every /v1 route requires it (X-API-Key header).")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'batchsize.db').resolve()}"

@@ -1,0 +1,49 @@
+"""The probe's input and the events it streams back. Plain dataclasses: no pydantic here, so the probe
+engine runs where only torch is installed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Optimizer = Literal["sgd", "adam", "adamw"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Objective = Literal["time_to_target", "throughput", "max_feasible"]
+
+# Bump when the probe's method changes in a way that changes answers: it is part of the fingerprint.
+PROBE_VERSION = "1"
+
+
+@dataclass
+class ProbeSpec:
+    """One probe job, as the worker hands it to the probe subprocess (JSON-serialisable)."""
+
+    model_name: str
+    model_config: dict[str, Any] = field(default_factory=dict)
+    optimizer: Optimizer = "sgd"
+    learning_rate: float = 0.1
+    reference_batch_size: int = 32
+    precision: Precision = "fp32"
+    gradient_checkpointing: bool = False
+    device: Literal["cpu", "cuda"] = "cpu"  # the host device the probe runs on
+    memory_budget_bytes: int | None = None  # None: the device's free memory (CPU: a share of it)
+    time_budget_s: float = 120.0
+    objective: Objective = "time_to_target"
+    dataset_size: int = 50_000
+    device_count: int = 1  # devices the client will train on (recipe only)
+    target_device: dict[str, Any] | None = None  # the client's target device, when it differs
+    sample_path: str | None = None  # a client data sample (.npz / .safetensors), checked by the service
+    max_batch_size: int = 65_536  # hard cap for the search (also capped by dataset_size)
+    seed: int = 0
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ProbeError(Exception):
+    """A probe failure with a stable code and a message meant for the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -1,0 +1,251 @@
+"""Recommendation use cases: validate a request against the zoo and the host, fingerprint it, queue it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import repository
+from service.config import Settings
+from service.db.models import Recommendation
+from service.errors import Conflict, InvalidRequest, NotFound
+from service.probing.spec import PROBE_VERSION, ProbeSpec
+from service.schemas import RecommendationCreate
+
+# Bytes per parameter that must fit before any activation: weights + gradients + optimizer state.
+_STATE_COPIES = {"sgd": 3, "adam": 4, "adamw": 4}
+
+
+@dataclass(frozen=True)
+class HostDevice:
+    """What this host probes on (see service.probing.memory.describe_device)."""
+
+    type: str
+    name: str
+    memory_bytes: int
+    free_bytes: int
+    count: int
+
+
+def create_recommendation(
+    session: Session, *, payload: RecommendationCreate, host: HostDevice, settings: Settings
+) -> tuple[Recommendation, bool]:
+    """Queue a probe for this request, or return the stored/active one with the same fingerprint.
+
+    Returns (recommendation, created).
+    """
+    request = resolve_request(session, payload=payload, host=host, settings=settings)
+    fingerprint = fingerprint_request(request, host=host)
+    if not payload.force and (done := repository.find_succeeded(session, fingerprint)):
+        return done, False
+    if active := repository.find_active(session, fingerprint):
+        return active, False
+    model_name = request["model"].get("name") or f"artifact:{request['model']['artifact_id']}"
+    try:
+        with session.begin_nested():
+            created = repository.add_recommendation(
+                session,
+                recommendation_id=uuid.uuid4().hex,
+                fingerprint=fingerprint,
+                model_name=model_name,
+                request=request,
+            )
+    except IntegrityError:
+        # Another request with the same fingerprint was queued between our check and our insert.
+        if active := repository.find_active(session, fingerprint):
+            return active, False
+        raise
+    return created, True
+
+
+def get_recommendation(session: Session, recommendation_id: str) -> Recommendation:
+    recommendation = repository.get_recommendation(session, recommendation_id)
+    if recommendation is None:
+        raise NotFound(f"recommendation {recommendation_id!r} does not exist")
+    return recommendation
+
+
+def cancel_recommendation(session: Session, recommendation_id: str) -> Recommendation:
+    """Cancel a queued job at once; ask the worker to stop a running one. Finished jobs can't be cancelled."""
+    recommendation = get_recommendation(session, recommendation_id)
+    if recommendation.status == "queued":
+        accepted = repository.cancel_queued(session, recommendation_id)
+    elif recommendation.status == "running":
+        accepted = repository.request_cancel(session, recommendation_id)
+    else:
+        accepted = False
+    session.flush()
+    session.refresh(recommendation)
+    if not accepted:
+        raise Conflict(
+            f"recommendation {recommendation_id!r} is already {recommendation.status} and cannot be cancelled"
+        )
+    return recommendation
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def resolve_request(
+    session: Session, *, payload: RecommendationCreate, host: HostDevice, settings: Settings
+) -> dict[str, Any]:
+    """Check everything that can be checked without probing; return the canonical request to store."""
+    from models import config_to_dict, get_model, make_config
+
+    request = payload.model_dump(mode="json", exclude={"force"})
+    if payload.time_budget_s > settings.max_time_budget_s:
+        raise InvalidRequest(
+            f"time_budget_s {payload.time_budget_s:g} exceeds this service's limit of "
+            f"{settings.max_time_budget_s:g} s",
+            code="time_budget_too_large",
+        )
+    if payload.model.artifact_id is not None:
+        raise InvalidRequest(
+            "uploaded models (model.artifact_id) are not supported yet; use a zoo model (GET /v1/models)",
+            code="artifacts_not_supported",
+        )
+    try:
+        spec = get_model(payload.model.name or "")
+    except KeyError as exc:
+        raise InvalidRequest(str(exc.args[0]) if exc.args else str(exc), code="unknown_model") from exc
+    try:
+        config = make_config(spec, payload.model.config)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"model.config: {exc}", code="invalid_model_config") from exc
+    request["model"]["config"] = config_to_dict(config)
+
+    expected_shape = list(spec.input_shape(config))
+    if payload.input.shape is not None and list(payload.input.shape) != expected_shape:
+        raise InvalidRequest(
+            f"input.shape {payload.input.shape} does not match model {spec.name!r} with this config, whose "
+            f"per-sample input is {expected_shape}; change model.config or omit input.shape",
+            code="input_shape_mismatch",
+        )
+    request["input"]["shape"] = expected_shape
+
+    if payload.training.gradient_checkpointing and not spec.supports_gradient_checkpointing:
+        raise InvalidRequest(
+            f"model {spec.name!r} does not support gradient checkpointing", code="unsupported_option"
+        )
+    if payload.dataset.sample_id is not None:
+        sample = repository.get_artifact(session, payload.dataset.sample_id)
+        if sample is None or sample.kind != "sample":
+            raise InvalidRequest(
+                f"dataset.sample_id {payload.dataset.sample_id!r} is not an uploaded data sample",
+                code="unknown_sample",
+            )
+
+    request["device"] = _resolve_target_device(payload, host)
+    _check_budget(payload, spec=spec, config=config, device_memory=request["device"]["memory_bytes"])
+    return request
+
+
+def _resolve_target_device(payload: RecommendationCreate, host: HostDevice) -> dict[str, Any]:
+    target = payload.device
+    target_type = target.type or host.type
+    if target_type != host.type and target.memory_bytes is None:
+        raise InvalidRequest(
+            f"device.memory_bytes is required when the target device ({target_type}) differs from this "
+            f"host's ({host.type}): the memory model is extrapolated to it",
+            code="target_memory_required",
+        )
+    return {
+        "type": target_type,
+        "name": target.name or (host.name if target_type == host.type else None),
+        "memory_bytes": target.memory_bytes or host.memory_bytes,
+        "count": target.count,
+    }
+
+
+def _check_budget(payload: RecommendationCreate, *, spec: Any, config: Any, device_memory: int) -> None:
+    budget = payload.memory_budget_bytes
+    if budget is None:
+        return
+    if budget > device_memory:
+        raise InvalidRequest(
+            f"memory_budget_bytes {budget} exceeds the device's memory ({device_memory} bytes)",
+            code="budget_exceeds_device",
+        )
+    minimum = parameter_bytes(spec, config) * _STATE_COPIES[payload.training.optimizer]
+    if budget < minimum:
+        raise InvalidRequest(
+            f"memory_budget_bytes {budget} is smaller than the model's weights, gradients and "
+            f"{payload.training.optimizer} state alone ({minimum} bytes), before any activation",
+            code="budget_below_model",
+        )
+
+
+def parameter_bytes(spec: Any, config: Any) -> int:
+    """Bytes of the model's parameters, counted on the meta device (nothing is allocated)."""
+    import torch
+
+    with torch.device("meta"):
+        module = spec.build(config, False)
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def fingerprint_request(request: dict[str, Any], *, host: HostDevice) -> str:
+    """Hash of everything that changes the answer: the canonical request, the host, torch, the probe."""
+    import torch
+
+    parts = {
+        "request": request,
+        "host": {"type": host.type, "name": host.name, "memory_bytes": host.memory_bytes},
+        "torch": torch.__version__,
+        "probe_version": PROBE_VERSION,
+    }
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def probe_spec_from_request(request: dict[str, Any], *, host: HostDevice) -> ProbeSpec:
+    """Translate a stored (canonical) request into the probe subprocess's input."""
+    training = request["training"]
+    target = request["device"]
+    differs = target["type"] != host.type or target["memory_bytes"] != host.memory_bytes
+    return ProbeSpec(
+        model_name=request["model"]["name"],
+        model_config=request["model"]["config"],
+        optimizer=training["optimizer"],
+        learning_rate=training["learning_rate"],
+        reference_batch_size=training["reference_batch_size"],
+        precision=training["precision"],
+        gradient_checkpointing=training["gradient_checkpointing"],
+        device=host.type,  # type: ignore[arg-type]
+        memory_budget_bytes=request.get("memory_budget_bytes"),
+        time_budget_s=float(request["time_budget_s"]),
+        objective=request["objective"],
+        dataset_size=request["dataset"]["size"],
+        device_count=target["count"],
+        target_device=target if differs else None,
+        max_batch_size=min(65_536, request["dataset"]["size"]),
+    )
+
+
+def to_public(recommendation: Recommendation) -> dict[str, Any]:
+    """The API's view of a job (RecommendationOut)."""
+    error = None
+    if recommendation.error_code:
+        error = {"code": recommendation.error_code, "message": recommendation.error_message or ""}
+    return {
+        "id": recommendation.id,
+        "status": recommendation.status,
+        "fingerprint": recommendation.fingerprint,
+        "progress": {
+            "phase": recommendation.phase,
+            "trials_done": recommendation.trials_done,
+            "trials_planned": recommendation.trials_planned,
+        },
+        "request": recommendation.request,
+        "result": recommendation.result,
+        "error": error,
+        "created_at": recommendation.created_at,
+        "started_at": recommendation.started_at,
+        "finished_at": recommendation.finished_at,
+    }

@@ -1,0 +1,170 @@
+"""Request and response bodies of the HTTP API (pydantic v2). Field names follow DESIGN.md's contract."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    """A zoo model (`name` + optional `config`) or an uploaded model (`artifact_id`)."""
+
+    name: str | None = Field(None, max_length=64, description="Zoo model name (see GET /v1/models).")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the zoo config's defaults."
+    )
+    artifact_id: str | None = Field(None, max_length=64, description="An uploaded model artifact.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelRef:
+        if (self.name is None) == (self.artifact_id is None):
+            raise ValueError("give exactly one of model.name or model.artifact_id")
+        return self
+
+
+class InputSpec(_Strict):
+    shape: list[int] | None = Field(
+        None, min_length=1, max_length=8, description="Per-sample input shape (without the batch dimension)."
+    )
+
+
+class DatasetSpec(_Strict):
+    size: int = Field(50_000, gt=0, le=10**12, description="Training samples per epoch.")
+    sample_id: str | None = Field(
+        None, max_length=64, description="An uploaded data sample for the statistics."
+    )
+
+
+class TrainingSpec(_Strict):
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    learning_rate: float = Field(
+        0.1, gt=0, le=100, description="Learning rate tuned at reference_batch_size."
+    )
+    reference_batch_size: int = Field(32, gt=0, le=10**7)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+
+
+class DeviceSpec(_Strict):
+    """The device the client will train on. Omit it to mean 'this service's host device'."""
+
+    type: Literal["cpu", "cuda"] | None = None
+    name: str | None = Field(None, max_length=128)
+    memory_bytes: int | None = Field(None, gt=0, le=2**50)
+    count: int = Field(1, ge=1, le=4096, description="Devices for data-parallel training.")
+
+
+class RecommendationCreate(_Strict):
+    model: ModelRef
+    input: InputSpec = Field(default_factory=InputSpec)
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    device: DeviceSpec = Field(default_factory=DeviceSpec)
+    memory_budget_bytes: int | None = Field(
+        None,
+        gt=0,
+        le=2**50,
+        description="Memory the training may use per device; default: the device's free memory.",
+    )
+    objective: Literal["time_to_target", "throughput", "max_feasible"] = "time_to_target"
+    time_budget_s: float = Field(120, gt=0, description="Wall-clock budget for the whole probe.")
+    force: bool = Field(False, description="Probe again even if an identical request already succeeded.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {"name": "mlp", "config": {"hidden_dims": [256, 256]}},
+                    "dataset": {"size": 50000},
+                    "training": {"optimizer": "sgd", "learning_rate": 0.1, "reference_batch_size": 32},
+                    "memory_budget_bytes": 268435456,
+                    "objective": "time_to_target",
+                    "time_budget_s": 60,
+                }
+            ]
+        },
+    )
+
+
+class Progress(BaseModel):
+    phase: str | None = None
+    trials_done: int = 0
+    trials_planned: int = 0
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class RecommendationOut(BaseModel):
+    id: str
+    status: Status
+    fingerprint: str
+    progress: Progress
+    request: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class RecommendationPage(BaseModel):
+    items: list[RecommendationOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class TrialOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    index: int
+    phase: str
+    batch_size: int | None
+    outcome: str
+    peak_bytes: int | None
+    step_time_s: float | None
+    samples_per_second: float | None
+    detail: dict[str, Any] | None
+    created_at: datetime
+
+
+class ZooModel(BaseModel):
+    name: str
+    description: str
+    config_schema: dict[str, Any]
+    default_config: dict[str, Any]
+    input_shape: list[int]
+    input_dtype: str
+    supports_gradient_checkpointing: bool
+
+
+class DeviceOut(BaseModel):
+    type: Literal["cpu", "cuda"]
+    name: str
+    memory_bytes: int
+    free_bytes: int
+    count: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    database: bool
+    worker: bool | None = Field(
+        None, description="Whether the in-process worker is alive (None: not run here)."
+    )

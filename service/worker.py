@@ -1,0 +1,229 @@
+"""The worker: claims queued jobs, runs each probe in a subprocess, streams its trials into the database.
+
+It runs as a thread inside `batchsize serve` or alone as `batchsize worker`. Several workers (on several
+hosts) may share one database: claims are atomic. Run one worker per device: a worker runs one probe at a
+time, which is what keeps two probes from fighting over one GPU's memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import repository
+from service.config import Settings
+from service.db.session import session_scope
+from service.probing.spec import ProbeError
+from service.recommendations import HostDevice, probe_spec_from_request
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Extra wall time a probe gets beyond its own time budget (start-up, the last trial) before it is killed.
+_GRACE_FACTOR = 1.5
+_GRACE_S = 60.0
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _worker_is_dead(worker_id: str | None, *, my_worker_id: str) -> bool:
+    """Whether the worker that claimed a job is gone, as far as this host can tell."""
+    if not worker_id:
+        return True
+    host, _, rest = worker_id.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False  # another host's worker: only a stale heartbeat tells (see requeue_stale)
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return worker_id != my_worker_id  # an earlier run of this very process id (e.g. PID 1 in Docker)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        host: HostDevice,
+        run_probe: Callable[..., dict[str, Any]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.host = host
+        self.worker_id = make_worker_id()
+        self.stop_event = threading.Event()
+        self._run_probe = run_probe
+        self._thread: threading.Thread | None = None
+        self.current_job: str | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start_in_thread(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="batchsize-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run_forever(self) -> None:
+        log.info("worker %s started on %s (%s)", self.worker_id, self.host.type, self.host.name)
+        self.recover_orphans()
+        last_stale_check = time.monotonic()
+        while not self.stop_event.is_set():
+            try:
+                if time.monotonic() - last_stale_check > self.settings.stale_after_s / 2:
+                    self.requeue_stale()
+                    last_stale_check = time.monotonic()
+                if not self.run_next():
+                    self.stop_event.wait(self.settings.poll_interval_s)
+            except Exception:  # the loop must survive anything, e.g. the database being away for a while
+                log.exception("worker loop error; retrying")
+                self.stop_event.wait(min(5.0, self.settings.poll_interval_s * 4))
+        log.info("worker %s stopped", self.worker_id)
+
+    # --- recovery ----------------------------------------------------------------------------------
+
+    def recover_orphans(self) -> list[str]:
+        """Re-queue jobs left `running` by a dead worker on this host, or without a recent heartbeat."""
+        requeued = []
+        with session_scope(self.sessions) as session:
+            for job in repository.running_jobs(session):
+                if _worker_is_dead(job.worker_id, my_worker_id=self.worker_id):
+                    repository.requeue(session, job.id)
+                    requeued.append(job.id)
+        requeued += self.requeue_stale()
+        for job_id in requeued:
+            log.warning("re-queued job %s left running by a dead worker", job_id)
+        return requeued
+
+    def requeue_stale(self) -> list[str]:
+        cutoff = repository.stale_cutoff(self.settings.stale_after_s)
+        with session_scope(self.sessions) as session:
+            stale = [job.id for job in repository.stale_running_jobs(session, older_than=cutoff)]
+            for job_id in stale:
+                repository.requeue(session, job_id)
+        return stale
+
+    # --- running jobs ------------------------------------------------------------------------------
+
+    def run_next(self) -> bool:
+        """Claim and run one queued job. Returns False when the queue was empty."""
+        with session_scope(self.sessions) as session:
+            job = repository.claim_next_queued(session, worker_id=self.worker_id)
+            if job is None:
+                return False
+            job_id, request = job.id, job.request
+        self.current_job = job_id
+        try:
+            self._run_job(job_id, request)
+        finally:
+            self.current_job = None
+        return True
+
+    def _run_job(self, job_id: str, request: dict[str, Any]) -> None:
+        log.info("running job %s", job_id)
+        try:
+            spec = probe_spec_from_request(request, host=self.host)
+            spec.sample_path = self._sample_path(request)
+            timeout_s = min(self.settings.probe_timeout_s, spec.time_budget_s * _GRACE_FACTOR + _GRACE_S)
+            result = self._probe(spec, job_id=job_id, timeout_s=timeout_s)
+        except ProbeError as exc:
+            if self.stop_event.is_set() and exc.code == "cancelled":
+                self._write(repository.requeue, job_id)
+                log.info("job %s re-queued at shutdown", job_id)
+                return
+            status = "cancelled" if exc.code == "cancelled" else "failed"
+            self._write(
+                repository.finish, job_id, status=status, error_code=exc.code, error_message=exc.message
+            )
+            log.info("job %s %s: %s", job_id, status, exc.message)
+            return
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", job_id)
+            self._write(
+                repository.finish,
+                job_id,
+                status="failed",
+                error_code="internal_error",
+                error_message=repr(exc),
+            )
+            return
+        self._write(repository.finish, job_id, status="succeeded", result=result)
+        log.info("job %s succeeded", job_id)
+
+    def _sample_path(self, request: dict[str, Any]) -> str | None:
+        sample_id = request["dataset"].get("sample_id")
+        if not sample_id:
+            return None
+        with session_scope(self.sessions) as session:
+            artifact = repository.get_artifact(session, sample_id)
+            if artifact is None:
+                raise ProbeError("unknown_sample", f"data sample {sample_id!r} was deleted")
+            return artifact.path
+
+    def _probe(self, spec: Any, *, job_id: str, timeout_s: float) -> dict[str, Any]:
+        run_probe = self._run_probe
+        if run_probe is None:
+            from service.probing.subprocess import run_probe_subprocess as run_probe
+
+        last_beat = [0.0]
+
+        def on_event(event: dict[str, Any]) -> None:
+            kind = event.get("event")
+            if kind == "phase":
+                self._write(
+                    repository.record_progress,
+                    job_id,
+                    phase=event.get("phase"),
+                    trials_planned=event.get("trials_planned"),
+                )
+            elif kind == "trial":
+                self._write(repository.add_trial, job_id, event)
+
+        def should_cancel() -> bool:
+            if self.stop_event.is_set():
+                return True
+            now = time.monotonic()
+            if now - last_beat[0] < 1.0:
+                return False
+            last_beat[0] = now
+            return bool(self._write(repository.heartbeat, job_id))
+
+        return run_probe(spec, on_event=on_event, timeout_s=timeout_s, should_cancel=should_cancel)
+
+    def _write(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one repository write in its own transaction, retrying briefly if the database is locked."""
+        for attempt in range(5):
+            try:
+                with session_scope(self.sessions) as session:
+                    return operation(session, *args, **kwargs)
+            except OperationalError as exc:
+                if "locked" not in str(exc).lower() or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
