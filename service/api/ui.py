@@ -1,0 +1,100 @@
+"""Pages for people: the report of a recommendation, an index with a request form, and offline API docs.
+
+Server-rendered Jinja2; plots are inline SVG drawn by service.report. Nothing is fetched from a CDN:
+Swagger UI and ReDoc are vendored under service/static (see its README.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+from service import recommendations as use_cases
+from service import repository
+from service.api.deps import ReadSession
+from service.errors import error_responses
+from service.report import build_report, index_row
+from service.zoo import describe_zoo
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+STATIC_URL = "/static"
+
+templates = Jinja2Templates(directory=TEMPLATES_DIR)
+
+router = APIRouter()
+"""The HTML pages that read recommendations (included with the /v1 API-key dependency)."""
+
+docs_router = APIRouter(include_in_schema=False)
+"""/docs and /redoc from the vendored assets (no API key: they only show the OpenAPI document)."""
+
+RecommendationId = Annotated[
+    str, PathParam(min_length=1, max_length=64, description="The recommendation's id.")
+]
+
+_REPORT_EXAMPLE = (
+    "<!doctype html><html><head><title>Batch size report</title></head><body>"
+    "<h1>Batch size recommendation</h1><section class='recipe'>…</section><svg class='plot'>…</svg>"
+    "</body></html>"
+)
+
+
+@router.get(
+    "/v1/recommendations/{recommendation_id}/report",
+    response_class=HTMLResponse,
+    tags=["recommendations"],
+    summary="A recommendation's report as a self-contained HTML page with plots",
+    description=(
+        "The recipe at the top, then plots of peak memory (trials, fitted memory model, budget, chosen "
+        "maximum), throughput, predicted time to target and the gradient noise scale, and the trials "
+        "table. Works offline: no scripts or styles from elsewhere. While the job is queued or running, "
+        "the page shows its progress and reloads itself every 2 seconds."
+    ),
+    responses={
+        200: {"description": "The report", "content": {"text/html": {"example": _REPORT_EXAMPLE}}},
+        **error_responses(401, 404, 422),
+    },
+)
+def get_report(recommendation_id: RecommendationId, request: Request, session: ReadSession) -> HTMLResponse:
+    recommendation = use_cases.get_recommendation(session, recommendation_id)
+    trials = repository.list_trials(session, recommendation_id)
+    report = build_report(recommendation, use_cases.to_public(recommendation), trials)
+    return templates.TemplateResponse(request, "report.html", {"report": report, "static": STATIC_URL})
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def index(request: Request, session: ReadSession) -> HTMLResponse:
+    items, total = repository.list_recommendations(session, status=None, model_name=None, limit=25, offset=0)
+    rows = [index_row(use_cases.to_public(r)) for r in items]
+    context = {"rows": rows, "total": total, "zoo": describe_zoo(), "static": STATIC_URL}
+    return templates.TemplateResponse(request, "index.html", context)
+
+
+@docs_router.get("/docs")
+def swagger_ui(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url=request.app.openapi_url,
+        title=f"{request.app.title} — API docs",
+        swagger_js_url=f"{STATIC_URL}/swagger-ui/swagger-ui-bundle.js",
+        swagger_css_url=f"{STATIC_URL}/swagger-ui/swagger-ui.css",
+        swagger_favicon_url=f"{STATIC_URL}/swagger-ui/favicon-32x32.png",
+        oauth2_redirect_url=None,
+        swagger_ui_parameters={"validatorUrl": None, "tryItOutEnabled": False},
+    )
+
+
+@docs_router.get("/redoc")
+def redoc(request: Request) -> HTMLResponse:
+    return get_redoc_html(
+        openapi_url=request.app.openapi_url,
+        title=f"{request.app.title} — API reference",
+        redoc_js_url=f"{STATIC_URL}/redoc/redoc.standalone.js",
+        redoc_favicon_url=f"{STATIC_URL}/swagger-ui/favicon-32x32.png",
+        with_google_fonts=False,
+    )
