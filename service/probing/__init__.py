@@ -1,0 +1,21 @@
+"""The probe engine: real training steps that measure memory and throughput (DESIGN.md, "The probe engine").
+
+Imports torch, the standard library and `models` only, so it runs on a bare GPU box. This package's
+top level imports nothing heavy: the service process uses only `spec` and `subprocess` (torch-free),
+while the probe itself runs in a child process (`python -m service.probing.runner`).
+
+Modules:
+    spec        ProbeSpec (the job), ProbeError(code, message), PROBE_VERSION
+    subprocess  run_probe_subprocess(spec, on_event, timeout_s, should_cancel) -> result dict
+    runner      the child's entry point (JSON in on stdin, JSON lines out)
+    engine      run_probe(spec, emit) -> result dict (in-process; what the runner calls)
+    search      search_max_batch_size(measure, budget, cap) -> SearchResult (pure, no torch)
+    memory      CPUMemoryBudget (live-bytes tracker + OOM guard), is_oom, CUDA measurement, budgets
+    step        TrainingStep: one real training step with optimizer state and precision handling
+    throughput  throughput_ladder, measure_throughput
+"""
+
+from service.probing.spec import PROBE_VERSION, ProbeError, ProbeSpec
+from service.probing.subprocess import run_probe_subprocess
+
+__all__ = ["PROBE_VERSION", "ProbeError", "ProbeSpec", "run_probe_subprocess"]

@@ -1,0 +1,113 @@
+"""Probe subprocess entry point: `python -m service.probing.runner`.
+
+Reads one ProbeSpec as JSON on stdin and writes JSON lines to the protocol stream: every event, then
+`{"event": "result", "result": {...}}` or `{"event": "error", "code": ..., "message": ...}`.
+
+The protocol stream is the process's *original* stdout, duplicated to a private descriptor before
+fd 1 is pointed at stderr: anything model code prints (Python or C++) lands in stderr and cannot
+corrupt the protocol. Exit status is 0 whenever a result or error line was written.
+
+Test hook: when the environment variable BATCHSIZE_PROBE_TEST_FAULT is set, the runner misbehaves
+on purpose after writing its first event, so the parent's handling can be tested:
+    crash   -> exits with status 3 without a result
+    sigkill -> kills itself with SIGKILL (as the kernel's OOM killer would)
+    hang    -> sleeps forever
+    garbage -> writes a non-JSON line, then carries on normally
+It is read only here, only when set, and changes nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import fields
+from typing import IO, Any
+
+from service.probing.spec import ProbeError, ProbeSpec
+
+TEST_FAULT_ENV = "BATCHSIZE_PROBE_TEST_FAULT"
+
+
+def _protocol_stream() -> IO[str]:
+    """Move the real stdout to a private descriptor for the protocol; fd 1 becomes stderr."""
+    sys.stdout.flush()
+    protocol_fd = os.dup(1)  # not inherited by grandchildren (os.dup makes it non-inheritable)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    return os.fdopen(protocol_fd, "w", buffering=1, encoding="utf-8")
+
+
+def _parse_spec(text: str) -> ProbeSpec:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProbeError("invalid_spec", f"probe spec is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ProbeError("invalid_spec", "probe spec must be a JSON object")
+    known = {f.name for f in fields(ProbeSpec)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ProbeError("invalid_spec", f"unknown probe spec fields: {', '.join(unknown)}")
+    try:
+        return ProbeSpec(**data)
+    except TypeError as exc:
+        raise ProbeError("invalid_spec", f"invalid probe spec: {exc}") from exc
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null: strict JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _apply_test_fault(fault: str) -> None:
+    if fault == "crash":
+        print("test fault: crashing", file=sys.stderr, flush=True)
+        os._exit(3)
+    if fault == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "hang":
+        while True:
+            time.sleep(3600)
+
+
+def main() -> int:
+    protocol = _protocol_stream()
+
+    def emit(message: dict[str, Any]) -> None:
+        protocol.write(json.dumps(_json_safe(message), allow_nan=False, default=str) + "\n")
+        protocol.flush()
+
+    fault = os.environ.get(TEST_FAULT_ENV)
+    try:
+        spec = _parse_spec(sys.stdin.read())
+        if fault:
+            emit({"event": "phase", "phase": "setup", "trials_planned": 0})
+            if fault == "garbage":
+                protocol.write("this is not json\n")
+                protocol.flush()
+            _apply_test_fault(fault)
+        from service.probing.engine import run_probe  # imported late: a bad spec fails fast
+
+        result = run_probe(spec, emit)
+        emit({"event": "result", "result": result})
+    except ProbeError as exc:
+        emit({"event": "error", "code": exc.code, "message": exc.message})
+    except Exception as exc:  # a bug in the probe engine itself: report it, keep the traceback in stderr
+        traceback.print_exc()
+        emit({"event": "error", "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

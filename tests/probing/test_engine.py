@@ -1,0 +1,214 @@
+"""run_probe end to end on a tiny MLP, in-process: the limit it finds is real, events, result, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.registry import get_model, make_config
+from service.probing import engine
+from service.probing.memory import measure_step
+from service.probing.spec import ProbeError, ProbeSpec
+from service.probing.step import TrainingStep
+
+BUDGET = 3 * 2**20  # 3 MiB of tensors: the default MLP (84k parameters) fits a few hundred samples
+
+RESULT_FIELDS = {
+    "max_feasible_batch_size",
+    "max_feasible_batch_size_aligned",
+    "recommended_batch_size",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "devices",
+    "learning_rate",
+    "learning_rate_rule",
+    "warmup_steps",
+    "steps_per_epoch",
+    "gradient_noise_scale",
+    "throughput",
+    "memory",
+    "device",
+    "extrapolated",
+    "confidence",
+    "warnings",
+    "search",
+}
+
+
+def _spec(**overrides) -> ProbeSpec:
+    return ProbeSpec(
+        **{"model_name": "mlp", "memory_budget_bytes": BUDGET, "time_budget_s": 2.0, **overrides}
+    )
+
+
+def _run(spec: ProbeSpec) -> tuple[dict, list[dict]]:
+    events: list[dict] = []
+    result = engine.run_probe(spec, events.append)
+    return result, events
+
+
+@pytest.fixture(scope="module")
+def probe() -> tuple[dict, list[dict]]:
+    return _run(_spec())
+
+
+def test_the_limit_found_fits_and_a_few_percent_more_does_not(probe) -> None:
+    result, _ = probe
+    found = result["max_feasible_batch_size"]
+    spec = _spec()
+    model_spec = get_model("mlp")
+    step = TrainingStep.from_spec(spec, model_spec, make_config(model_spec, {}))
+    step.warm_up()
+
+    def outcome(batch_size: int) -> str:
+        trial = measure_step(
+            step.run,
+            batch_size,
+            BUDGET,
+            step.device,
+            roots=step.memory_roots(),
+            cleanup=step.discard_gradients,
+        )
+        return trial.outcome
+
+    assert outcome(found) == "ok"
+    assert outcome(math.ceil(found * 1.03)) == "over_budget"
+    assert result["search"]["trials"] <= 6
+
+
+def test_result_contract(probe) -> None:
+    result, _ = probe
+    assert set(result) >= RESULT_FIELDS
+    json.dumps(result, allow_nan=False)
+    assert result["max_feasible_batch_size_aligned"] % 8 == 0
+    assert result["max_feasible_batch_size_aligned"] <= result["max_feasible_batch_size"]
+    assert set(result["memory"]) >= {
+        "fixed_bytes",
+        "per_sample_bytes",
+        "optimizer_peak_bytes",
+        "budget_bytes",
+    }
+    assert result["memory"]["budget_bytes"] == BUDGET
+    assert result["memory"]["per_sample_bytes"] > 0
+    assert set(result["device"]) == {"type", "name", "memory_bytes"} and result["device"]["type"] == "cpu"
+    assert result["extrapolated"] is False
+    assert result["gradient_noise_scale"] is None
+    assert any("noise scale" in w for w in result["warnings"])
+    assert "zero_grad(set_to_none=True)" in result["search"]["measured_convention"]
+    throughput = result["throughput"]
+    assert throughput and throughput[-1]["batch_size"] == result["max_feasible_batch_size"]
+    assert all(p["samples_per_second"] > 0 for p in throughput)
+    # Default objective time_to_target falls back on the aligned maximum for now; SGD scales linearly.
+    assert (
+        result["recommended_batch_size"]
+        == result["micro_batch_size"]
+        == result["max_feasible_batch_size_aligned"]
+    )
+    assert result["learning_rate_rule"] == "linear"
+    assert result["learning_rate"] == pytest.approx(0.1 * result["recommended_batch_size"] / 32)
+    assert result["steps_per_epoch"] == math.ceil(50_000 / result["recommended_batch_size"])
+    assert result["gradient_accumulation_steps"] == 1 and result["devices"] == 1
+
+
+def test_events(probe) -> None:
+    result, events = probe
+    json.dumps(events, allow_nan=False)
+    phases = [e["phase"] for e in events if e["event"] == "phase"]
+    assert phases == ["setup", "warmup", "memory", "throughput"]
+    trials = [e for e in events if e["event"] == "trial"]
+    for event in trials:
+        assert set(event) == {
+            "event",
+            "phase",
+            "batch_size",
+            "outcome",
+            "peak_bytes",
+            "step_time_s",
+            "samples_per_second",
+            "detail",
+        }
+        assert event["outcome"] in ("ok", "oom", "over_budget", "error")
+    memory = [e for e in trials if e["phase"] == "memory"]
+    assert len(memory) == result["search"]["trials"]
+    assert all(e["peak_bytes"] <= BUDGET for e in memory if e["outcome"] == "ok")
+    assert all(e["peak_bytes"] > BUDGET for e in memory if e["outcome"] == "over_budget")
+    assert [e["batch_size"] for e in trials if e["phase"] == "throughput"] == [
+        p["batch_size"] for p in result["throughput"]
+    ]
+
+
+def test_adam_throughput_objective_and_sqrt_learning_rate() -> None:
+    result, _ = _run(_spec(optimizer="adam", learning_rate=1e-3, objective="throughput", device_count=2))
+    peak = max(result["throughput"], key=lambda p: p["samples_per_second"])["batch_size"]
+    assert result["micro_batch_size"] == peak
+    assert result["recommended_batch_size"] == 2 * peak
+    assert result["learning_rate_rule"] == "sqrt"
+    assert result["learning_rate"] == pytest.approx(1e-3 * math.sqrt(2 * peak / 32))
+
+
+def test_extrapolation_to_a_target_device() -> None:
+    target = {"type": "cuda", "name": "NVIDIA H200", "memory_bytes": 4 * 2**20, "count": 1}
+    # The host probes under its own default budget (the client's budget is the target's), up to the cap.
+    result, _ = _run(_spec(target_device=target, memory_budget_bytes=None, max_batch_size=4096))
+    assert result["extrapolated"] is True
+    assert result["target_device"]["name"] == "NVIDIA H200"
+    assert any(w.startswith("extrapolated") for w in result["warnings"])
+    memory = result["memory"]
+    usable = 4 * 2**20 * (1 - engine.EXTRAPOLATION_MARGIN)
+    expected = (usable - memory["fixed_bytes"]) / memory["per_sample_bytes"]
+    assert result["max_feasible_batch_size"] == pytest.approx(expected, rel=0.02)
+    assert result["confidence"] == "low"
+
+
+def _broken_mlp(**changes) -> object:
+    return dataclasses.replace(get_model("mlp"), **changes)
+
+
+class _Exploding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("shapes do not line up")
+
+
+@pytest.mark.parametrize(
+    "spec, broken, code, text",
+    [
+        (_spec(memory_budget_bytes=2**60), None, "budget_exceeds_device", "exceeds"),
+        (_spec(memory_budget_bytes=100_000), None, "budget_below_model", "bytes the model needs"),
+        (_spec(memory_budget_bytes=1_020_500), None, "oom_at_min_batch", "batch size 1"),
+        (_spec(model_name="nope"), None, "unknown_model", "nope"),
+        (_spec(model_config={"hidden_dims": "wide"}), None, "invalid_config", "hidden_dims"),
+        (_spec(gradient_checkpointing=True), None, "unsupported_option", "checkpointing"),
+        (_spec(dataset_size=0), None, "invalid_spec", "dataset_size"),
+        (
+            _spec(),
+            {"build": lambda config, checkpointing: _Exploding()},
+            "model_error",
+            "shapes do not line up",
+        ),
+        (_spec(), {"loss": lambda out, y: out.sum() * float("nan")}, "nan_loss", "nan"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_failures_map_to_probe_errors(monkeypatch, spec, broken, code, text) -> None:
+    if broken is not None:
+        monkeypatch.setattr(engine, "get_model", lambda name: _broken_mlp(**broken))
+    with pytest.raises(ProbeError) as info:
+        engine.run_probe(spec, lambda event: None)
+    assert info.value.code == code
+    assert text in info.value.message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA")
+def test_cuda_requested_without_cuda() -> None:
+    with pytest.raises(ProbeError) as info:
+        engine.run_probe(_spec(device="cuda"), lambda event: None)
+    assert info.value.code == "device_unavailable"

@@ -1,0 +1,110 @@
+"""Throughput ladder: sizes, warm-up, synchronisation before the clock, medians, the time budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.probing.memory import is_oom
+from service.probing.throughput import measure_throughput, throughput_ladder
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeStep:
+    """Advances the fake clock by `seconds_per_sample * B` per step, but only once synchronised:
+    the work is "queued" like a CUDA kernel, so a clock read without synchronising measures nothing."""
+
+    def __init__(self, clock: FakeClock, seconds_per_sample: float = 0.001, overhead_s: float = 0.01) -> None:
+        self.clock = clock
+        self.seconds_per_sample = seconds_per_sample
+        self.overhead_s = overhead_s
+        self.queued = 0.0
+        self.log: list[tuple[str, int]] = []
+        self.first_steps: dict[int, int] = {}
+
+    def make_batch(self, batch_size: int):
+        self.log.append(("batch", batch_size))
+        return batch_size, None
+
+    def train_on(self, inputs: int, targets: None) -> None:
+        count = self.first_steps.get(inputs, 0)
+        self.first_steps[inputs] = count + 1
+        slow_first = 10.0 if count == 0 else 1.0  # the first step at a size is slow (warm-up matters)
+        self.queued += slow_first * (self.overhead_s + self.seconds_per_sample * inputs)
+        self.log.append(("step", inputs))
+
+    def synchronize(self) -> None:
+        self.clock.now += self.queued
+        self.queued = 0.0
+
+
+def test_ladder() -> None:
+    assert throughput_ladder(1) == [1]
+    assert throughput_ladder(8) == [1, 2, 4, 8]
+    assert throughput_ladder(20) == [1, 2, 4, 8, 16, 20]
+    ladder = throughput_ladder(1811)
+    assert len(ladder) <= 6 and ladder[0] == 1 and ladder[-1] == 1811
+    assert all(b & (b - 1) == 0 for b in ladder[:-1])  # powers of two below the maximum
+    assert ladder == sorted(set(ladder))
+    assert throughput_ladder(1024)[-1] == 1024 and len(throughput_ladder(65_536)) == 6
+
+
+def test_measures_medians_after_warm_up_with_synchronisation() -> None:
+    clock = FakeClock()
+    step = FakeStep(clock)
+    points = measure_throughput(step, [1, 64, 512], time_budget_s=100.0, clock=clock)
+    assert [p["batch_size"] for p in points] == [1, 64, 512]
+    for point in points:
+        expected = 0.01 + 0.001 * point["batch_size"]  # the slow first step was a warm-up, not timed
+        assert point["step_time_s"] == pytest.approx(expected)
+        assert point["samples_per_second"] == pytest.approx(point["batch_size"] / expected)
+        assert point["warmup_steps"] == 2 and point["timed_steps"] == 5
+    assert step.log.count(("batch", 64)) == 1  # one batch per size, reused by every step
+
+
+def test_time_budget_limits_the_steps() -> None:
+    clock = FakeClock()
+    step = FakeStep(clock, seconds_per_sample=0.01)
+    points = measure_throughput(step, [1, 100, 1000], time_budget_s=30.0, clock=clock)
+    assert len(points) == 3
+    assert all(p["timed_steps"] >= 1 and p["warmup_steps"] >= 1 for p in points)
+    assert points[-1]["timed_steps"] < 5  # 10 s per step at 1000 does not fit five times in its share
+    assert clock.now < 30.0 + 2 * 100.0  # over by at most the minimum steps of the largest size
+
+
+def test_oom_stops_the_ladder() -> None:
+    clock = FakeClock()
+    step = FakeStep(clock)
+    original = step.train_on
+
+    def train_on(inputs, targets):
+        if inputs >= 64:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        original(inputs, targets)
+
+    step.train_on = train_on
+    seen = []
+    points = measure_throughput(
+        step, [1, 64, 512], time_budget_s=10.0, clock=clock, is_oom=is_oom, on_point=seen.append
+    )
+    assert [p["outcome"] for p in points] == ["ok", "oom"]
+    assert seen == points
+    with pytest.raises(RuntimeError):
+        measure_throughput(step, [64], time_budget_s=10.0, clock=clock)  # without is_oom it propagates
+
+
+def test_on_a_real_step() -> None:
+    from models.registry import get_model, make_config
+    from service.probing.step import TrainingStep
+
+    spec = get_model("mlp")
+    step = TrainingStep(spec, make_config(spec, {"input_dim": 16, "hidden_dims": [32]}), optimizer="adam")
+    points = measure_throughput(step, throughput_ladder(64), time_budget_s=2.0)
+    assert [p["batch_size"] for p in points] == throughput_ladder(64) == [1, 2, 4, 16, 32, 64]
+    assert all(p["samples_per_second"] > 0 and p["step_time_s"] > 0 for p in points)
