@@ -1,18 +1,21 @@
-"""The `batchsize` command: serve, worker, migrate."""
+"""The `batchsize` command: serve, worker, migrate; and a client: recommend, status, list, models, device,
+upload."""
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="batchsize-service: recommends training batch sizes.", no_args_is_help=True)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(level: str, fmt: str = "text") -> None:
+    from service.observability import configure_logging
+
+    configure_logging(fmt, level)  # BATCHSIZE_LOG_FORMAT: json (default) or text
 
 
 @app.command()
@@ -28,10 +31,17 @@ def serve(
     from service.app import create_app
     from service.config import Settings
 
-    _logging(log_level)
     settings = Settings()
+    _logging(log_level, settings.log_format)
     application = create_app(settings, run_worker=worker)
-    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level=log_level)
+    uvicorn.run(
+        application,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=log_level,
+        log_config=None,  # keep _logging's handler: uvicorn's lines come out in the same format
+        access_log=False,  # service.observability logs each request, with its request id
+    )
 
 
 @app.command("worker")
@@ -43,8 +53,8 @@ def run_worker(log_level: str = typer.Option("info")) -> None:
     from service.state import detect_host
     from service.worker import Worker
 
-    _logging(log_level)
     settings = Settings()
+    _logging(log_level, settings.log_format)
     migrate.upgrade(settings.resolved_database_url)
     engine = make_engine(settings)
     _, writes = make_session_factories(engine)
@@ -67,6 +77,596 @@ def migrate(revision: str = typer.Argument("head", help="Alembic revision to upg
     settings = Settings()
     migrations.upgrade(settings.resolved_database_url, revision)
     typer.echo(f"database at {settings.resolved_database_url} is at {revision}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Client commands: talk to a running service (--url), or probe in this process (--local).
+
+UrlOption = typer.Option(
+    "http://127.0.0.1:8000", "--url", envvar="BATCHSIZE_URL", help="The service's base URL."
+)
+ApiKeyOption = typer.Option(
+    None, "--api-key", envvar="BATCHSIZE_API_KEY", help="X-API-Key, when the service requires one."
+)
+JsonOption = typer.Option(False, "--json", help="Print JSON instead of tables.")
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20}
+_SIZE_UNITS |= {"g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str | None) -> int | None:
+    """Bytes from '268435456', '256MiB', '1.5G' or '80GB' (None stays None)."""
+    import re
+
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise typer.BadParameter(f"not a size: {text!r} (e.g. 268435456, 256MiB, 16GB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _json_option(text: str | None, name: str) -> dict | None:
+    import json
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"{name} must be a JSON object")
+    return value
+
+
+def _client(url: str, api_key: str | None):  # noqa: ANN202 - service.client is imported lazily
+    from service.client import BatchsizeClient
+
+    return BatchsizeClient(url, api_key=api_key)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def _print_json(value: object) -> None:
+    import json
+
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr: phase, trials done/planned, elapsed time."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description:<22}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("trials"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.progress.add_task("queued", total=None)
+        self.done = 0
+        self.planned = 0
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.progress.stop()
+
+    def show(self, label: str, done: int, planned: int) -> None:
+        self.progress.update(self.task, description=label, completed=done, total=max(planned, done, 1))
+
+    def on_job(self, job: dict) -> None:
+        """client.wait's callback: the job as GET /v1/recommendations/{id} shows it."""
+        progress = job.get("progress") or {}
+        phase = progress.get("phase") or job.get("status", "")
+        label = phase if job.get("status") == "running" else job.get("status", "")
+        self.show(str(label), int(progress.get("trials_done") or 0), int(progress.get("trials_planned") or 0))
+
+    def on_event(self, event: dict) -> None:
+        """run_probe's emit: the same bookkeeping as the worker's (service.worker)."""
+        if event.get("event") == "phase":
+            self.phase = str(event.get("phase"))
+            self.planned = self.done + int(event.get("trials_planned") or 0)
+        elif event.get("event") == "trial":
+            self.done += 1
+            self.planned = max(self.planned, self.done)
+        self.show(getattr(self, "phase", "setup"), self.done, self.planned)
+
+
+def _recipe_table(result: dict, title: str = "Recommended training recipe"):  # noqa: ANN202
+    from rich.table import Table
+
+    def fmt_bytes(value: object) -> str:
+        if not isinstance(value, int | float):
+            return "—"
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if abs(value) < 1024 or unit == "TiB":
+                return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            value /= 1024
+        return "—"
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("")
+    rows = [
+        ("Global batch size", result.get("recommended_batch_size")),
+        ("Micro-batch per device", result.get("micro_batch_size")),
+        ("Gradient accumulation steps", result.get("gradient_accumulation_steps")),
+        ("Devices", result.get("devices")),
+        ("Learning rate", f"{result.get('learning_rate', 0):.6g} ({result.get('learning_rate_rule')} rule)"),
+        ("Warm-up steps", result.get("warmup_steps")),
+        ("Steps per epoch", result.get("steps_per_epoch")),
+        (
+            "Largest batch that fits",
+            f"{result.get('max_feasible_batch_size')} "
+            f"(aligned: {result.get('max_feasible_batch_size_aligned')})",
+        ),
+    ]
+    noise = result.get("gradient_noise_scale")
+    if isinstance(noise, dict) and noise.get("value") is not None:
+        rows.append(
+            (
+                "Gradient noise scale",
+                f"{noise['value']:.4g} [{noise.get('low') or 0:.3g}, {noise.get('high') or 0:.3g}] "
+                f"on {noise.get('measured_on')}",
+            )
+        )
+    throughput = result.get("throughput") or []
+    if throughput:
+        best = max(throughput, key=lambda p: p.get("samples_per_second") or 0)
+        rows.append(
+            ("Peak throughput", f"{best['samples_per_second']:.4g} samples/s at batch {best['batch_size']}")
+        )
+    memory = result.get("memory") or {}
+    if memory:
+        rows.append(
+            (
+                "Memory model",
+                f"fixed {fmt_bytes(memory.get('fixed_bytes'))} + {fmt_bytes(memory.get('per_sample_bytes'))}"
+                f"/sample, budget {fmt_bytes(memory.get('budget_bytes'))}",
+            )
+        )
+    device = result.get("device") or {}
+    if device:
+        rows.append(("Measured on", f"{device.get('type')} {device.get('name') or ''}".strip()))
+    rows.append(("Confidence", result.get("confidence")))
+    if result.get("extrapolated"):
+        rows.append(("Extrapolated", "yes: memory limit predicted for the target device"))
+    for label, value in rows:
+        table.add_row(label, "—" if value is None else str(value))
+    return table
+
+
+def _print_recipe(result: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(_recipe_table(result))
+    for warning in result.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+@app.command()
+def recommend(
+    model: str = typer.Option(None, "--model", "-m", help="A zoo model (see `batchsize models`)."),
+    config: str = typer.Option(
+        None, "--config", help="Zoo config overrides as JSON, e.g. '{\"width\": 32}'."
+    ),
+    artifact: str = typer.Option(None, "--artifact", help="An uploaded model's artifact id."),
+    model_file: Path = typer.Option(
+        None,
+        "--model-file",
+        exists=True,
+        dir_okay=False,
+        help="A torch.export archive (.pt2): uploaded first.",
+    ),
+    loss: str = typer.Option(
+        None, "--loss", help="With --model-file: cross_entropy, mse or model_returns_loss."
+    ),
+    input_spec: str = typer.Option(
+        None, "--input", help='With --model-file: JSON {"shape", "dtype", "high"}.'
+    ),
+    target_spec: str = typer.Option(None, "--target", help="With --model-file: JSON like --input."),
+    num_classes: int = typer.Option(None, "--num-classes", help="With --model-file (optional)."),
+    dataset_size: int = typer.Option(50_000, "--dataset-size", "-n", help="Training samples per epoch."),
+    sample: str = typer.Option(None, "--sample", help="An uploaded data sample's artifact id."),
+    sample_file: Path = typer.Option(
+        None, "--sample-file", exists=True, dir_okay=False, help="A data sample (.npz/.safetensors)."
+    ),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, adam or adamw."),
+    learning_rate: float = typer.Option(0.1, "--lr", help="Learning rate tuned at --reference-batch-size."),
+    reference_batch_size: int = typer.Option(32, "--reference-batch-size"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    devices: int = typer.Option(1, "--devices", help="Data-parallel devices the training will use."),
+    target_type: str = typer.Option(None, "--target-device", help="cpu or cuda, when it is not this host's."),
+    target_memory: str = typer.Option(None, "--target-memory", help="Target device memory, e.g. 80GB."),
+    memory_budget: str = typer.Option(None, "--memory-budget", help="Per-device budget, e.g. 256MiB."),
+    objective: str = typer.Option(
+        "time_to_target", "--objective", help="time_to_target, throughput, max_feasible."
+    ),
+    time_budget: float = typer.Option(120.0, "--time-budget", help="Seconds the probe may take."),
+    force: bool = typer.Option(False, "--force", help="Probe again even if a stored answer exists."),
+    wait_timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait for the answer."),
+    local: bool = typer.Option(False, "--local", help="Probe in this process, without a server."),
+    url: str = UrlOption,
+    api_key: str = ApiKeyOption,
+    as_json: bool = JsonOption,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),
+) -> None:
+    """Recommend a batch size, gradient accumulation and learning rate for a model; shows live progress."""
+    sources = [x for x in (model, artifact, model_file) if x is not None]
+    if len(sources) != 1:
+        raise _fail("give exactly one of --model, --artifact or --model-file", 2)
+    if artifact is not None and local:
+        raise _fail("--artifact names a model on a server; with --local use --model-file", 2)
+    declared = {
+        "loss": loss,
+        "input": _json_option(input_spec, "--input"),
+        "target": _json_option(target_spec, "--target"),
+        "num_classes": num_classes,
+    }
+    if model_file is not None and loss is None:
+        raise _fail("--model-file needs --loss (cross_entropy, mse or model_returns_loss)", 2)
+    device = None
+    if target_type or target_memory:
+        device = {"type": target_type, "memory_bytes": parse_size(target_memory), "count": devices}
+    elif devices != 1:
+        device = {"count": devices}
+    settings = {
+        "dataset_size": dataset_size,
+        "optimizer": optimizer,
+        "learning_rate": learning_rate,
+        "reference_batch_size": reference_batch_size,
+        "precision": precision,
+        "gradient_checkpointing": gradient_checkpointing,
+        "device": device,
+        "memory_budget_bytes": parse_size(memory_budget),
+        "objective": objective,
+        "time_budget_s": time_budget,
+    }
+    zoo_config = _json_option(config, "--config")
+    if local:
+        _recommend_local(model, zoo_config, model_file, declared, sample_file, settings, as_json, progress)
+        return
+    _recommend_remote(
+        url, api_key, model, zoo_config, artifact, model_file, declared, sample, sample_file, settings,
+        force=force, wait_timeout=wait_timeout, as_json=as_json, progress=progress,
+    )  # fmt: skip
+
+
+def _recommend_remote(
+    url: str,
+    api_key: str | None,
+    model: str | None,
+    zoo_config: dict | None,
+    artifact: str | None,
+    model_file: Path | None,
+    declared: dict,
+    sample: str | None,
+    sample_file: Path | None,
+    settings: dict,
+    *,
+    force: bool,
+    wait_timeout: float,
+    as_json: bool,
+    progress: bool,
+) -> None:
+    from service.client import BatchsizeError, RecommendationFailed, build_request
+
+    with _client(url, api_key) as client:
+        try:
+            if model_file is not None:
+                artifact = client.upload_model(
+                    model_file,
+                    loss=declared["loss"],
+                    input=declared["input"],
+                    target=declared["target"],
+                    num_classes=declared["num_classes"],
+                )["id"]
+            if sample_file is not None:
+                sample = client.upload_sample(sample_file)["id"]
+            body = build_request(
+                model, config=zoo_config, artifact_id=artifact, sample_id=sample, force=force, **settings
+            )
+            with _ProgressBar(progress and not as_json) as bar:
+                job = client.submit(body)
+                done = client.wait(job["id"], timeout_s=wait_timeout, on_progress=bar.on_job)
+        except RecommendationFailed as exc:
+            raise _fail(
+                f"recommendation {exc.job.get('id')} {exc.job.get('status')}: {exc.code}: {exc.message}"
+            ) from None
+        except BatchsizeError as exc:
+            raise _fail(str(exc)) from None
+    if as_json:
+        _print_json(done)
+    else:
+        typer.echo(f"recommendation {done['id']}")
+        _print_recipe(done["result"])
+
+
+def _recommend_local(
+    model: str | None,
+    zoo_config: dict | None,
+    model_file: Path | None,
+    declared: dict,
+    sample_file: Path | None,
+    settings: dict,
+    as_json: bool,
+    progress: bool,
+) -> None:
+    from service.probing.engine import run_probe
+    from service.probing.spec import ProbeError
+
+    try:
+        spec = local_probe_spec(model, zoo_config, model_file, declared, sample_file, settings)
+        with _ProgressBar(progress and not as_json) as bar:
+            result = run_probe(spec, bar.on_event)
+    except ProbeError as exc:
+        raise _fail(f"{exc.code}: {exc.message}") from None
+    if as_json:
+        _print_json({"id": None, "status": "succeeded", "result": result})
+    else:
+        _print_recipe(result)
+
+
+def local_probe_spec(
+    model: str | None,
+    zoo_config: dict | None,
+    model_file: Path | None,
+    declared: dict,
+    sample_file: Path | None,
+    settings: dict,
+):  # noqa: ANN201 - ProbeSpec, imported lazily
+    """The ProbeSpec for a --local run (the same fields the worker builds from a stored request)."""
+    import torch
+
+    from service.probing.spec import ProbeError, ProbeSpec
+
+    if model_file is not None:
+        from service.probing.exported import ArchiveError, dry_run
+
+        try:
+            config = dry_run(str(model_file), {k: v for k, v in declared.items() if v is not None})["config"]
+        except ArchiveError as exc:
+            raise ProbeError(exc.code, exc.message) from None
+        name, artifact_path = f"file:{model_file.name}", str(model_file.resolve())
+    else:
+        from models import config_to_dict, get_model, make_config
+
+        try:
+            spec = get_model(str(model))
+            config = config_to_dict(make_config(spec, zoo_config or {}))
+        except KeyError as exc:
+            raise ProbeError("unknown_model", str(exc)) from None
+        except (ValueError, TypeError) as exc:
+            raise ProbeError("invalid_config", f"--config: {exc}") from None
+        name, artifact_path = str(model), None
+    target = settings["device"] or {}
+    max_batch = min(65_536, settings["dataset_size"], config.get("max_batch_size") or 65_536)
+    return ProbeSpec(
+        model_name=name,
+        model_config=config,
+        model_artifact_path=artifact_path,
+        optimizer=settings["optimizer"],
+        learning_rate=settings["learning_rate"],
+        reference_batch_size=settings["reference_batch_size"],
+        precision=settings["precision"],
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        memory_budget_bytes=settings["memory_budget_bytes"],
+        time_budget_s=settings["time_budget_s"],
+        objective=settings["objective"],
+        dataset_size=settings["dataset_size"],
+        device_count=int(target.get("count") or 1),
+        target_device=target if target.get("type") or target.get("memory_bytes") else None,
+        sample_path=str(sample_file) if sample_file else None,
+        max_batch_size=max_batch,
+    )
+
+
+@app.command()
+def status(
+    recommendation_id: str = typer.Argument(..., help="The recommendation's id."),
+    url: str = UrlOption,
+    api_key: str = ApiKeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Show a recommendation: status, progress, and its recipe or error."""
+    from service.client import BatchsizeError
+
+    with _client(url, api_key) as client:
+        try:
+            job = client.get(recommendation_id)
+        except BatchsizeError as exc:
+            raise _fail(str(exc)) from None
+    if as_json:
+        _print_json(job)
+        return
+    progress = job.get("progress") or {}
+    typer.echo(
+        f"{job['id']}  {job['status']}  phase={progress.get('phase') or '-'}  "
+        f"trials={progress.get('trials_done', 0)}/{progress.get('trials_planned', 0)}"
+    )
+    if job.get("error"):
+        typer.echo(f"error: {job['error']['code']}: {job['error']['message']}")
+    if job.get("result"):
+        _print_recipe(job["result"])
+
+
+@app.command("list")
+def list_recommendations(
+    status_filter: str = typer.Option(
+        None, "--status", help="queued, running, succeeded, failed, cancelled."
+    ),
+    model: str = typer.Option(None, "--model", help="Zoo model name."),
+    limit: int = typer.Option(20, "--limit"),
+    url: str = UrlOption,
+    api_key: str = ApiKeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """List recommendations, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.client import BatchsizeError
+
+    with _client(url, api_key) as client:
+        try:
+            page = client.list(status=status_filter, model=model, limit=limit)
+        except BatchsizeError as exc:
+            raise _fail(str(exc)) from None
+    if as_json:
+        _print_json(page)
+        return
+    table = Table(title=f"Recommendations ({page['total']} in all)", title_justify="left")
+    for column in ("id", "status", "model", "batch", "micro x accum", "learning rate", "created"):
+        table.add_column(column)
+    for job in page["items"]:
+        result = job.get("result") or {}
+        model_ref = job["request"].get("model", {})
+        table.add_row(
+            job["id"],
+            job["status"],
+            str(model_ref.get("name") or f"artifact {str(model_ref.get('artifact_id'))[:12]}"),
+            str(result.get("recommended_batch_size", "")),
+            f"{result['micro_batch_size']} x {result.get('gradient_accumulation_steps', 1)}"
+            if result
+            else "",
+            f"{result['learning_rate']:.4g}" if result.get("learning_rate") is not None else "",
+            str(job["created_at"])[:19],
+        )
+    Console().print(table)
+
+
+@app.command()
+def models(
+    local: bool = typer.Option(False, "--local", help="This installation's zoo, without a server."),
+    url: str = UrlOption,
+    api_key: str = ApiKeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """The model zoo: names, default configs and input shapes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.client import BatchsizeError
+
+    if local:
+        from service.zoo import describe_zoo
+
+        zoo = describe_zoo()
+    else:
+        with _client(url, api_key) as client:
+            try:
+                zoo = client.models()
+            except BatchsizeError as exc:
+                raise _fail(str(exc)) from None
+    if as_json:
+        _print_json(zoo)
+        return
+    table = Table(title="Model zoo", title_justify="left")
+    for column in ("name", "input", "description"):
+        table.add_column(column)
+    for entry in zoo:
+        table.add_row(entry["name"], f"{entry['input_shape']} {entry['input_dtype']}", entry["description"])
+    Console().print(table)
+
+
+@app.command()
+def device(
+    local: bool = typer.Option(False, "--local", help="This machine's device, without a server."),
+    url: str = UrlOption,
+    api_key: str = ApiKeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """The device the service probes on (or this machine's, with --local)."""
+    from service.client import BatchsizeError
+
+    if local:
+        import torch
+
+        from service.probing.memory import describe_device
+
+        info = describe_device("cuda" if torch.cuda.is_available() else "cpu")
+        info = {key: info[key] for key in ("type", "name", "memory_bytes", "free_bytes", "count")}
+    else:
+        with _client(url, api_key) as client:
+            try:
+                info = client.device()
+            except BatchsizeError as exc:
+                raise _fail(str(exc)) from None
+    if as_json:
+        _print_json(info)
+        return
+    gib = 2**30
+    typer.echo(
+        f"{info['type']}  {info['name']}  memory {info['memory_bytes'] / gib:.1f} GiB  "
+        f"free {info['free_bytes'] / gib:.1f} GiB  count {info['count']}"
+    )
+
+
+@app.command()
+def upload(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .pt2 model or a data sample."),
+    kind: str = typer.Option(..., "--kind", help="model or sample."),
+    loss: str = typer.Option(None, "--loss", help="Models: cross_entropy, mse or model_returns_loss."),
+    input_spec: str = typer.Option(None, "--input", help='Models: JSON {"shape", "dtype", "high"}.'),
+    target_spec: str = typer.Option(None, "--target", help="Models: JSON like --input."),
+    num_classes: int = typer.Option(None, "--num-classes"),
+    url: str = UrlOption,
+    api_key: str = ApiKeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Upload an exported model (.pt2) or a data sample; prints its artifact id."""
+    from service.client import BatchsizeError
+
+    if kind not in ("model", "sample"):
+        raise _fail("--kind must be model or sample", 2)
+    if kind == "model" and loss is None:
+        raise _fail("a model upload needs --loss (cross_entropy, mse or model_returns_loss)", 2)
+    with _client(url, api_key) as client:
+        try:
+            if kind == "model":
+                artifact = client.upload_model(
+                    file,
+                    loss=loss,  # type: ignore[arg-type]
+                    input=_json_option(input_spec, "--input"),
+                    target=_json_option(target_spec, "--target"),
+                    num_classes=num_classes,
+                )
+            else:
+                artifact = client.upload_sample(file)
+        except BatchsizeError as exc:
+            raise _fail(str(exc)) from None
+    if as_json:
+        _print_json(artifact)
+    else:
+        typer.echo(artifact["id"])
 
 
 if __name__ == "__main__":

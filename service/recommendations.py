@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from service.errors import Conflict, InvalidRequest, NotFound
 from service.probing.spec import PROBE_VERSION, ProbeSpec
 from service.schemas import RecommendationCreate
 
+# A stored request's key for what the worker needs but clients don't see (the archive's path on disk).
+_INTERNAL = "_internal"
 # Bytes per parameter that must fit before any activation: weights + gradients + optimizer state.
 _STATE_COPIES = {"sgd": 3, "adam": 4, "adamw": 4}
 
@@ -106,10 +109,7 @@ def resolve_request(
             code="time_budget_too_large",
         )
     if payload.model.artifact_id is not None:
-        raise InvalidRequest(
-            "uploaded models (model.artifact_id) are not supported yet; use a zoo model (GET /v1/models)",
-            code="artifacts_not_supported",
-        )
+        return _resolve_artifact_request(session, payload=payload, request=request, host=host)
     try:
         spec = get_model(payload.model.name or "")
     except KeyError as exc:
@@ -133,17 +133,103 @@ def resolve_request(
         raise InvalidRequest(
             f"model {spec.name!r} does not support gradient checkpointing", code="unsupported_option"
         )
-    if payload.dataset.sample_id is not None:
-        sample = repository.get_artifact(session, payload.dataset.sample_id)
-        if sample is None or sample.kind != "sample":
-            raise InvalidRequest(
-                f"dataset.sample_id {payload.dataset.sample_id!r} is not an uploaded data sample",
-                code="unknown_sample",
-            )
+    _check_sample(
+        session,
+        payload,
+        input_shape=expected_shape,
+        input_dtype=spec.input_dtype,
+        num_classes=spec.num_classes(config),
+    )
 
     request["device"] = _resolve_target_device(payload, host)
-    _check_budget(payload, spec=spec, config=config, device_memory=request["device"]["memory_bytes"])
+    _check_budget(
+        payload,
+        parameter_bytes_of=lambda: parameter_bytes(spec, config),
+        device_memory=request["device"]["memory_bytes"],
+    )
     return request
+
+
+def _resolve_artifact_request(
+    session: Session, *, payload: RecommendationCreate, request: dict[str, Any], host: HostDevice
+) -> dict[str, Any]:
+    """resolve_request for an uploaded torch.export model: its training task was inferred at upload."""
+    artifact_id = payload.model.artifact_id
+    artifact = repository.get_artifact(session, artifact_id or "")
+    if artifact is None or artifact.kind != "model":
+        raise InvalidRequest(
+            f"model.artifact_id {artifact_id!r} is not an uploaded model (POST /v1/artifacts, kind=model)",
+            code="unknown_artifact",
+        )
+    if payload.model.config:
+        raise InvalidRequest(
+            "model.config does not apply to an uploaded model: its loss and input were declared at upload",
+            code="invalid_model_config",
+        )
+    meta = artifact.meta or {}
+    config = dict(meta.get("config") or {})
+    expected_shape = list(config.get("input_shape") or [])
+    if payload.input.shape is not None and list(payload.input.shape) != expected_shape:
+        raise InvalidRequest(
+            f"input.shape {payload.input.shape} does not match the uploaded model, whose per-sample input "
+            f"is {expected_shape}; omit input.shape",
+            code="input_shape_mismatch",
+        )
+    if payload.training.gradient_checkpointing:
+        raise InvalidRequest(
+            "uploaded models do not support gradient checkpointing", code="unsupported_option"
+        )
+    integer_targets = str(config.get("target_dtype", "")).startswith(("int", "uint"))
+    _check_sample(
+        session,
+        payload,
+        input_shape=expected_shape,
+        input_dtype=str(config.get("input_dtype", "float32")),
+        num_classes=int(config.get("target_high") or 0) if integer_targets else 0,
+        input_high=config.get("input_high"),
+    )
+    request["model"]["config"] = config
+    request["input"]["shape"] = expected_shape
+    request["device"] = _resolve_target_device(payload, host)
+    _check_budget(
+        payload,
+        parameter_bytes_of=lambda: int(meta.get("trainable_parameter_bytes") or 0),
+        device_memory=request["device"]["memory_bytes"],
+    )
+    # Where the worker finds the archive; not part of the fingerprint and not shown (see _public_request).
+    request[_INTERNAL] = {"model_artifact_path": artifact.path}
+    return request
+
+
+def _check_sample(
+    session: Session,
+    payload: RecommendationCreate,
+    *,
+    input_shape: list[int],
+    input_dtype: str,
+    num_classes: int,
+    input_high: int | None = None,
+) -> None:
+    """dataset.sample_id names an uploaded sample whose stored shapes and labels fit the model."""
+    from service.artifacts import sample_problem
+
+    if payload.dataset.sample_id is None:
+        return
+    sample = repository.get_artifact(session, payload.dataset.sample_id)
+    if sample is None or sample.kind != "sample":
+        raise InvalidRequest(
+            f"dataset.sample_id {payload.dataset.sample_id!r} is not an uploaded data sample",
+            code="unknown_sample",
+        )
+    problem = sample_problem(
+        sample.meta or {},
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        num_classes=num_classes,
+        input_high=input_high,
+    )
+    if problem:
+        raise InvalidRequest(f"dataset.sample_id: {problem}", code="sample_mismatch")
 
 
 def _resolve_target_device(payload: RecommendationCreate, host: HostDevice) -> dict[str, Any]:
@@ -163,7 +249,9 @@ def _resolve_target_device(payload: RecommendationCreate, host: HostDevice) -> d
     }
 
 
-def _check_budget(payload: RecommendationCreate, *, spec: Any, config: Any, device_memory: int) -> None:
+def _check_budget(
+    payload: RecommendationCreate, *, parameter_bytes_of: Callable[[], int], device_memory: int
+) -> None:
     budget = payload.memory_budget_bytes
     if budget is None:
         return
@@ -172,7 +260,7 @@ def _check_budget(payload: RecommendationCreate, *, spec: Any, config: Any, devi
             f"memory_budget_bytes {budget} exceeds the device's memory ({device_memory} bytes)",
             code="budget_exceeds_device",
         )
-    minimum = parameter_bytes(spec, config) * _STATE_COPIES[payload.training.optimizer]
+    minimum = parameter_bytes_of() * _STATE_COPIES[payload.training.optimizer]
     if budget < minimum:
         raise InvalidRequest(
             f"memory_budget_bytes {budget} is smaller than the model's weights, gradients and "
@@ -195,7 +283,7 @@ def fingerprint_request(request: dict[str, Any], *, host: HostDevice) -> str:
     import torch
 
     parts = {
-        "request": request,
+        "request": _public_request(request),
         "host": {"type": host.type, "name": host.name, "memory_bytes": host.memory_bytes},
         "torch": torch.__version__,
         "probe_version": PROBE_VERSION,
@@ -209,9 +297,14 @@ def probe_spec_from_request(request: dict[str, Any], *, host: HostDevice) -> Pro
     training = request["training"]
     target = request["device"]
     differs = target["type"] != host.type or target["memory_bytes"] != host.memory_bytes
+    model = request["model"]
+    max_batch_size = min(65_536, request["dataset"]["size"])
+    if model.get("artifact_id") and model["config"].get("max_batch_size"):
+        max_batch_size = min(max_batch_size, int(model["config"]["max_batch_size"]))
     return ProbeSpec(
-        model_name=request["model"]["name"],
-        model_config=request["model"]["config"],
+        model_name=model["name"] or f"artifact:{model['artifact_id'][:12]}",
+        model_config=model["config"],
+        model_artifact_path=request.get(_INTERNAL, {}).get("model_artifact_path"),
         optimizer=training["optimizer"],
         learning_rate=training["learning_rate"],
         reference_batch_size=training["reference_batch_size"],
@@ -224,8 +317,13 @@ def probe_spec_from_request(request: dict[str, Any], *, host: HostDevice) -> Pro
         dataset_size=request["dataset"]["size"],
         device_count=target["count"],
         target_device=target if differs else None,
-        max_batch_size=min(65_536, request["dataset"]["size"]),
+        max_batch_size=max_batch_size,
     )
+
+
+def _public_request(request: dict[str, Any]) -> dict[str, Any]:
+    """The stored request without the worker's internal notes."""
+    return {key: value for key, value in request.items() if key != _INTERNAL}
 
 
 def to_public(recommendation: Recommendation) -> dict[str, Any]:
@@ -242,7 +340,7 @@ def to_public(recommendation: Recommendation) -> dict[str, Any]:
             "trials_done": recommendation.trials_done,
             "trials_planned": recommendation.trials_planned,
         },
-        "request": recommendation.request,
+        "request": _public_request(recommendation.request),
         "result": recommendation.result,
         "error": error,
         "created_at": recommendation.created_at,

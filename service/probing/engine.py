@@ -121,6 +121,10 @@ def _probe_device(name: str) -> torch.device:
 
 
 def _resolve_model(spec: ProbeSpec) -> tuple[Any, Any]:
+    if spec.model_artifact_path is not None:  # an uploaded torch.export archive
+        from service.probing.exported import resolve_exported
+
+        return resolve_exported(spec)
     try:
         model_spec = get_model(spec.model_name)
     except KeyError as exc:

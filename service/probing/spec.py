@@ -33,6 +33,9 @@ class ProbeSpec:
     device_count: int = 1  # devices the client will train on (recipe only)
     target_device: dict[str, Any] | None = None  # the client's target device, when it differs
     sample_path: str | None = None  # a client data sample (.npz / .safetensors), checked by the service
+    # An uploaded torch.export archive (.pt2): model_name is then only a label and model_config holds
+    # its training task (service.probing.exported.ExportedConfig: loss, input and target specs).
+    model_artifact_path: str | None = None
     max_batch_size: int = 65_536  # hard cap for the search (also capped by dataset_size)
     seed: int = 0
 

@@ -150,7 +150,7 @@ def test_bad_input_gets_a_clear_422(client: TestClient) -> None:
         _error(client, {**MLP, "training": {"gradient_checkpointing": True}})["code"] == "unsupported_option"
     )
     assert _error(client, {**MLP, "device": {"type": "cuda"}})["code"] == "target_memory_required"
-    assert _error(client, {"model": {"artifact_id": "abc"}})["code"] == "artifacts_not_supported"
+    assert _error(client, {"model": {"artifact_id": "abc"}})["code"] == "unknown_artifact"
     assert _error(client, {**MLP, "dataset": {"size": 10, "sample_id": "nope"}})["code"] == "unknown_sample"
 
 

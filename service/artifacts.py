@@ -1,0 +1,407 @@
+"""Uploaded artifacts: exported models (`.pt2`) and data samples (`.npz`, `.safetensors`).
+
+Every upload is copied to disk while it is hashed (size limit enforced as it streams), checked, and
+stored by content hash under `data_dir/artifacts/<sha256><suffix>`: the same file twice is one artifact.
+
+Models are checked in two steps, and no uploaded byte is ever unpickled in this process:
+1. `service.probing.exported.inspect_archive` reads the zip with `zipfile`/`json` only: the layout, and
+   no pickled weight, constant or object (`"use_pickle": true`, legacy `*.pt`, custom objects).
+2. A dry run in a subprocess (`python -m service.probing.exported`, JSON over a pipe): it loads the
+   program without pickle, infers the training task (input, targets) from the program and the client's
+   declaration, and trains real steps at batch sizes 2, 3 and 1 (the batch dimension must be dynamic).
+
+Samples are read here with `np.load(allow_pickle=False)` or our own safetensors parser
+(`service.probing.data`) and must be readable, numeric, finite and non-empty; whether they fit a
+model is checked when a recommendation names both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import repository
+from service.config import Settings
+from service.db.models import Artifact
+from service.db.session import session_scope
+from service.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODEL_SUFFIX = ".pt2"
+SAMPLE_SUFFIXES = (".npz", ".safetensors")
+CHUNK_BYTES = 1024 * 1024
+LOSSES = ("cross_entropy", "mse", "model_returns_loss")
+# Dry runs load a whole model and train it: run few at a time.
+_DRY_RUNS = threading.BoundedSemaphore(2)
+
+
+class ArtifactRejected(InvalidRequest):
+    """An upload that is not an acceptable artifact (422; the code names the problem)."""
+
+    code = "invalid_artifact"
+
+
+@dataclass
+class StagedFile:
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
+def artifacts_dir(settings: Settings) -> Path:
+    return (settings.data_dir / "artifacts").resolve()
+
+
+# --------------------------------------------------------------------------------------------------
+# Use cases
+
+
+def upload(
+    reads: sessionmaker[Session],
+    writes: sessionmaker[Session],
+    *,
+    settings: Settings,
+    kind: str,
+    stream: IO[bytes],
+    filename: str,
+    declared: dict[str, Any] | None = None,
+) -> tuple[Artifact, bool]:
+    """Check and store one upload. Returns (artifact, created); created is False for a known file.
+
+    No session is held while the file is checked: a dry run takes seconds.
+    """
+    declared = normalise_declaration(declared or {}) if kind == "model" else {}
+    staged = stage(stream, settings=settings)
+    try:
+        with session_scope(reads) as session:
+            existing = repository.get_artifact(session, staged.sha256)
+        if existing is not None:
+            _check_same_upload(existing, kind=kind, declared=declared)
+            _restore_file(existing, staged)
+            return existing, False
+        if kind == "model":
+            meta, suffix = check_model(staged.path, declared, settings=settings), MODEL_SUFFIX
+        else:
+            meta, suffix = check_sample(staged.path, filename)
+        final = artifacts_dir(settings) / f"{staged.sha256}{suffix}"
+        os.replace(staged.path, final)
+        try:
+            with session_scope(writes) as session:
+                artifact = repository.add_artifact(
+                    session,
+                    artifact_id=staged.sha256,
+                    kind=kind,
+                    filename=_clean_filename(filename),
+                    size_bytes=staged.size_bytes,
+                    path=str(final),
+                    meta=meta,
+                )
+        except IntegrityError:  # the same file, uploaded concurrently, was stored first
+            with session_scope(reads) as session:
+                existing = repository.get_artifact(session, staged.sha256)
+            if existing is None:
+                raise
+            _check_same_upload(existing, kind=kind, declared=declared)
+            return existing, False
+        log.info("stored %s artifact %s (%d bytes)", kind, staged.sha256, staged.size_bytes)
+        return artifact, True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.path.unlink()
+
+
+def get(session: Session, artifact_id: str) -> Artifact:
+    artifact = repository.get_artifact(session, artifact_id)
+    if artifact is None:
+        raise NotFound(f"artifact {artifact_id!r} does not exist")
+    return artifact
+
+
+def delete(session: Session, artifact_id: str) -> None:
+    """Delete the artifact's row and file. Jobs that still name it fail with a clear reason."""
+    artifact = get(session, artifact_id)
+    path = Path(artifact.path)
+    repository.delete_artifact(session, artifact_id)
+    session.flush()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def to_public(artifact: Artifact) -> dict[str, Any]:
+    return {
+        "id": artifact.id,
+        "kind": artifact.kind,
+        "filename": artifact.filename,
+        "size_bytes": artifact.size_bytes,
+        "meta": artifact.meta or {},
+        "created_at": artifact.created_at,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Staging: copy while hashing, enforce the size limit as the bytes arrive
+
+
+def stage(stream: IO[bytes], *, settings: Settings) -> StagedFile:
+    limit = settings.max_upload_bytes
+    incoming = artifacts_dir(settings) / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    handle, name = tempfile.mkstemp(dir=incoming)
+    path = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            while chunk := stream.read(CHUNK_BYTES):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(
+                        f"the upload is over this service's limit of {limit} bytes "
+                        "(BATCHSIZE_MAX_UPLOAD_BYTES)",
+                        code="upload_too_large",
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+        if size == 0:
+            raise ArtifactRejected("the uploaded file is empty", code="empty_file")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return StagedFile(path=path, sha256=digest.hexdigest(), size_bytes=size)
+
+
+def _restore_file(existing: Artifact, staged: StagedFile) -> None:
+    """A known artifact whose file went missing gets it back from the identical upload."""
+    target = Path(existing.path)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged.path, target)
+
+
+def _check_same_upload(existing: Artifact, *, kind: str, declared: dict[str, Any]) -> None:
+    if existing.kind != kind:
+        raise Conflict(
+            f"this file is already stored as a {existing.kind} artifact ({existing.id})",
+            code="artifact_conflict",
+        )
+    before = (existing.meta or {}).get("declared", {})
+    if kind == "model" and before != declared:
+        raise Conflict(
+            f"this model is already stored as artifact {existing.id} with a different declaration "
+            f"({json.dumps(before, sort_keys=True)}); delete it first to upload it with "
+            f"{json.dumps(declared, sort_keys=True)}",
+            code="artifact_conflict",
+            details={"id": existing.id, "declared": before},
+        )
+
+
+def _clean_filename(filename: str) -> str:
+    name = Path(filename or "upload").name
+    return "".join(c if c.isprintable() else "_" for c in name)[:255] or "upload"
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+def normalise_declaration(fields: dict[str, Any]) -> dict[str, Any]:
+    """The client's declaration of the training task: loss, input/target specs, num_classes."""
+    loss = fields.get("loss")
+    if loss not in LOSSES:
+        raise ArtifactRejected(
+            f"a model upload needs the form field loss: one of {', '.join(LOSSES)} (got {loss!r})",
+            code="invalid_model_spec",
+        )
+    declared: dict[str, Any] = {"loss": loss}
+    for key in ("input", "target"):
+        value = fields.get(key)
+        if value in (None, ""):
+            continue
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ArtifactRejected(f"{key} is not valid JSON: {exc}", code="invalid_model_spec") from None
+        if not isinstance(value, dict) or set(value) - {"shape", "dtype", "high"}:
+            raise ArtifactRejected(
+                f'{key} must be a JSON object with "shape" (per-sample, without the batch dimension), '
+                f'"dtype" and "high" (exclusive bound of integer values), e.g. {{"shape": [3, 32, 32]}}',
+                code="invalid_model_spec",
+            )
+        declared[key] = {k: v for k, v in value.items() if v is not None}
+    num_classes = fields.get("num_classes")
+    if num_classes is not None:
+        declared["num_classes"] = num_classes
+    return declared
+
+
+def check_model(path: Path, declared: dict[str, Any], *, settings: Settings) -> dict[str, Any]:
+    """Inspect the archive (zipfile only), then dry-run it in a subprocess. Returns the artifact's meta."""
+    from service.probing.exported import ArchiveError, inspect_archive
+
+    try:
+        layout = inspect_archive(path, max_uncompressed_bytes=2 * settings.max_upload_bytes)
+    except ArchiveError as exc:
+        if exc.code == "archive_too_large":
+            raise PayloadTooLarge(exc.message, code=exc.code) from None
+        raise ArtifactRejected(exc.message, code=exc.code) from None
+    with _DRY_RUNS:
+        result = run_dry_run(path, declared, timeout_s=settings.artifact_dry_run_timeout_s)
+    return {"declared": declared, "archive": layout, **result}
+
+
+def run_dry_run(path: Path, declared: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+    """`python -m service.probing.exported` on the CPU, in its own process group; JSON in, JSON out."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run trains on the CPU: leave the GPU to the probes
+    env["PYTHONUNBUFFERED"] = "1"
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.probing.exported"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+            cwd=str(PROJECT_ROOT),
+            start_new_session=True,
+        )
+        try:
+            output = _communicate(process, json.dumps({"path": str(path), "declared": declared}), timeout_s)
+        finally:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        final = None
+        for line in output.splitlines():
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                message = json.loads(line)
+                if isinstance(message, dict) and message.get("event") in ("result", "error"):
+                    final = message
+        if final is not None and final["event"] == "result":
+            return dict(final["result"])
+        if final is not None:
+            raise ArtifactRejected(
+                str(final.get("message", "")), code=str(final.get("code", "dry_run_failed"))
+            )
+        stderr.seek(0)
+        tail = stderr.read().decode("utf-8", "replace").strip().splitlines()[-5:]
+        raise ArtifactRejected(
+            f"the dry run of the model crashed (exit status {process.returncode}): " + " | ".join(tail),
+            code="dry_run_failed",
+        )
+
+
+def _communicate(process: subprocess.Popen[bytes], request: str, timeout_s: float) -> bytes:
+    try:
+        output, _ = process.communicate(request.encode(), timeout=timeout_s)
+        return output
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise ArtifactRejected(
+            f"the dry run (one training step at batch sizes 2, 3 and 1 on the CPU) did not finish within "
+            f"{timeout_s:g} s",
+            code="dry_run_timeout",
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Samples
+
+
+def check_sample(path: Path, filename: str) -> tuple[dict[str, Any], str]:
+    """Read x and y without unpickling; check they are numeric, finite and non-empty. (meta, suffix)."""
+    import zipfile
+
+    import torch
+
+    from service.probing.data import DEFAULT_MAX_SAMPLES, _read_npz, read_safetensors
+
+    suffix = Path(filename or "").suffix.lower()
+    if suffix not in SAMPLE_SUFFIXES:
+        suffix = ".npz" if zipfile.is_zipfile(path) else ".safetensors"
+    try:
+        arrays = _read_npz(path) if suffix == ".npz" else read_safetensors(path.read_bytes())
+    except ValueError as exc:
+        raise ArtifactRejected(str(exc), code="invalid_sample") from None
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise ArtifactRejected(
+            f"a data sample must hold arrays 'x' (inputs) and 'y' (targets); missing {missing}, "
+            f"found {sorted(arrays)}",
+            code="invalid_sample",
+        )
+    x, y = arrays["x"], arrays["y"]
+    meta: dict[str, Any] = {"format": suffix.lstrip(".")}
+    for name, array in (("x", x), ("y", y)):
+        if array.dtype == torch.bool or array.is_complex():
+            raise ArtifactRejected(
+                f"array {name!r} must be numeric, got {array.dtype}", code="invalid_sample"
+            )
+        if array.ndim == 0 or array.shape[0] == 0:
+            raise ArtifactRejected(
+                f"the data sample is empty ({name} has shape {list(array.shape)})", code="invalid_sample"
+            )
+        if array.is_floating_point() and not bool(torch.isfinite(array).all()):
+            raise ArtifactRejected(f"array {name!r} contains NaN or infinite values", code="invalid_sample")
+        info: dict[str, Any] = {
+            "shape": list(array.shape[1:]),
+            "dtype": str(array.dtype).removeprefix("torch."),
+        }
+        if not array.is_floating_point():
+            info["min"], info["max"] = int(array.min()), int(array.max())
+        meta[name] = info
+    if x.shape[0] != y.shape[0]:
+        raise ArtifactRejected(f"x has {x.shape[0]} examples but y has {y.shape[0]}", code="invalid_sample")
+    if x.shape[0] > DEFAULT_MAX_SAMPLES:
+        raise ArtifactRejected(
+            f"the data sample has {x.shape[0]} examples, over the limit of {DEFAULT_MAX_SAMPLES}",
+            code="invalid_sample",
+        )
+    meta["examples"] = int(x.shape[0])
+    return meta, suffix
+
+
+def sample_problem(
+    sample_meta: dict[str, Any],
+    *,
+    input_shape: list[int],
+    input_dtype: str,
+    num_classes: int,
+    input_high: int | None = None,
+) -> str | None:
+    """Why an uploaded sample cannot feed this model (checked from its stored meta), or None."""
+    x, y = sample_meta.get("x"), sample_meta.get("y")
+    if not x or not y:
+        return None  # no meta to check against: the probe checks the data itself
+    if list(x["shape"]) != list(input_shape):
+        return f"the sample's per-example x shape {x['shape']} is not the model's input shape {input_shape}"
+    if "min" not in y:
+        return "the sample's labels y must be integers (class ids or next-token ids)"
+    if num_classes <= 0:
+        return "this model has no integer targets, so a data sample cannot be used for its statistics"
+    if y["min"] < 0 or y["max"] >= num_classes:
+        return f"the sample's labels lie in [{y['min']}, {y['max']}], the model has {num_classes} classes"
+    high = input_high or num_classes
+    if input_dtype.startswith("int") and "min" in x and (x["min"] < 0 or x["max"] >= high):
+        return f"the sample's token ids lie in [{x['min']}, {x['max']}], outside [0, {high})"
+    return None

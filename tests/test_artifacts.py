@@ -1,0 +1,240 @@
+"""/v1/artifacts: bring-your-own models (torch.export) and data samples, from upload to a recommendation."""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from tests import exported_models as em
+
+
+def _upload(client: TestClient, path: Path, kind: str = "model", **fields: str):  # noqa: ANN202
+    with path.open("rb") as handle:
+        return client.post(
+            "/v1/artifacts",
+            data={"kind": kind, **fields},
+            files={"file": (path.name, handle, "application/zip")},
+        )
+
+
+def _error(response) -> dict:  # noqa: ANN001
+    assert 400 <= response.status_code < 500, response.text
+    return response.json()["error"]
+
+
+def _wait(client: TestClient, job_id: str, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/recommendations/{job_id}").json()
+        if body["status"] not in ("queued", "running"):
+            return body
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} did not finish in {timeout_s} s")
+
+
+def test_an_exported_transformer_goes_from_upload_to_a_recommendation(settings: Settings) -> None:
+    archive = em.transformer_archive()
+    with TestClient(create_app(settings, run_worker=True)) as client:
+        created = _upload(client, archive, loss="model_returns_loss", num_classes="256")
+        assert created.status_code == 201, created.text
+        artifact = created.json()
+        assert artifact["kind"] == "model" and len(artifact["id"]) == 64
+        assert created.headers["location"] == f"/v1/artifacts/{artifact['id']}"
+        config = artifact["meta"]["config"]
+        assert config["input_shape"] == [16] and config["input_dtype"] == "int64"
+        assert config["target_shape"] == [16] and config["target_high"] == 256
+        stored = Path(settings.data_dir) / "artifacts" / f"{artifact['id']}.pt2"
+        assert stored.read_bytes() == archive.read_bytes()
+
+        # The same file again is the same artifact; with another declaration it is a conflict.
+        again = _upload(client, archive, loss="model_returns_loss", num_classes="256")
+        assert again.status_code == 200 and again.json()["id"] == artifact["id"]
+        assert _error(_upload(client, archive, loss="mse"))["code"] == "artifact_conflict"
+
+        assert [a["id"] for a in client.get("/v1/artifacts", params={"kind": "model"}).json()] == [
+            artifact["id"]
+        ]
+        assert client.get("/v1/artifacts", params={"kind": "sample"}).json() == []
+        assert client.get(f"/v1/artifacts/{artifact['id']}").json()["filename"] == archive.name
+
+        request = {
+            "model": {"artifact_id": artifact["id"]},
+            "dataset": {"size": 2048},
+            "training": {"optimizer": "adamw", "learning_rate": 0.001, "reference_batch_size": 16},
+            "memory_budget_bytes": 16 * 2**20,
+            "time_budget_s": 5,
+        }
+        job = client.post("/v1/recommendations", json=request)
+        assert job.status_code == 202, job.text
+        assert "_internal" not in job.json()["request"]  # the archive's path on disk stays private
+        assert job.json()["request"]["model"]["config"]["loss"] == "model_returns_loss"
+        done = _wait(client, job.json()["id"])
+        assert done["status"] == "succeeded", done["error"]
+        result = done["result"]
+        assert 1 <= result["max_feasible_batch_size"] <= 2048
+        assert result["micro_batch_size"] >= 1 and result["learning_rate"] > 0
+        assert result["throughput"] and result["memory"]["budget_bytes"] == 16 * 2**20
+        trials = client.get(f"/v1/recommendations/{done['id']}/trials").json()
+        assert any(t["phase"] == "memory" and t["outcome"] == "ok" for t in trials)
+
+        # Identical request: answered from storage. The fingerprint follows the artifact's hash.
+        cached = client.post("/v1/recommendations", json=request)
+        assert cached.status_code == 200 and cached.json()["id"] == done["id"]
+
+        assert client.delete(f"/v1/artifacts/{artifact['id']}").status_code == 204
+        assert client.get(f"/v1/artifacts/{artifact['id']}").status_code == 404
+        assert not stored.exists()
+        gone = client.post("/v1/recommendations", json={**request, "force": True})
+        assert _error(gone)["code"] == "unknown_artifact"
+
+
+def test_bad_archives_are_refused_with_the_problem_named(client: TestClient, tmp_path: Path) -> None:
+    not_zip = tmp_path / "model.pt2"
+    not_zip.write_bytes(b"this is not a zip archive at all")
+    error = _error(_upload(client, not_zip, loss="cross_entropy"))
+    assert error["code"] == "not_a_zip" and "zip" in error["message"]
+
+    error = _error(
+        _upload(client, em.zip_without_export_layout(tmp_path / "plain.pt2"), loss="cross_entropy")
+    )
+    assert error["code"] == "not_an_export_archive" and "torch.export" in error["message"]
+
+    error = _error(_upload(client, em.cnn_archive()))  # no loss declared
+    assert error["code"] == "invalid_model_spec" and "loss" in error["message"]
+
+    error = _error(_upload(client, em.cnn_archive(), loss="cross_entropy", input="{not json"))
+    assert error["code"] == "invalid_model_spec"
+    assert client.get("/v1/artifacts").json() == []
+
+
+def test_a_pickle_bearing_archive_is_refused_and_its_pickle_never_runs(
+    client: TestClient, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled.marker"
+    response = _upload(client, em.pickled_weight_archive(marker, tmp_path / "evil.pt2"), loss="cross_entropy")
+    error = _error(response)
+    assert response.status_code == 422
+    assert error["code"] == "pickled_content" and "use_pickle" in error["message"]
+    assert not marker.exists()
+    assert client.get("/v1/artifacts").json() == []
+    assert not list((Path(client.app.state.batchsize.settings.data_dir) / "artifacts").glob("*.pt2"))
+
+
+def test_uploads_over_the_size_limit_are_refused(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data", probe_device="cpu", max_upload_bytes=20_000, _env_file=None
+    )
+    bomb = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("model/archive_format", "pt2")
+        archive.writestr("model/data/weights/weight_0", b"\0" * 10_000_000)
+    huge = tmp_path / "huge.pt2"
+    huge.write_bytes(b"\0" * 200_000)
+    with TestClient(create_app(settings, run_worker=False)) as client:
+        response = _upload(client, em.cnn_archive(), loss="cross_entropy")  # ~40 kB of 20 kB allowed
+        assert response.status_code == 413 and "20000 bytes" in _error(response)["message"]
+        response = _upload(client, huge, loss="cross_entropy")  # refused before the body is read
+        assert response.status_code == 413
+        response = _upload(client, bomb, loss="cross_entropy")  # small file, unpacks to 10 MB
+        assert response.status_code == 413 and _error(response)["code"] == "archive_too_large"
+        assert not list((settings.data_dir / "artifacts").glob("*.pt2"))
+
+
+def test_models_failing_the_dry_run_are_refused(client: TestClient) -> None:
+    response = _upload(client, em.static_archive(), loss="cross_entropy")
+    error = _error(response)
+    assert response.status_code == 422
+    assert error["code"] == "static_batch_dimension" and "batch dimension is static" in error["message"]
+
+    error = _error(_upload(client, em.nan_archive(), loss="cross_entropy"))
+    assert error["code"] == "dry_run_failed" and "nan" in error["message"]
+    assert client.get("/v1/artifacts").json() == []
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _safetensors(x: np.ndarray, y: np.ndarray) -> bytes:
+    import json
+    import struct
+
+    header, offset, blobs = {}, 0, []
+    for name, array, dtype in (("x", x, "F32"), ("y", y, "I64")):
+        data = array.tobytes()
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        offset += len(data)
+        blobs.append(data)
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + b"".join(blobs)
+
+
+def test_data_samples_are_checked_and_stored(client: TestClient, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    good = tmp_path / "digits.npz"
+    good.write_bytes(_npz(x=x, y=y))
+    created = _upload(client, good, kind="sample")
+    assert created.status_code == 201, created.text
+    meta = created.json()["meta"]
+    assert meta["examples"] == 64 and meta["x"]["shape"] == [1, 8, 8] and meta["y"]["max"] <= 9
+    assert _upload(client, good, kind="sample").status_code == 200
+
+    tensors = tmp_path / "digits.safetensors"
+    tensors.write_bytes(_safetensors(x[:8], y[:8]))
+    assert _upload(client, tensors, kind="sample").status_code == 201
+
+    marker = tmp_path / "unpickled.marker"
+    cases = {
+        "pickled.npz": _npz(x=np.array([em._CreatesMarker(marker)], dtype=object), y=np.array([1])),
+        "nan.npz": _npz(x=np.full((4, 2), np.nan, dtype=np.float32), y=np.zeros(4, dtype=np.int64)),
+        "empty.npz": _npz(x=np.zeros((0, 2), dtype=np.float32), y=np.zeros(0, dtype=np.int64)),
+        "no-y.npz": _npz(x=np.zeros((4, 2), dtype=np.float32)),
+        "junk.safetensors": b"\xff" * 64,
+    }
+    for name, payload in cases.items():
+        path = tmp_path / name
+        path.write_bytes(payload)
+        assert _error(_upload(client, path, kind="sample"))["code"] == "invalid_sample", name
+    assert not marker.exists()
+    assert len(client.get("/v1/artifacts", params={"kind": "sample"}).json()) == 2
+
+    # A recommendation checks the sample against the model: the zoo mlp takes 64 flat features.
+    mismatch = client.post(
+        "/v1/recommendations", json={"model": {"name": "mlp"}, "dataset": {"sample_id": created.json()["id"]}}
+    )
+    assert _error(mismatch)["code"] == "sample_mismatch"
+    fits = client.post(
+        "/v1/recommendations",
+        json={
+            "model": {"name": "resnet", "config": {"in_channels": 1, "image_size": 8, "width": 8}},
+            "dataset": {"sample_id": created.json()["id"]},
+        },
+    )
+    assert fits.status_code == 202, fits.text
+    few_classes = client.post(
+        "/v1/recommendations",
+        json={
+            "model": {"name": "resnet", "config": {"in_channels": 1, "image_size": 8, "num_classes": 5}},
+            "dataset": {"sample_id": created.json()["id"]},
+        },
+    )
+    assert (
+        _error(few_classes)["code"] == "sample_mismatch"
+        and "classes" in few_classes.json()["error"]["message"]
+    )
