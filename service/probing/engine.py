@@ -1,15 +1,16 @@
 """Runs one probe: build the model, find the largest batch size that fits, time a throughput ladder,
-and assemble the recommendation. Streams progress as JSON-ready event dicts through `emit`.
+measure the gradient noise scale and race a few sizes on real data, and assemble the recommendation. Streams progress as JSON-ready event dicts through `emit`.
 
 Events:
-    {"event": "phase", "phase": "setup" | "warmup" | "memory" | "throughput", "trials_planned": int}
+    {"event": "phase", "phase": "setup" | "warmup" | "memory" | "throughput" | "statistics",
+     "trials_planned": int}
     {"event": "trial", "phase": ..., "batch_size": int, "outcome": "ok" | "oom" | "over_budget" | "error",
      "peak_bytes": int | None, "step_time_s": float | None, "samples_per_second": float | None,
      "detail": {...}}
 
 Failures raise ProbeError with a stable code: invalid_spec, unknown_model, invalid_config,
 device_unavailable, unsupported_precision, unsupported_option, budget_exceeds_device,
-budget_below_model, oom_at_min_batch, nan_loss, model_error.
+budget_below_model, oom_at_min_batch, nan_loss, model_error, invalid_sample.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from models.registry import get_model, make_config
+from service.probing.data import sample_for_model
 from service.probing.memory import (
     check_budget_covers_model,
     cuda_memory_budget,
@@ -31,6 +33,8 @@ from service.probing.memory import (
     measure_step,
     resolve_budget,
 )
+from service.probing.races import run_statistics
+from service.probing.recipe import recommend
 from service.probing.search import (
     PLANNED_TRIALS,
     SearchResult,
@@ -39,7 +43,7 @@ from service.probing.search import (
     search_max_batch_size,
 )
 from service.probing.spec import PROBE_VERSION, ProbeError, ProbeSpec
-from service.probing.step import MEASURED_CONVENTION, TrainingStep, is_precision_error
+from service.probing.step import MEASURED_CONVENTION, TrainingStep, build_optimizer, is_precision_error
 from service.probing.throughput import measure_throughput, throughput_ladder
 
 Emit = Callable[[dict[str, Any]], None]
@@ -47,6 +51,11 @@ Emit = Callable[[dict[str, Any]], None]
 # Share of the time left after the memory search that the throughput ladder may use; the rest is
 # kept for the phases that follow it (gradient noise scale, training races).
 THROUGHPUT_TIME_SHARE = 0.4
+# Share of what is left after the ladder for the statistics phase: the rest is slack for the last step
+# of each phase overrunning its share and for assembling the answer inside the client's time budget.
+STATISTICS_TIME_SHARE = 0.85
+# Below this many seconds the noise-scale warm-up cannot train long enough to say anything.
+MIN_STATISTICS_S = 2.0
 # Memory kept free when a memory model measured here is extrapolated to another device: its allocator
 # and runtime (CUDA context, fragmentation) take memory the tensors measured here do not show.
 EXTRAPOLATION_MARGIN = 0.1
@@ -75,6 +84,11 @@ def run_probe(spec: ProbeSpec, emit: Emit) -> dict[str, Any]:
             search = search_max_batch_size(_trial_measurer(step, budget, emit), budget, cap)
             ladder_time = THROUGHPUT_TIME_SHARE * max(0.0, spec.time_budget_s - (time.monotonic() - started))
             throughput = _throughput_phase(step, search.max_batch_size, ladder_time, emit)
+            del step  # free the measured model before the statistics phase builds a fresh one
+            statistics_time = STATISTICS_TIME_SHARE * (spec.time_budget_s - (time.monotonic() - started))
+            statistics = _statistics_phase(
+                spec, model_spec, config, device, search.max_batch_size, throughput, statistics_time, emit
+            )
 
     warnings = _warnings(spec, host, search, throughput, ladder_time)
     extrapolation = _extrapolate(spec, target, search, cap, warnings) if target else None
@@ -82,6 +96,7 @@ def run_probe(spec: ProbeSpec, emit: Emit) -> dict[str, Any]:
         spec,
         search=search,
         throughput=throughput,
+        statistics=statistics,
         device=host,
         budget_bytes=budget,
         extrapolation=extrapolation,
@@ -270,6 +285,92 @@ def _throughput_phase(
     ]
 
 
+def _statistics_phase(
+    spec: ProbeSpec,
+    model_spec: Any,
+    config: Any,
+    device: torch.device,
+    max_batch_size: int,
+    throughput: list[dict],
+    time_budget_s: float,
+    emit: Emit,
+) -> dict[str, Any]:
+    """Gradient noise scale and training races on real data (races.run_statistics), in fp32.
+
+    Returns run_statistics' dict ({"gradient_noise_scale", "races", "cut_short"}), with only
+    "cut_short" filled when no real data fits the model or no time is left.
+    """
+    try:
+        sample = sample_for_model(
+            list(model_spec.input_shape(config)),
+            model_spec.input_dtype,
+            int(model_spec.num_classes(config)),
+            spec.sample_path,
+        )
+    except ValueError as exc:
+        raise ProbeError("invalid_sample", f"the data sample does not fit the model: {exc}") from exc
+    skipped = {"gradient_noise_scale": None, "races": None}
+    if sample is None:
+        return {
+            **skipped,
+            "cut_short": ["no real data sample fits this model: the noise scale was not measured"],
+        }
+    if time_budget_s < MIN_STATISTICS_S:
+        return {**skipped, "cut_short": ["no time was left for the gradient noise scale and training races"]}
+    emit({"event": "phase", "phase": "statistics", "trials_planned": 2})
+    torch.manual_seed(spec.seed)
+    model = model_spec.build(config, spec.gradient_checkpointing).to(device)
+    smallest_timed = min((p["batch_size"] for p in throughput), default=1)
+    try:
+        statistics = run_statistics(
+            model,
+            model_spec.loss,
+            lambda params, lr: build_optimizer(spec.optimizer, params, lr),
+            sample.x.to(device),
+            sample.y.to(device),
+            optimizer=spec.optimizer,
+            learning_rate=spec.learning_rate,
+            reference_batch_size=spec.reference_batch_size,
+            max_batch_size=max_batch_size,
+            time_budget_s=time_budget_s,
+            measured_on=sample.measured_on,
+            min_batch_size=max(8, smallest_timed),
+            seed=spec.seed,
+        )
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        return {**skipped, "cut_short": [f"the statistics phase ran out of memory and was dropped: {exc}"]}
+    gns = statistics["gradient_noise_scale"] or {}
+    emit(
+        {
+            "event": "trial",
+            "phase": "noise",
+            "batch_size": gns.get("b_big"),
+            "outcome": "ok" if gns.get("status") in ("ok", "unresolved") else "error",
+            "peak_bytes": None,
+            "step_time_s": None,
+            "samples_per_second": None,
+            "detail": {k: v for k, v in gns.items() if isinstance(v, str | int | float | bool) or v is None},
+        }
+    )
+    for race in (statistics.get("races") or {}).get("races", []):
+        emit(
+            {
+                "event": "trial",
+                "phase": "race",
+                "batch_size": race.get("batch_size"),
+                "outcome": "ok" if race.get("status") not in ("diverged", "skipped") else "error",
+                "peak_bytes": None,
+                "step_time_s": None,
+                "samples_per_second": None,
+                "detail": race,
+            }
+        )
+    statistics["sample"] = sample.info()
+    return statistics
+
+
 # --------------------------------------------------------------------------------------------------
 # Target device and warnings
 
@@ -320,10 +421,7 @@ def _extrapolate(
 def _warnings(
     spec: ProbeSpec, host: dict[str, Any], search: SearchResult, throughput: list[dict], ladder_time: float
 ) -> list[str]:
-    warnings = [
-        "the gradient noise scale phase is not run yet: the recommendation is not convergence-based "
-        f"(objective {spec.objective!r} falls back on the throughput peak or the largest feasible size)"
-    ]
+    warnings: list[str] = []
     if search.capped:
         warnings.append(
             f"the search stopped at the batch size cap ({search.max_batch_size}), not at the memory limit"
@@ -339,7 +437,7 @@ def _warnings(
 
 
 # --------------------------------------------------------------------------------------------------
-# The recommendation (a placeholder until the noise-scale phase lands: swap this one function)
+# The recommendation
 
 
 def _assemble_result(
@@ -347,51 +445,48 @@ def _assemble_result(
     *,
     search: SearchResult,
     throughput: list[dict],
+    statistics: dict[str, Any],
     device: dict[str, Any],
     budget_bytes: int,
     extrapolation: dict[str, Any] | None,
     warnings: list[str],
     duration_s: float,
 ) -> dict[str, Any]:
-    """The result dict (field names are a client contract, see DESIGN.md).
-
-    Per-device micro-batch: the throughput peak for objective "throughput", else the largest feasible
-    size aligned to a multiple of 8. Global batch = micro-batch x devices (no accumulation yet). The
-    learning rate is scaled from the client's reference: linearly for SGD, by the square root for
-    Adam-family optimizers, with a warm-up over a few epochs when it grows.
-    """
+    """The result dict (field names are a client contract, see DESIGN.md): recipe.recommend's training
+    recipe, plus the memory limit, curves and measurements it was derived from."""
     max_batch = extrapolation["max_batch_size"] if extrapolation else search.max_batch_size
-    aligned = align_batch_size(max_batch)
-    micro = aligned
-    if spec.objective == "throughput" and throughput and not extrapolation:
-        micro = max(throughput, key=lambda p: p["samples_per_second"])["batch_size"]
-    accumulation = 1
-    global_batch = micro * spec.device_count * accumulation
-    ratio = global_batch / spec.reference_batch_size
-    rule = "linear" if spec.optimizer == "sgd" else "sqrt"
-    learning_rate = spec.learning_rate * (ratio if rule == "linear" else math.sqrt(ratio))
-    steps_per_epoch = math.ceil(spec.dataset_size / global_batch)
-    # Goyal et al. warm up for 5 epochs at 32x the reference batch: scale that with log2 of the ratio.
-    warmup_steps = 0 if ratio <= 1 else max(1, math.ceil(steps_per_epoch * min(5.0, math.log2(ratio))))
+    recommendation = recommend(
+        throughput=throughput,
+        max_feasible_batch_size=max_batch,
+        dataset_size=spec.dataset_size,
+        optimizer=spec.optimizer,
+        learning_rate=spec.learning_rate,
+        reference_batch_size=spec.reference_batch_size,
+        objective=spec.objective,
+        devices=spec.device_count,
+        gradient_noise_scale=statistics.get("gradient_noise_scale"),
+        races=statistics.get("races"),
+        cut_short=statistics.get("cut_short", ()),
+    )
+    confidence = recommendation["confidence"]
+    if extrapolation:
+        confidence = "low"
     return {
+        **recommendation,
         "max_feasible_batch_size": max_batch,
-        "max_feasible_batch_size_aligned": aligned,
-        "recommended_batch_size": global_batch,
-        "micro_batch_size": micro,
-        "gradient_accumulation_steps": accumulation,
-        "devices": spec.device_count,
-        "learning_rate": learning_rate,
-        "learning_rate_rule": rule,
-        "warmup_steps": warmup_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "gradient_noise_scale": None,
+        "max_feasible_batch_size_aligned": align_batch_size(max_batch),
         "throughput": throughput,
         "memory": {**search.memory_model.to_dict(search.max_batch_size), "budget_bytes": budget_bytes},
         "device": {key: device[key] for key in ("type", "name", "memory_bytes")},
         "target_device": extrapolation["target"] if extrapolation else None,
         "extrapolated": extrapolation is not None,
-        "confidence": "medium" if search.converged and not extrapolation else "low",
-        "warnings": warnings,
+        # null, not a dict of nulls, when the phase did not run (no real data, no time left)
+        "gradient_noise_scale": recommendation["gradient_noise_scale"]
+        if statistics.get("gradient_noise_scale")
+        else None,
+        "confidence": confidence,
+        "warnings": warnings + recommendation["warnings"],
+        "data_sample": statistics.get("sample"),
         "search": {
             "trials": len(search.trials),
             "measured_convention": MEASURED_CONVENTION,

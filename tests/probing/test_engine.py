@@ -103,12 +103,9 @@ def test_result_contract(probe) -> None:
     throughput = result["throughput"]
     assert throughput and throughput[-1]["batch_size"] == result["max_feasible_batch_size"]
     assert all(p["samples_per_second"] > 0 for p in throughput)
-    # Default objective time_to_target falls back on the aligned maximum for now; SGD scales linearly.
-    assert (
-        result["recommended_batch_size"]
-        == result["micro_batch_size"]
-        == result["max_feasible_batch_size_aligned"]
-    )
+    # A 2 s budget leaves no time for the statistics: without a noise scale the recipe uses the largest
+    # feasible micro-batch, and says why. SGD scales the learning rate linearly.
+    assert result["recommended_batch_size"] == result["micro_batch_size"] <= result["max_feasible_batch_size"]
     assert result["learning_rate_rule"] == "linear"
     assert result["learning_rate"] == pytest.approx(0.1 * result["recommended_batch_size"] / 32)
     assert result["steps_per_epoch"] == math.ceil(50_000 / result["recommended_batch_size"])
@@ -119,7 +116,7 @@ def test_events(probe) -> None:
     result, events = probe
     json.dumps(events, allow_nan=False)
     phases = [e["phase"] for e in events if e["event"] == "phase"]
-    assert phases == ["setup", "warmup", "memory", "throughput"]
+    assert phases == ["setup", "warmup", "memory", "throughput"]  # no time left for "statistics"
     trials = [e for e in events if e["event"] == "trial"]
     for event in trials:
         assert set(event) == {
@@ -212,3 +209,20 @@ def test_cuda_requested_without_cuda() -> None:
     with pytest.raises(ProbeError) as info:
         engine.run_probe(_spec(device="cuda"), lambda event: None)
     assert info.value.code == "device_unavailable"
+
+
+def test_with_time_for_it_the_noise_scale_and_races_run_on_builtin_data() -> None:
+    result, events = _run(_spec(time_budget_s=25.0, dataset_size=1797))
+    assert [e["phase"] for e in events if e["event"] == "phase"][-1] == "statistics"
+    gns = result["gradient_noise_scale"]
+    assert gns["measured_on"] == "builtin:digits"
+    assert gns["value"] is not None and gns["value"] > 0
+    assert result["noise_scale_source"] in ("races", "gradient_noise_scale")
+    assert result["data_sample"]["measured_on"] == "builtin:digits"
+    assert [e for e in events if e["event"] == "trial" and e["phase"] == "noise"]
+    assert result["time_to_target_curve"]
+    assert (
+        result["recommended_batch_size"] == result["micro_batch_size"] * result["gradient_accumulation_steps"]
+    )
+    assert result["micro_batch_size"] <= result["max_feasible_batch_size"]
+    assert result["probe"]["duration_s"] < 25.0 * 1.2

@@ -1,0 +1,330 @@
+"""Real data for the probe's statistics: a client's uploaded sample, or a built-in one that fits the model.
+
+The gradient noise scale and the training races need real examples: on random inputs with random
+labels every example's gradient is pure noise and the noise scale means nothing. Two sources:
+
+- A client sample: an `.npz` (loaded with `allow_pickle=False`) or `.safetensors` file holding arrays
+  `x` (inputs, `[N, *input_shape]`) and `y` (integer labels, `[N]`, or `[N, T]` next-token targets).
+  Every problem is a `ValueError` whose message the service can hand to the client as a 4xx.
+- A built-in sample, flagged `measured_on="builtin:..."`: sklearn's `digits` (1797 8x8 grey images,
+  10 classes) for flat 64-feature models and, resized with `interpolate`, for small image models; a
+  byte-level text corpus made of the Python standard library's own source for byte language models.
+
+numpy/sklearn are imported lazily inside the loaders only: the probe engine's import stays torch-only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import struct
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_SAMPLES = 100_000
+BUILTIN_MAX_BYTES = 128 * 1024 * 1024  # cap on the tensor bytes of a built-in sample (large images)
+MAX_BUILTIN_IMAGE_SIZE = 64  # digits are 8x8: blowing them up further says little about real images
+
+# Standard-library modules whose source makes the built-in text corpus: prose-heavy docstrings and
+# ordinary code, a few hundred KB, present in every CPython install (sorted for reproducibility).
+_CORPUS_MODULES = (
+    "argparse.py", "dataclasses.py", "difflib.py", "functools.py", "inspect.py", "pathlib.py",
+    "textwrap.py", "typing.py", "logging/__init__.py", "collections/__init__.py",
+)  # fmt: skip
+CORPUS_TARGET_BYTES = 600_000
+
+
+@dataclass
+class Sample:
+    """Inputs `x` and targets `y` for the statistics, and where they came from."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    measured_on: str  # "client" or "builtin:digits" / "builtin:python-source"
+    description: str
+
+    @property
+    def builtin(self) -> bool:
+        return self.measured_on.startswith("builtin")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def info(self) -> dict[str, Any]:
+        return {"measured_on": self.measured_on, "size": len(self), "description": self.description}
+
+
+# --------------------------------------------------------------------------------------- built-in
+
+
+def builtin_sample(
+    input_shape: list[int], input_dtype: str, num_classes: int, *, max_bytes: int = BUILTIN_MAX_BYTES
+) -> Sample | None:
+    """The built-in real sample that fits this model's input, or None when none fits.
+
+    float32 `[64]` with >= 10 classes -> digits (flat, pixels scaled to [0, 1]);
+    float32 `[C, H, W]` with C in (1, 3), 8 <= H == W <= 64, >= 10 classes -> digits resized;
+    int64 `[T]` with a vocabulary >= 256 -> windows of T+1 bytes of Python source (x = first T, y = last T).
+    """
+    shape = list(input_shape)
+    if input_dtype.startswith("float") and num_classes >= 10:
+        if shape == [64]:
+            x, y = _digits()
+            return Sample(
+                x.reshape(-1, 64).clone(),
+                y.clone(),
+                "builtin:digits",
+                "sklearn digits, 1797 8x8 images in [0, 1]",
+            )
+        if len(shape) == 3 and shape[0] in (1, 3) and shape[1] == shape[2] and 8 <= shape[1] <= 64:
+            return _digits_images(shape[0], shape[1], max_bytes)
+    if input_dtype.startswith("int") and len(shape) == 1 and num_classes >= 256:
+        return _text_windows(shape[0], max_bytes)
+    return None
+
+
+@functools.cache
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's digits as `[1797, 8, 8]` float32 in [0, 1] and int64 labels (loaded once; do not modify)."""
+    from sklearn.datasets import load_digits  # lazy: sklearn ships the data, no download
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0
+    return x, torch.as_tensor(digits.target, dtype=torch.int64)
+
+
+def _digits_images(channels: int, size: int, max_bytes: int) -> Sample:
+    x, y = _digits()
+    per_sample = channels * size * size * 4
+    n = max(1, min(len(x), max_bytes // per_sample))
+    x = x[:n, None]
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.expand(-1, channels, -1, -1).contiguous()
+    return Sample(
+        x, y[:n], "builtin:digits", f"sklearn digits, {n} images resized 8x8 -> {size}x{size}, {channels} ch"
+    )
+
+
+def python_corpus(target_bytes: int = CORPUS_TARGET_BYTES) -> bytes:
+    """A few hundred KB of English-and-code text that ships with Python: stdlib module sources."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts: list[bytes] = []
+    for name in _CORPUS_MODULES:
+        path = stdlib / name
+        if path.is_file():
+            parts.append(path.read_bytes())
+        if sum(map(len, parts)) >= target_bytes:
+            break
+    if not parts:  # stdlib sources stripped (some minimal images): fall back to docstrings in memory
+        import builtins
+
+        docs = [getattr(builtins, n).__doc__ or "" for n in sorted(dir(builtins))]
+        parts = ["\n\n".join(docs).encode()]
+    return b"\n".join(parts)[:target_bytes]
+
+
+def _text_windows(block_size: int, max_bytes: int, min_windows: int = 2048) -> Sample | None:
+    """Cut the corpus into windows of block_size+1 bytes (overlapping when the corpus is short)."""
+    data = torch.frombuffer(bytearray(python_corpus()), dtype=torch.uint8).to(torch.int64)
+    span = block_size + 1
+    if len(data) < 2 * span:
+        return None
+    stride = max(1, min(span, (len(data) - span) // min_windows))
+    starts = torch.arange(0, len(data) - span + 1, stride)
+    starts = starts[: max(1, max_bytes // (2 * 8 * block_size))]
+    windows = data[starts[:, None] + torch.arange(span)]
+    return Sample(
+        windows[:, :-1].contiguous(),
+        windows[:, 1:].contiguous(),
+        "builtin:python-source",
+        f"{len(data)} bytes of Python stdlib source, {len(starts)} windows of {span} bytes (stride {stride})",
+    )
+
+
+# ----------------------------------------------------------------------------------- client sample
+
+
+def load_client_sample(
+    path: str | os.PathLike[str],
+    input_shape: list[int],
+    input_dtype: str,
+    num_classes: int,
+    *,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+) -> Sample:
+    """Load `x` and `y` from an `.npz` or `.safetensors` file and check them against the model.
+
+    Raises ValueError with a message meant for the client on any problem (see `validate_sample`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data sample {path.name!r} not found")
+    size = path.stat().st_size
+    if size > max_file_bytes:
+        raise ValueError(f"data sample is {size} bytes, over the limit of {max_file_bytes} bytes")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        arrays = _read_npz(path)
+    elif suffix == ".safetensors":
+        arrays = read_safetensors(path.read_bytes())
+    else:
+        raise ValueError(f"data sample must be .npz or .safetensors, got {suffix or 'no extension'!r}")
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise ValueError(
+            f"data sample must hold arrays 'x' and 'y'; missing {missing}, found {sorted(arrays)}"
+        )
+    x, y = validate_sample(
+        arrays["x"], arrays["y"], input_shape, input_dtype, num_classes, max_samples=max_samples
+    )
+    return Sample(x, y, "client", f"client sample {path.name}, {len(x)} examples")
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    """Arrays of an .npz as tensors, never unpickling: object arrays are refused by numpy itself."""
+    import zipfile
+
+    import numpy as np  # lazy: only the loader needs it
+
+    if not zipfile.is_zipfile(path):  # else np.load would try the file as .npy / pickle
+        raise ValueError("cannot read .npz data sample: not a zip archive")
+    raw: dict[str, Any] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                raw[key] = npz[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise ValueError("data sample holds pickled (object) arrays, which are refused") from None
+        raise ValueError(f"cannot read .npz data sample: {exc}") from None
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise ValueError(f"cannot read .npz data sample: {exc}") from None
+    arrays: dict[str, torch.Tensor] = {}
+    for key, arr in raw.items():
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"array {key!r} must be numeric, got dtype {arr.dtype}")
+        arrays[key] = torch.from_numpy(np.ascontiguousarray(arr))
+    return arrays
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_safetensors(blob: bytes) -> dict[str, torch.Tensor]:
+    """Parse a safetensors file (8-byte header length, JSON header, raw little-endian data).
+
+    A small parser of our own rather than the `safetensors` package: the format holds no code, and
+    every offset is checked against the buffer so a truncated or hostile file is a ValueError.
+    """
+    if len(blob) < 8:
+        raise ValueError("cannot read .safetensors data sample: file too short")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if header_len > len(blob) - 8 or header_len > 100_000_000:
+        raise ValueError("cannot read .safetensors data sample: bad header length")
+    try:
+        header = json.loads(blob[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read .safetensors data sample: bad header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("cannot read .safetensors data sample: header is not an object")
+    data = memoryview(blob)[8 + header_len :]
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"array {name!r}: unsupported or malformed entry {info!r}") from None
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if any(s < 0 for s in shape) or not 0 <= begin <= end <= len(data) or end - begin != nbytes:
+            raise ValueError(f"array {name!r}: offsets do not match its shape and dtype")
+        flat = (
+            torch.frombuffer(bytearray(data[begin:end]), dtype=dtype)
+            if nbytes
+            else torch.empty(0, dtype=dtype)
+        )
+        out[name] = flat.reshape(shape)
+    return out
+
+
+def validate_sample(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    input_shape: list[int],
+    input_dtype: str,
+    num_classes: int,
+    *,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a sample against the model and return it cast to the model's dtypes (x) and int64 (y).
+
+    Rules: non-empty and at most `max_samples` examples; `x` is `[N, *input_shape]` and numeric with no
+    NaN/inf (token ids: integers in [0, num_classes)); `y` is `[N]` or `[N, ...]` of integers in
+    [0, num_classes).
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise ValueError("x and y must be arrays")
+    for name, arr in (("x", x), ("y", y)):
+        if arr.dtype == torch.bool or arr.is_complex():
+            raise ValueError(f"array {name!r} must be numeric, got {arr.dtype}")
+        if arr.ndim == 0 or arr.shape[0] == 0:
+            raise ValueError(f"data sample is empty ({name} has shape {list(arr.shape)})")
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
+    if n > max_samples:
+        raise ValueError(f"data sample has {n} examples, over the limit of {max_samples}")
+    if list(x.shape[1:]) != list(input_shape):
+        raise ValueError(
+            f"x has per-example shape {list(x.shape[1:])}, the model expects {list(input_shape)}"
+        )
+    if y.is_floating_point():
+        raise ValueError(f"labels y must be integers, got {y.dtype}")
+    y = y.to(torch.int64)
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(f"labels y must lie in [0, {num_classes}); found [{int(y.min())}, {int(y.max())}]")
+    if input_dtype.startswith("int"):
+        if x.is_floating_point():
+            raise ValueError(f"x must hold integer token ids, got {x.dtype}")
+        x = x.to(torch.int64)
+        if int(x.min()) < 0 or int(x.max()) >= num_classes:
+            raise ValueError(
+                f"token ids in x must lie in [0, {num_classes}); found [{int(x.min())}, {int(x.max())}]"
+            )
+    else:
+        x = x.to(getattr(torch, input_dtype))
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or infinite values")
+    return x, y
+
+
+def sample_for_model(
+    input_shape: list[int],
+    input_dtype: str,
+    num_classes: int,
+    sample_path: str | os.PathLike[str] | None = None,
+    **limits: int,
+) -> Sample | None:
+    """The client's sample when a path is given (validated, ValueError on problems), else a built-in one.
+
+    None means no real data fits this model: the statistics phases must be skipped and the answer says so.
+    """
+    if sample_path is not None:
+        return load_client_sample(sample_path, input_shape, input_dtype, num_classes, **limits)
+    return builtin_sample(input_shape, input_dtype, num_classes)

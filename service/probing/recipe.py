@@ -1,0 +1,459 @@
+"""The recommendation: which global batch size reaches a target loss fastest here, and how to train with it.
+
+Steps to a target loss follow S(B) = S_min·(1 + B_noise/B) (McCandlish et al. 2018), and one step of a
+global batch B costs B/throughput(B) seconds, so wall time to target is proportional to
+
+    (B + B_noise) / throughput(B)
+
+with throughput interpolated log-log across the measured ladder. Objectives: "time_to_target" (the
+default: minimise the above), "throughput" (the throughput peak) and "max_feasible" (the largest micro-
+batch that fits). A global batch is per-device micro-batch x devices x gradient accumulation steps, the
+micro-batch never above the largest that fits.
+
+Pure functions on plain numbers and dicts: no torch, so the rules are easy to test and to read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+OBJECTIVES = ("time_to_target", "throughput", "max_feasible")
+ADAM_FAMILY = ("adam", "adamw")
+WARMUP_FACTOR = 4.0  # suggest a warm-up when the learning rate grows more than this over the reference
+WARMUP_MIN_STEPS = 200
+WARMUP_EPOCH_FRACTION = 0.05
+WARMUP_MAX_EPOCHS = 2  # tiny datasets: never warm up for more than two epochs
+MAX_ACCUMULATION = 1024
+RACES_AGREE_FACTOR = 3.0  # races and gradient noise scale "agree" within this factor
+CURVE_SPAN = 8  # the time-to-target curve covers best/8 .. best*8
+
+
+# ------------------------------------------------------------------------------------ throughput
+
+
+def _ladder(throughput: Sequence[Mapping[str, float]]) -> list[tuple[float, float]]:
+    """(batch size, samples/s) sorted, with step times made non-decreasing in the batch size.
+
+    A larger batch cannot take less time per step than a smaller one; when a noisy measurement says it
+    does (CPU timings vary 1.2-2x between passes), the offending neighbours are pooled to their mean
+    step time (isotonic regression, pool-adjacent-violators). Sizes that failed (no samples/s) are skipped.
+    """
+    points = sorted(
+        (float(p["batch_size"]), float(p["samples_per_second"]))
+        for p in throughput
+        if p.get("samples_per_second") and p["samples_per_second"] > 0 and p["batch_size"] > 0
+    )
+    if not points:
+        raise ValueError("the throughput ladder has no positive measurement")
+    blocks: list[list[float]] = []  # [mean step time, count]
+    for b, t in points:
+        blocks.append([b / t, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    step_times = [m for m, n in blocks for _ in range(int(n))]
+    return [(b, b / s) for (b, _), s in zip(points, step_times, strict=True)]
+
+
+def interpolate_throughput(throughput: Sequence[Mapping[str, float]], batch_size: float) -> float:
+    """Samples/s at `batch_size`: piecewise linear in log-log between measured sizes.
+
+    Beyond the largest measured size: flat (no gain assumed). Below the smallest: proportional to the
+    batch size (a step cannot get cheaper than the smallest one measured; pessimistic for small sizes).
+    """
+    points = _ladder(throughput)
+    sizes = [b for b, _ in points]
+    if batch_size >= sizes[-1]:
+        return points[-1][1]
+    if batch_size <= sizes[0]:
+        return points[0][1] * batch_size / sizes[0]
+    i = bisect.bisect_right(sizes, batch_size)
+    (b0, t0), (b1, t1) = points[i - 1], points[i]
+    frac = (math.log(batch_size) - math.log(b0)) / (math.log(b1) - math.log(b0))
+    return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0)))
+
+
+def throughput_peak(throughput: Sequence[Mapping[str, float]], max_size: int) -> int:
+    """The measured size with the highest samples/s among those <= max_size (the smallest on ties)."""
+    points = [(b, t) for b, t in _ladder(throughput) if b <= max_size] or [_ladder(throughput)[0]]
+    best = max(t for _, t in points)
+    return int(min(b for b, t in points if t >= best))
+
+
+# -------------------------------------------------------------------------------- batch layout
+
+
+def split_batch(global_batch: int, max_micro_batch: int, devices: int = 1) -> tuple[int, int, int]:
+    """(micro_batch, accumulation_steps, global_batch) with micro <= max and micro x devices x acc = global.
+
+    The returned global batch may be slightly larger than asked (rounded up so the split is exact).
+    """
+    if max_micro_batch < 1 or devices < 1:
+        raise ValueError("max_micro_batch and devices must be >= 1")
+    per_device = max(1, math.ceil(global_batch / devices))
+    accumulation = math.ceil(per_device / max_micro_batch)
+    micro = math.ceil(per_device / accumulation)
+    return micro, accumulation, micro * accumulation * devices
+
+
+def time_per_sample(
+    micro_batch: int,
+    accumulation: int,
+    devices: int,
+    throughput: Sequence[Mapping[str, float]],
+    step_overhead_s: float = 0.0,
+) -> float:
+    """Seconds per training sample for one layout.
+
+    The ladder measures whole steps (forward, backward, optimizer step) of one micro-batch; with
+    accumulation the `step_overhead_s` paid once per optimizer step (the update itself, gradient
+    synchronisation) is amortised over the accumulated micro-batches. Devices scale throughput linearly
+    (communication is not modelled).
+    """
+    micro_step = micro_batch / interpolate_throughput(throughput, micro_batch)
+    step = accumulation * micro_step - (accumulation - 1) * min(step_overhead_s, micro_step)
+    return step / (micro_batch * accumulation * devices)
+
+
+def relative_time_to_target(global_batch: int, b_noise: float, seconds_per_sample: float) -> float:
+    """Wall time to target up to a constant: S(B)·step_time = S_min·(B + B_noise)·seconds_per_sample."""
+    return (global_batch + b_noise) * seconds_per_sample
+
+
+def candidate_layouts(
+    throughput: Sequence[Mapping[str, float]],
+    max_micro_batch: int,
+    devices: int = 1,
+    max_global_batch: int | None = None,
+    max_accumulation: int = MAX_ACCUMULATION,
+) -> list[tuple[int, int, int]]:
+    """(micro, accumulation, global) layouts to choose from.
+
+    Micro-batches: powers of two, measured sizes and the maximum itself, from the smallest measured
+    size (or 1) up to `max_micro_batch`; accumulation: powers of two up to `max_accumulation`, only at
+    micro-batches that are the maximum or a measured size. Global batches above `max_global_batch` (the
+    dataset size) are dropped, keeping at least the smallest layout.
+    """
+    measured = [int(b) for b, _ in _ladder(throughput) if b <= max_micro_batch]
+    lo = min(measured) if measured else 1
+    micros = {max_micro_batch, *measured} | {2**k for k in range(31) if lo <= 2**k <= max_micro_batch}
+    accumulations = [2**k for k in range(31) if 2**k <= max_accumulation]
+    layouts = {(m, 1, m * devices) for m in micros}
+    for m in {max_micro_batch, *measured}:
+        layouts |= {(m, a, m * a * devices) for a in accumulations[1:]}
+    layouts_list = sorted(layouts, key=lambda t: (t[2], t[1]))
+    if max_global_batch is not None:
+        kept = [t for t in layouts_list if t[2] <= max_global_batch]
+        layouts_list = kept or layouts_list[:1]
+    return layouts_list
+
+
+# ----------------------------------------------------------------------------------- learning rate
+
+
+def scale_learning_rate(
+    reference_lr: float,
+    reference_batch_size: int,
+    batch_size: int,
+    optimizer: str,
+    b_noise: float | None = None,
+) -> tuple[float, str]:
+    """The learning rate for `batch_size`, scaled from the client's reference, and the rule's name.
+
+    SGD: linear (Goyal et al. 2017); Adam-family: square root (Malladi et al. 2022). With a known
+    B_noise the rule saturates as the batch passes it, following the optimal step size
+    ε(B) = ε_max/(1 + B_noise/B) of McCandlish et al.: lr ∝ B/(B + B_noise) for SGD, its square root for
+    Adam. Far below B_noise this is the plain rule; far above it, linear scaling would overshoot.
+    """
+    ratio = batch_size / reference_batch_size
+    if b_noise is not None and math.isfinite(b_noise) and b_noise > 0:
+        ratio = (1 + b_noise / reference_batch_size) / (1 + b_noise / batch_size)
+        suffix = f", saturating at B_noise={b_noise:.4g}: lr ∝ B/(B + B_noise)"
+    else:
+        suffix = ""
+    if optimizer in ADAM_FAMILY:
+        return reference_lr * math.sqrt(ratio), "sqrt" + suffix
+    return reference_lr * ratio, "linear" + suffix
+
+
+def suggest_warmup(scale_factor: float, steps_per_epoch: int) -> tuple[int, str]:
+    """Linear warm-up steps when the learning rate grows > 4x the reference, and why."""
+    if scale_factor <= WARMUP_FACTOR:
+        return 0, f"none: the learning rate is {scale_factor:.3g}x the reference (<= {WARMUP_FACTOR:g}x)"
+    steps = max(WARMUP_MIN_STEPS, math.ceil(WARMUP_EPOCH_FRACTION * steps_per_epoch))
+    steps = min(steps, WARMUP_MAX_EPOCHS * steps_per_epoch)
+    return steps, (
+        f"linear warm-up from the reference learning rate: the lr is {scale_factor:.3g}x the reference; "
+        f"max({WARMUP_MIN_STEPS} steps, {WARMUP_EPOCH_FRACTION:.0%} of an epoch), at most "
+        f"{WARMUP_MAX_EPOCHS} epochs (after Goyal et al. 2017)"
+    )
+
+
+# ---------------------------------------------------------------------------------- noise estimate
+
+
+def choose_noise_scale(
+    gradient_noise_scale: Mapping[str, Any] | None, races: Mapping[str, Any] | None
+) -> dict:
+    """Which B_noise drives the recommendation: the races' fit when it worked, else B_simple.
+
+    Returns {"value", "source", "agreement", "warnings"}; value None when neither is usable.
+    `agreement` is races/B_simple when both exist (None otherwise).
+    """
+    warnings: list[str] = []
+    gns = gradient_noise_scale or {}
+    gns_value = gns.get("value")
+    gns_ok = gns_value is not None and math.isfinite(gns_value) and gns_value > 0
+    if gns and gns.get("status") == "unresolved":
+        warnings.append(
+            f"gradient noise scale not resolved at b_big={gns.get('b_big')}: B_simple is above it; "
+            "using that as a lower bound"
+        )
+        gns_value, gns_ok = float(gns.get("b_big") or 0) or None, bool(gns.get("b_big"))
+    race = races or {}
+    race_value = race.get("value")
+    status = race.get("status")
+    agreement = race_value / gns_value if gns_ok and race_value else None
+    if status == "ok":
+        if agreement is not None and not 1 / RACES_AGREE_FACTOR <= agreement <= RACES_AGREE_FACTOR:
+            warnings.append(
+                f"races fit B_noise={race_value:.3g}, {agreement:.2g}x the gradient noise scale "
+                f"B_simple={gns_value:.3g}; using the races"
+            )
+        return {"value": race_value, "source": "races", "agreement": agreement, "warnings": warnings}
+    if status in ("above_range", "below_range") and race_value:
+        lower = status == "above_range"
+        consistent = gns_ok and (gns_value >= race_value if lower else gns_value <= race_value)
+        kind = "at least" if lower else "at most"
+        warnings.append(
+            f"races only bound B_noise: {kind} {race_value:.3g} (steps did not bend within the sizes)"
+        )
+        if consistent:
+            return {
+                "value": gns_value,
+                "source": "gradient_noise_scale",
+                "agreement": agreement,
+                "warnings": warnings,
+            }
+        return {"value": race_value, "source": "races", "agreement": agreement, "warnings": warnings}
+    if races is not None and status not in (None, "ok"):
+        warnings.append(f"races gave no fit ({status}); using the gradient noise scale")
+    if gns_ok:
+        return {"value": gns_value, "source": "gradient_noise_scale", "agreement": None, "warnings": warnings}
+    warnings.append("no noise-scale estimate: time to target cannot be modelled, falling back to throughput")
+    return {"value": None, "source": None, "agreement": None, "warnings": warnings}
+
+
+def confidence(
+    measured_on: str | None,
+    gradient_noise_scale: Mapping[str, Any] | None,
+    noise_choice: Mapping[str, Any],
+    races: Mapping[str, Any] | None,
+) -> tuple[str, list[str]]:
+    """ "high" / "medium" / "low" and the reasons that lowered it.
+
+    high: client data, races fitted (points close to the curve) and agree with B_simple within 3x, and
+    B_simple's interval spans < 3x. Built-in data or no noise estimate: low. Anything else: medium.
+    """
+    reasons: list[str] = []
+    if noise_choice.get("value") is None:
+        return "low", ["no noise-scale estimate"]
+    if measured_on is None or str(measured_on).startswith("builtin"):
+        reasons.append("statistics measured on a built-in sample, not the client's data")
+        return "low", reasons
+    level = "high"
+    gns = gradient_noise_scale or {}
+    low, high = gns.get("low"), gns.get("high")
+    if not (low and high and math.isfinite(high) and high / low < 3):
+        reasons.append("the gradient noise scale's interval is wide")
+        level = "medium"
+    race = races or {}
+    if race.get("status") != "ok":
+        reasons.append("training races did not fit B_noise")
+        level = "medium"
+    elif (race.get("rel_rms") or 0) > 0.15:
+        reasons.append(f"steps-to-loss fit S(B) loosely (relative rms {race['rel_rms']:.2f})")
+        level = "medium"
+    agreement = noise_choice.get("agreement")
+    if agreement is not None and not 1 / RACES_AGREE_FACTOR <= agreement <= RACES_AGREE_FACTOR:
+        reasons.append("races and gradient noise scale disagree by more than 3x")
+        level = "medium"
+    return level, reasons
+
+
+# ------------------------------------------------------------------------------- recommendation
+
+
+def choose_batch(
+    *,
+    throughput: Sequence[Mapping[str, float]],
+    max_feasible_batch_size: int,
+    b_noise: float | None,
+    objective: str = "time_to_target",
+    devices: int = 1,
+    dataset_size: int | None = None,
+    step_overhead_s: float = 0.0,
+) -> dict[str, Any]:
+    """The chosen (micro, accumulation, global) layout and the time-to-target curve around it.
+
+    Without a B_noise, "time_to_target" falls back to the throughput peak (reported in "objective_used").
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    layouts = candidate_layouts(throughput, max_feasible_batch_size, devices, dataset_size)
+    used = objective if (objective != "time_to_target" or b_noise is not None) else "throughput"
+    noise = b_noise if b_noise is not None else 0.0
+
+    def cost(layout: tuple[int, int, int]) -> float:
+        m, a, g = layout
+        return relative_time_to_target(g, noise, time_per_sample(m, a, devices, throughput, step_overhead_s))
+
+    if used == "time_to_target":
+        chosen = min(layouts, key=lambda t: (cost(t), t[2]))
+    elif used == "throughput":
+        m = throughput_peak(throughput, max_feasible_batch_size)
+        chosen = next((t for t in layouts if t[0] == m and t[1] == 1), layouts[0])
+    else:
+        chosen = max((t for t in layouts if t[1] == 1), key=lambda t: t[0])
+    best = cost(chosen)
+    # The curve: the best layout for each global batch within CURVE_SPAN of the chosen one.
+    by_global: dict[int, float] = {}
+    for t in layouts:
+        if chosen[2] / CURVE_SPAN <= t[2] <= chosen[2] * CURVE_SPAN:
+            by_global[t[2]] = min(by_global.get(t[2], math.inf), cost(t))
+    curve = [
+        {"batch_size": g, "relative_time": round(c / best, 4)}
+        for g, c in sorted(by_global.items())
+        if g == chosen[2] or _is_power_of_two(g // devices)
+    ]
+    return {
+        "micro_batch_size": chosen[0],
+        "gradient_accumulation_steps": chosen[1],
+        "recommended_batch_size": chosen[2],
+        "objective_used": used,
+        "time_to_target_curve": curve if b_noise is not None else [],
+    }
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def recommend(
+    *,
+    throughput: Sequence[Mapping[str, float]],
+    max_feasible_batch_size: int,
+    dataset_size: int,
+    optimizer: str,
+    learning_rate: float,
+    reference_batch_size: int,
+    objective: str = "time_to_target",
+    devices: int = 1,
+    gradient_noise_scale: Mapping[str, Any] | None = None,
+    races: Mapping[str, Any] | None = None,
+    step_overhead_s: float = 0.0,
+    cut_short: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The full training recipe (the result fields of DESIGN.md plus the estimates behind them).
+
+    `throughput`: [{"batch_size", "samples_per_second"}] per device, measured; `max_feasible_batch_size`:
+    the largest micro-batch that fits; `gradient_noise_scale`: noise.measure_noise_scale's result (its
+    "measured_on" says whose data); `races`: races.run_races' result; `learning_rate` at
+    `reference_batch_size` is the client's reference; `cut_short`: phases the time budget truncated.
+    """
+    if max_feasible_batch_size < 1:
+        raise ValueError("max_feasible_batch_size must be >= 1")
+    if devices < 1:
+        raise ValueError("devices must be >= 1")
+    warnings: list[str] = list(cut_short)
+    choice = choose_noise_scale(gradient_noise_scale, races)
+    warnings += choice["warnings"]
+    b_noise = choice["value"]
+    picked = choose_batch(
+        throughput=throughput,
+        max_feasible_batch_size=max_feasible_batch_size,
+        b_noise=b_noise,
+        objective=objective,
+        devices=devices,
+        dataset_size=dataset_size,
+        step_overhead_s=step_overhead_s,
+    )
+    global_batch = picked["recommended_batch_size"]
+    lr, rule = scale_learning_rate(learning_rate, reference_batch_size, global_batch, optimizer, b_noise)
+    steps_per_epoch = math.ceil(dataset_size / global_batch)
+    warmup_steps, warmup_rule = suggest_warmup(lr / learning_rate, steps_per_epoch)
+    level, reasons = confidence(
+        (gradient_noise_scale or {}).get("measured_on"), gradient_noise_scale, choice, races
+    )
+    warnings += _layout_warnings(picked, throughput, max_feasible_batch_size, b_noise, devices, dataset_size)
+    gns = gradient_noise_scale or {}
+    return {
+        **picked,
+        "objective": objective,
+        "devices": devices,
+        "learning_rate": lr,
+        "learning_rate_rule": rule,
+        "reference_learning_rate": learning_rate,
+        "reference_batch_size": reference_batch_size,
+        "warmup_steps": warmup_steps,
+        "warmup_rule": warmup_rule,
+        "steps_per_epoch": steps_per_epoch,
+        "b_noise": b_noise,
+        "noise_scale_source": choice["source"],
+        "gradient_noise_scale": {
+            "value": gns.get("value"),
+            "low": gns.get("low"),
+            "high": gns.get("high"),
+            "measured_on": gns.get("measured_on"),
+            **{
+                k: gns[k]
+                for k in ("method", "draws", "b_small", "b_big", "preconditioned", "plain")
+                if k in gns
+            },
+        },
+        "races": _races_summary(races),
+        "confidence": level,
+        "confidence_reasons": reasons,
+        "warnings": warnings,
+    }
+
+
+def _races_summary(races: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if races is None:
+        return None
+    keys = ("status", "value", "bound", "rel_rms", "level", "points", "races", "seconds")
+    return {k: races.get(k) for k in keys if k in races}
+
+
+def _layout_warnings(
+    picked: Mapping[str, Any],
+    throughput: Sequence[Mapping[str, float]],
+    max_micro: int,
+    b_noise: float | None,
+    devices: int,
+    dataset_size: int,
+) -> list[str]:
+    warnings = []
+    points = _ladder(throughput)
+    if len(points) == 1:
+        warnings.append("throughput was measured at one batch size only: the curve is flat by assumption")
+    if points[-1][0] < max_micro:
+        warnings.append(
+            f"throughput measured up to {int(points[-1][0])}, not the maximum {max_micro}: "
+            "assumed flat beyond"
+        )
+    if b_noise is not None and b_noise > 4 * max_micro * devices:
+        warnings.append(
+            f"B_noise ({b_noise:.3g}) is far above the largest batch that fits ({max_micro * devices}): "
+            "larger batches would still pay off statistically; more devices or memory would help"
+        )
+    if picked["gradient_accumulation_steps"] > 1:
+        warnings.append("gradient accumulation: BatchNorm statistics still see only the micro-batch")
+    if devices > 1:
+        warnings.append("multi-device throughput assumed linear in devices (communication not measured)")
+    if picked["recommended_batch_size"] > dataset_size / 4:
+        warnings.append("the recommended batch is more than a quarter of the dataset: few steps per epoch")
+    return warnings

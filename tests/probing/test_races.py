@@ -1,0 +1,158 @@
+"""Training races and the S(B) fit (service/probing/races.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from service.probing import data, races
+
+LOSS = nn.functional.cross_entropy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread (tiny models; shared CPUs), and a first optimizer built outside any time budget: it
+    imports torch._dynamo, seconds on a slow machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    s = data.builtin_sample([64], "float32", 10)
+    return s.x, s.y
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def _sgd(params, lr):
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+# ------------------------------------------------------------------------------------------- fit
+
+
+def test_fit_recovers_b_noise_exactly():
+    sizes = [16, 64, 256]
+    steps = [100 * (1 + 50 / b) for b in sizes]
+    fit = races.fit_steps(sizes, steps)
+    assert fit["status"] == "ok" and fit["value"] == pytest.approx(50)
+    assert fit["s_min"] == pytest.approx(100) and fit["rel_rms"] < 1e-9
+
+
+def test_fit_tolerates_a_few_percent_of_noise():
+    sizes = [8, 32, 128]
+    steps = [s * f for s, f in zip([400 * (1 + 64 / b) for b in sizes], [1.04, 0.97, 1.03], strict=True)]
+    fit = races.fit_steps(sizes, steps)
+    assert fit["status"] == "ok" and 40 < fit["value"] < 100 and fit["rel_rms"] < 0.1
+
+
+def test_perfect_scaling_only_bounds_b_noise_from_below():
+    fit = races.fit_steps([16, 64, 256], [1600, 400, 100])  # S ∝ 1/B: B_noise far above 256
+    assert fit["status"] == "above_range" and fit["bound"] == "lower" and fit["value"] == 256
+
+
+def test_no_gain_from_bigger_batches_bounds_b_noise_from_above():
+    fit = races.fit_steps([16, 64, 256], [100, 105, 110])
+    assert fit["status"] == "below_range" and fit["bound"] == "upper" and fit["value"] == 16
+
+
+def test_one_size_is_not_a_fit():
+    assert races.fit_steps([64], [100])["status"] == "insufficient"
+    assert races.fit_steps([64, 64], [100, 90])["status"] == "insufficient"
+
+
+def test_steps_to_level_interpolates_between_evaluations():
+    curve = [(0, 2.0), (10, 1.0), (20, 0.5)]
+    assert races.steps_to_level(curve, 0.75) == pytest.approx(15)
+    assert races.steps_to_level(curve, 2.5) == 0
+    assert races.steps_to_level(curve, 0.1) is None
+
+
+@pytest.mark.parametrize(
+    "prediction, lo, hi, expected",
+    [
+        (64, 1, 4096, [16, 64, 256]),
+        (60, 8, 512, [16, 64, 256]),
+        (3, 8, 512, [8, 32, 128]),  # below the range: start at the smallest
+        (10_000, 8, 512, [32, 128, 512]),  # above: end at the largest
+        (64, 8, 16, [8, 16]),  # narrow range: x2 spacing
+        (5, 1, 1, [1]),
+    ],
+)
+def test_race_sizes(prediction, lo, hi, expected):
+    assert races.race_sizes(prediction, min_size=lo, max_size=hi) == expected
+
+
+# ----------------------------------------------------------------------------------------- races
+
+
+def test_races_restore_weights_and_fit(digits):
+    x, y = digits
+    model = _mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    result = races.run_races(
+        model, LOSS, _sgd, x, y, sizes=[16, 64, 256], lr_for_size=lambda b: 0.02 * (b / 16) ** 0.5,
+        time_budget_s=3.0,
+    )  # fmt: skip
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert result["status"] in ("ok", "above_range", "below_range")
+    assert result["level"] is not None and len(result["races"]) == 3
+    reached = {r["batch_size"]: r["steps_to_level"] for r in result["races"]}
+    assert reached[16] > reached[256] > 0  # bigger batches need fewer steps to the same loss
+    assert result["seconds"] < 3.0 * 1.5 + 1
+
+
+def test_a_diverging_race_is_reported(digits):
+    x, y = digits
+    result = races.run_races(
+        _mlp(), LOSS, _sgd, x, y, sizes=[16, 64, 256], lr_for_size=lambda b: 1e4 if b == 256 else 0.05,
+        time_budget_s=1.5,
+    )  # fmt: skip
+    statuses = {r["batch_size"]: r["status"] for r in result["races"]}
+    assert statuses[256] == "diverged"
+    assert any("256 diverged" in w for w in result["warnings"])
+    assert result["status"] in ("ok", "above_range", "below_range")  # the two others still fit
+
+
+def test_everything_diverging_is_insufficient(digits):
+    x, y = digits
+    result = races.run_races(
+        _mlp(), LOSS, _sgd, x, y, sizes=[16, 64], lr_for_size=lambda b: 1e5, time_budget_s=1.0
+    )
+    assert result["status"] == "insufficient" and result["value"] is None
+    assert len(result["warnings"]) == 2
+
+
+def test_run_statistics_end_to_end(digits):
+    x, y = digits
+    stats = races.run_statistics(
+        _mlp(), LOSS, _sgd, x, y, optimizer="sgd", learning_rate=0.05, reference_batch_size=32,
+        max_batch_size=512, time_budget_s=4.0, measured_on="builtin:digits",
+    )  # fmt: skip
+    gns = stats["gradient_noise_scale"]
+    assert gns["status"] == "ok" and gns["measured_on"] == "builtin:digits" and math.isfinite(gns["value"])
+    assert stats["races"] is not None and len(stats["races"]["races"]) == 3
+    assert all(r["batch_size"] >= 8 for r in stats["races"]["races"])
+    assert isinstance(stats["cut_short"], list)
+
+
+def test_run_statistics_reports_a_diverging_reference_lr(digits):
+    x, y = digits
+    stats = races.run_statistics(
+        _mlp(), LOSS, _sgd, x, y, optimizer="sgd", learning_rate=1e8, reference_batch_size=32,
+        max_batch_size=512, time_budget_s=2.0,
+    )  # fmt: skip
+    assert stats["gradient_noise_scale"]["status"] == "non_finite_loss"
+    assert stats["races"] is None
+    assert any("reference learning rate" in m for m in stats["cut_short"])

@@ -1,0 +1,278 @@
+"""The recommendation and training recipe (service/probing/recipe.py): pure functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from service.probing import recipe
+
+
+def ladder(points):
+    return [{"batch_size": b, "samples_per_second": t} for b, t in points]
+
+
+# Throughput that grows linearly until 256 and is flat after: step time = overhead + B / peak.
+def saturating(sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), overhead=0.01, peak=10_000.0):
+    return ladder([(b, b / (overhead + b / peak)) for b in sizes])
+
+
+GNS_CLIENT = {"value": 100.0, "low": 80.0, "high": 130.0, "measured_on": "client", "status": "ok"}
+RACES_OK = {"status": "ok", "value": 90.0, "rel_rms": 0.03, "bound": None}
+
+
+def _recommend(**overrides):
+    args = dict(
+        throughput=saturating(),
+        max_feasible_batch_size=1024,
+        dataset_size=50_000,
+        optimizer="sgd",
+        learning_rate=0.1,
+        reference_batch_size=32,
+        gradient_noise_scale=GNS_CLIENT,
+        races=RACES_OK,
+    )
+    return recipe.recommend(**{**args, **overrides})
+
+
+# ------------------------------------------------------------------------------------- throughput
+
+
+def test_interpolation_is_log_log():
+    lad = ladder([(8, 100.0), (32, 400.0), (128, 800.0)])
+    assert recipe.interpolate_throughput(lad, 32) == pytest.approx(400)
+    assert recipe.interpolate_throughput(lad, 16) == pytest.approx(200)  # power law between points
+    assert recipe.interpolate_throughput(lad, 64) == pytest.approx(400 * math.sqrt(2))
+    assert recipe.interpolate_throughput(lad, 1024) == pytest.approx(800)  # flat beyond the ladder
+    assert recipe.interpolate_throughput(lad, 4) == pytest.approx(50)  # constant step time below
+
+
+def test_one_point_and_failed_points():
+    lad = [{"batch_size": 64, "samples_per_second": 1000.0}, {"batch_size": 128, "samples_per_second": None}]
+    assert recipe.interpolate_throughput(lad, 64) == 1000
+    assert recipe.interpolate_throughput(lad, 128) == 1000
+    with pytest.raises(ValueError, match="no positive"):
+        recipe.interpolate_throughput([{"batch_size": 8, "samples_per_second": None}], 8)
+
+
+def test_noisy_step_times_are_made_monotone():
+    # 256 "faster per step" than 128: a timing glitch, pooled with its neighbour.
+    lad = ladder([(64, 32_000.0), (128, 16_000.0), (256, 64_000.0)])
+    smooth = recipe._ladder(lad)
+    step_times = [b / t for b, t in smooth]
+    assert step_times == sorted(step_times)
+    assert step_times[1] == pytest.approx(step_times[2]) == pytest.approx((0.008 + 0.004) / 2)
+
+
+def test_throughput_peak():
+    lad = ladder([(8, 100.0), (32, 900.0), (64, 1000.0), (128, 1000.0)])
+    assert recipe.throughput_peak(lad, 1024) == 64  # the smallest size on ties
+    assert recipe.throughput_peak(lad, 32) == 32
+
+
+# ---------------------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize(
+    "global_batch, max_micro, devices, expected",
+    [
+        (256, 512, 1, (256, 1, 256)),
+        (1024, 256, 1, (256, 4, 1024)),
+        (1000, 256, 1, (250, 4, 1000)),
+        (1030, 256, 1, (206, 5, 1030)),
+        (512, 64, 4, (64, 2, 512)),
+        (3, 1, 1, (1, 3, 3)),
+        (2, 8, 4, (1, 1, 4)),  # at least one sample per device
+    ],
+)
+def test_split_batch(global_batch, max_micro, devices, expected):
+    micro, acc, total = recipe.split_batch(global_batch, max_micro, devices)
+    assert (micro, acc, total) == expected
+    assert micro <= max_micro and micro * acc * devices == total >= global_batch
+
+
+# ---------------------------------------------------------------------------------- learning rate
+
+
+def test_learning_rate_rules():
+    assert recipe.scale_learning_rate(0.1, 32, 128, "sgd") == (pytest.approx(0.4), "linear")
+    assert recipe.scale_learning_rate(1e-3, 32, 128, "adamw") == (pytest.approx(2e-3), "sqrt")
+    assert recipe.scale_learning_rate(1e-3, 32, 8, "adam")[0] == pytest.approx(5e-4)
+    assert recipe.scale_learning_rate(0.1, 32, 32, "sgd", b_noise=100)[0] == pytest.approx(0.1)
+
+
+def test_learning_rate_saturates_past_b_noise():
+    lr_small, rule = recipe.scale_learning_rate(0.1, 32, 64, "sgd", b_noise=10_000)
+    assert lr_small == pytest.approx(0.2, rel=0.01) and "saturating" in rule  # ~linear far below B_noise
+    lr_big, _ = recipe.scale_learning_rate(0.1, 32, 100_000, "sgd", b_noise=100)
+    assert lr_big == pytest.approx(0.1 * (1 + 100 / 32) / (1 + 100 / 100_000))  # capped near lr_max
+
+
+def test_warmup_only_for_large_scale_factors():
+    assert recipe.suggest_warmup(4.0, 1000)[0] == 0
+    steps, why = recipe.suggest_warmup(8.0, 1000)
+    assert steps == 200 and "Goyal" in why
+    assert recipe.suggest_warmup(8.0, 100_000)[0] == 5000  # 5 % of an epoch
+    assert recipe.suggest_warmup(8.0, 10)[0] == 20  # never more than two epochs
+
+
+# ----------------------------------------------------------------------------- the batch choice
+
+
+def _brute_force_best(lad, b_noise, sizes):
+    return min(sizes, key=lambda b: (b + b_noise) / recipe.interpolate_throughput(lad, b))
+
+
+@pytest.mark.parametrize("b_noise", [1.0, 30.0, 200.0, 5000.0])
+def test_time_to_target_minimises_b_plus_noise_over_throughput(b_noise):
+    lad = saturating()
+    picked = recipe.choose_batch(throughput=lad, max_feasible_batch_size=1024, b_noise=b_noise)
+    sizes = [2**k for k in range(11)]
+    assert picked["recommended_batch_size"] == _brute_force_best(lad, b_noise, sizes)
+    assert picked["gradient_accumulation_steps"] == 1
+    curve = {p["batch_size"]: p["relative_time"] for p in picked["time_to_target_curve"]}
+    assert curve[picked["recommended_batch_size"]] == 1.0 and min(curve.values()) == 1.0
+
+
+def test_tiny_and_huge_noise_scales():
+    lad = saturating()
+    tiny = recipe.choose_batch(throughput=lad, max_feasible_batch_size=1024, b_noise=1e-6)
+    huge = recipe.choose_batch(throughput=lad, max_feasible_batch_size=1024, b_noise=1e9)
+    assert tiny["recommended_batch_size"] < 8  # the fixed per-step overhead still favours a few samples
+    assert huge["recommended_batch_size"] == 1024  # statistics say "bigger": as big as fits
+
+
+def test_other_objectives():
+    lad = ladder([(8, 100.0), (32, 900.0), (64, 1000.0), (128, 950.0)])
+    thr = recipe.choose_batch(
+        throughput=lad, max_feasible_batch_size=200, b_noise=10.0, objective="throughput"
+    )
+    mx = recipe.choose_batch(
+        throughput=lad, max_feasible_batch_size=200, b_noise=10.0, objective="max_feasible"
+    )
+    assert thr["recommended_batch_size"] == 64 and mx["recommended_batch_size"] == 200
+    with pytest.raises(ValueError, match="objective"):
+        recipe.choose_batch(throughput=lad, max_feasible_batch_size=200, b_noise=1.0, objective="fastest")
+
+
+def test_max_feasible_one():
+    r = _recommend(throughput=ladder([(1, 50.0)]), max_feasible_batch_size=1)
+    assert (r["recommended_batch_size"], r["micro_batch_size"], r["gradient_accumulation_steps"]) == (1, 1, 1)
+    assert any("one batch size" in w for w in r["warnings"])
+
+
+def test_devices_multiply_the_global_batch():
+    r = _recommend(devices=4)
+    one = _recommend(devices=1)
+    assert r["recommended_batch_size"] == r["micro_batch_size"] * 4
+    assert r["devices"] == 4 and any("devices" in w for w in r["warnings"])
+    # With 4x the throughput for the same global batch, the best micro-batch is no larger than with one.
+    assert r["micro_batch_size"] <= one["micro_batch_size"]
+    assert r["learning_rate"] == pytest.approx(
+        recipe.scale_learning_rate(0.1, 32, r["recommended_batch_size"], "sgd", 90.0)[0]
+    )
+
+
+def test_accumulation_when_the_best_global_batch_does_not_fit():
+    # Memory caps the micro-batch at 64 while throughput still rises; with a large per-step overhead
+    # (optimizer update, gradient sync) and a huge B_noise, accumulating is faster than stepping.
+    lad = saturating(sizes=(8, 16, 32, 64), overhead=0.01)
+    r = recipe.choose_batch(throughput=lad, max_feasible_batch_size=64, b_noise=1e5, step_overhead_s=0.009)
+    assert r["micro_batch_size"] == 64 and r["gradient_accumulation_steps"] > 1
+    assert r["recommended_batch_size"] == 64 * r["gradient_accumulation_steps"]
+    # Without per-step overhead, accumulation only adds samples per step: never chosen.
+    plain = recipe.choose_batch(throughput=lad, max_feasible_batch_size=64, b_noise=1e5)
+    assert plain["gradient_accumulation_steps"] == 1
+
+
+def test_global_batch_never_exceeds_the_dataset():
+    r = _recommend(dataset_size=100, races={"status": "ok", "value": 1e6, "rel_rms": 0.0})
+    assert r["recommended_batch_size"] <= 100 and r["steps_per_epoch"] >= 1
+
+
+# ------------------------------------------------------------------------------ noise estimates
+
+
+def test_races_are_preferred_and_disagreement_is_flagged():
+    choice = recipe.choose_noise_scale(GNS_CLIENT, {"status": "ok", "value": 900.0})
+    assert choice["source"] == "races" and choice["value"] == 900 and choice["agreement"] == pytest.approx(9)
+    assert any("9x" in w for w in choice["warnings"])
+
+
+def test_race_bounds():
+    lower = {"status": "above_range", "value": 64.0}
+    assert recipe.choose_noise_scale(GNS_CLIENT, lower)["source"] == "gradient_noise_scale"  # 100 >= 64
+    assert recipe.choose_noise_scale({**GNS_CLIENT, "value": 20.0}, lower)["value"] == 64
+    upper = {"status": "below_range", "value": 16.0}
+    assert recipe.choose_noise_scale(GNS_CLIENT, upper)["value"] == 16
+
+
+def test_failed_races_fall_back_to_the_gradient_noise_scale():
+    choice = recipe.choose_noise_scale(GNS_CLIENT, {"status": "insufficient", "value": None})
+    assert choice["source"] == "gradient_noise_scale" and choice["value"] == 100
+    assert any("no fit" in w for w in choice["warnings"])
+
+
+def test_unresolved_noise_scale_is_a_lower_bound():
+    gns = {"value": math.inf, "status": "unresolved", "b_big": 512, "measured_on": "client"}
+    choice = recipe.choose_noise_scale(gns, None)
+    assert choice["value"] == 512 and any("lower bound" in w for w in choice["warnings"])
+
+
+def test_no_estimate_falls_back_to_throughput():
+    r = _recommend(gradient_noise_scale=None, races=None)
+    assert r["noise_scale_source"] is None and r["objective_used"] == "throughput"
+    assert r["confidence"] == "low" and r["time_to_target_curve"] == []
+
+
+# ------------------------------------------------------------------------------------ confidence
+
+
+def test_confidence_levels():
+    assert _recommend()["confidence"] == "high"
+    builtin = _recommend(gradient_noise_scale={**GNS_CLIENT, "measured_on": "builtin:digits"})
+    assert builtin["confidence"] == "low" and "built-in" in builtin["confidence_reasons"][0]
+    wide = _recommend(gradient_noise_scale={**GNS_CLIENT, "low": 10.0, "high": 1000.0})
+    assert wide["confidence"] == "medium"
+    assert _recommend(races=None)["confidence"] == "medium"
+    assert _recommend(races={"status": "ok", "value": 1000.0, "rel_rms": 0.0})["confidence"] == "medium"
+
+
+# --------------------------------------------------------------------------------- full recipe
+
+
+def test_recipe_has_every_contract_field():
+    r = _recommend(cut_short=["training races cut short"])
+    for key in (
+        "recommended_batch_size", "micro_batch_size", "gradient_accumulation_steps", "devices",
+        "learning_rate", "learning_rate_rule", "warmup_steps", "steps_per_epoch", "gradient_noise_scale",
+        "confidence", "warnings", "time_to_target_curve", "noise_scale_source", "b_noise", "races",
+    ):  # fmt: skip
+        assert key in r, key
+    assert set(r["gradient_noise_scale"]) >= {"value", "low", "high", "measured_on"}
+    assert r["noise_scale_source"] == "races" and r["b_noise"] == 90
+    assert r["steps_per_epoch"] == math.ceil(50_000 / r["recommended_batch_size"])
+    assert "training races cut short" in r["warnings"]
+    assert all(p["relative_time"] >= 1.0 for p in r["time_to_target_curve"])
+
+
+def test_large_scale_factor_gets_a_warmup():
+    r = _recommend(
+        races={"status": "ok", "value": 1e9, "rel_rms": 0.0}, learning_rate=0.01, reference_batch_size=8
+    )
+    assert r["learning_rate"] / 0.01 > 4 and r["warmup_steps"] > 0
+
+
+def test_adam_uses_the_square_root_rule():
+    r = _recommend(optimizer="adamw", learning_rate=1e-3)
+    assert r["learning_rate_rule"].startswith("sqrt")
+    expected = 1e-3 * math.sqrt((1 + 90 / 32) / (1 + 90 / r["recommended_batch_size"]))
+    assert r["learning_rate"] == pytest.approx(expected)
+
+
+def test_invalid_inputs():
+    with pytest.raises(ValueError):
+        _recommend(max_feasible_batch_size=0)
+    with pytest.raises(ValueError):
+        _recommend(devices=0)
