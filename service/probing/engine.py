@@ -1,5 +1,6 @@
 """Runs one probe: build the model, find the largest batch size that fits, time a throughput ladder,
-measure the gradient noise scale and race a few sizes on real data, and assemble the recommendation. Streams progress as JSON-ready event dicts through `emit`.
+measure the gradient noise scale and race a few sizes on real data, and assemble the recommendation.
+Streams progress as JSON-ready event dicts through `emit`.
 
 Events:
     {"event": "phase", "phase": "setup" | "warmup" | "memory" | "throughput" | "statistics",
@@ -78,7 +79,7 @@ def run_probe(spec: ProbeSpec, emit: Emit) -> dict[str, Any]:
         step = TrainingStep.from_spec(spec, model_spec, config)
         check_budget_covers_model(budget, step.state_bytes())
         with _device_budget(device, budget):
-            _warm_up(step, budget, emit)
+            _warm_up(step, budget, cap, emit)
             check_budget_covers_model(budget, step.state_bytes())  # now with the real optimizer state
             emit({"event": "phase", "phase": "memory", "trials_planned": min(PLANNED_TRIALS, cap)})
             search = search_max_batch_size(_trial_measurer(step, budget, emit), budget, cap)
@@ -214,26 +215,32 @@ def _measure(step: TrainingStep, batch_size: int, budget: int) -> Trial:
     )
 
 
-def _warm_up(step: TrainingStep, budget: int, emit: Emit) -> None:
-    """The first step creates the optimizer state: run it (at batch 1, guarded) before measuring."""
+def _warm_up(step: TrainingStep, budget: int, cap: int, emit: Emit) -> None:
+    """The first step creates the optimizer state: run it (guarded) before measuring.
+
+    At batch 2 when allowed, since BatchNorm cannot train on one sample whose last feature map is 1x1;
+    at batch 1 when 2 does not fit.
+    """
     emit({"event": "phase", "phase": "warmup", "trials_planned": 1})
-    losses: list[torch.Tensor] = []
-    trial = measure_step(
-        lambda batch_size, recorder: losses.append(step.run(batch_size, recorder)),
-        1,
-        budget,
-        step.device,
-        roots=step.memory_roots(),
-        cleanup=step.discard_gradients,
-    )
-    emit(_trial_event("warmup", trial))
-    if not trial.ok:
-        raise ProbeError(
-            "oom_at_min_batch",
-            f"the first training step at batch size 1 does not fit the memory budget of {budget} bytes "
-            f"({trial.detail.get('error', trial.outcome)})",
+    for batch_size in sorted({min(2, cap), 1}, reverse=True):
+        losses: list[torch.Tensor] = []
+        trial = measure_step(
+            lambda size, recorder, losses=losses: losses.append(step.run(size, recorder)),
+            batch_size,
+            budget,
+            step.device,
+            roots=step.memory_roots(),
+            cleanup=step.discard_gradients,
         )
-    step.check_finite_loss(float(losses[0]), 1)
+        emit(_trial_event("warmup", trial))
+        if trial.ok:
+            step.check_finite_loss(float(losses[0]), batch_size)
+            return
+    raise ProbeError(
+        "oom_at_min_batch",
+        f"the first training step at batch size 1 does not fit the memory budget of {budget} bytes "
+        f"({trial.detail.get('error', trial.outcome)})",
+    )
 
 
 def _trial_measurer(step: TrainingStep, budget: int, emit: Emit) -> Callable[[int], Trial]:

@@ -160,7 +160,9 @@ class CPUMemoryBudget(TorchDispatchMode):
             elif key not in inputs:  # a view or in-place result of an untracked input is not new memory
                 added += self._count(storage)
         if added > 0 and self._over_budget():
-            del out  # drop this frame's reference so the overshoot is freed as the error unwinds
+            # Drop every reference this frame holds so the overshoot is freed as the error unwinds: a
+            # traceback kept alive by the caller's `except` (Lightning's) would otherwise pin it.
+            del out, tensor, storage
             self._raise_oom(added)
         return out
 

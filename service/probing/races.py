@@ -249,17 +249,28 @@ def _level_from(race: dict[str, Any]) -> float:
     return max(sum(tail) / len(tail), race["best_loss"])
 
 
+_PROBLEMS = {
+    "diverged": "diverged",
+    "skipped": "skipped: the time budget ran out",
+    "no_progress": "made no progress (its loss never fell below the start)",
+}
+
+
 def _summarise(races: dict[int, dict[str, Any]], seconds: float) -> dict[str, Any]:
     """Pick the loss level all usable races reached, read steps to it, and fit S(B)."""
-    usable = {b: r for b, r in races.items() if r["status"] not in ("diverged", "skipped")}
+    for r in races.values():  # e.g. a fresh Adam's first steps raise the loss, and the share ran out
+        if r["status"] not in ("diverged", "skipped") and r["best_loss"] >= r["initial_loss"]:
+            r["status"] = "no_progress"
+    usable = {b: r for b, r in races.items() if r["status"] not in ("diverged", "skipped", "no_progress")}
     warnings = [
-        f"race at batch size {b} diverged (lr {r['learning_rate']:.3g})"
+        f"race at batch size {b} {_PROBLEMS[r['status']]}"
+        + (
+            f" (lr {r['learning_rate']:.3g}, {r['steps']} steps)"
+            if r.get("learning_rate") is not None
+            else ""
+        )
         for b, r in races.items()
-        if r["status"] == "diverged"
-    ] + [
-        f"race at batch size {b} skipped: the time budget ran out"
-        for b, r in races.items()
-        if r["status"] == "skipped"
+        if r["status"] in _PROBLEMS
     ]
     summary: dict[str, Any] = {
         "races": [

@@ -29,6 +29,7 @@ WARMUP_MAX_EPOCHS = 2  # tiny datasets: never warm up for more than two epochs
 MAX_ACCUMULATION = 1024
 RACES_AGREE_FACTOR = 3.0  # races and gradient noise scale "agree" within this factor
 CURVE_SPAN = 8  # the time-to-target curve covers best/8 .. best*8
+AFFINE_MAX_RMS = 0.25  # use the fitted step-time model when it is within 25 % (rms) of the ladder
 
 
 # ------------------------------------------------------------------------------------ throughput
@@ -99,21 +100,67 @@ def split_batch(global_batch: int, max_micro_batch: int, devices: int = 1) -> tu
     return micro, accumulation, micro * accumulation * devices
 
 
+def fit_step_time(throughput: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """Step time = overhead_s + per_sample_s·B, least squares in relative error over the ladder.
+
+    The roofline shape of a training step: a fixed cost (kernel launches, the optimizer update, Python)
+    plus a per-sample cost; throughput B/(overhead + per_sample·B) rises and saturates at 1/per_sample.
+    Two parameters fitted to every measured size are far less sensitive to one noisy timing than
+    interpolating between points. `rel_rms` says how well the shape fits.
+    """
+    points = [(b, b / t) for b, t in _ladder(throughput)]
+    if len({b for b, _ in points}) < 2:
+        return {"overhead_s": 0.0, "per_sample_s": points[0][1] / points[0][0], "rel_rms": math.inf}
+    w = [1.0 / t**2 for _, t in points]
+    sw, sb = sum(w), sum(wi * b for wi, (b, _) in zip(w, points, strict=True))
+    sbb = sum(wi * b * b for wi, (b, _) in zip(w, points, strict=True))
+    st = sum(wi * t for wi, (_, t) in zip(w, points, strict=True))
+    sbt = sum(wi * b * t for wi, (b, t) in zip(w, points, strict=True))
+    per_sample = (sw * sbt - sb * st) / (sw * sbb - sb * sb)
+    overhead = (st - per_sample * sb) / sw
+    if overhead < 0:  # no fixed cost: fit through the origin
+        overhead, per_sample = 0.0, sbt / sbb
+    if per_sample < 0:  # step time does not grow with the batch: pure overhead
+        overhead, per_sample = st / sw, 0.0
+    rel = [(overhead + per_sample * b - t) / t for b, t in points]
+    return {
+        "overhead_s": overhead,
+        "per_sample_s": per_sample,
+        "rel_rms": math.sqrt(sum(r * r for r in rel) / len(rel)),
+    }
+
+
+def throughput_model(throughput: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """The step-time model the recommendation uses: "affine" (fit_step_time) when the ladder has >= 3
+    sizes and the fit is within AFFINE_MAX_RMS, else "interpolated" (log-log between measured points)."""
+    fit = fit_step_time(throughput)
+    kind = "affine" if len(_ladder(throughput)) >= 3 and fit["rel_rms"] <= AFFINE_MAX_RMS else "interpolated"
+    return {"kind": kind, **fit}
+
+
+def step_time(model: Mapping[str, Any], throughput: Sequence[Mapping[str, float]], batch_size: int) -> float:
+    """Seconds per step of `batch_size` under `model` (from `throughput_model`)."""
+    if model["kind"] == "affine":
+        return model["overhead_s"] + model["per_sample_s"] * batch_size
+    return batch_size / interpolate_throughput(throughput, batch_size)
+
+
 def time_per_sample(
     micro_batch: int,
     accumulation: int,
     devices: int,
     throughput: Sequence[Mapping[str, float]],
     step_overhead_s: float = 0.0,
+    model: Mapping[str, Any] | None = None,
 ) -> float:
     """Seconds per training sample for one layout.
 
     The ladder measures whole steps (forward, backward, optimizer step) of one micro-batch; with
     accumulation the `step_overhead_s` paid once per optimizer step (the update itself, gradient
     synchronisation) is amortised over the accumulated micro-batches. Devices scale throughput linearly
-    (communication is not modelled).
+    (communication is not modelled). `model` defaults to interpolation between measured points.
     """
-    micro_step = micro_batch / interpolate_throughput(throughput, micro_batch)
+    micro_step = step_time(model or {"kind": "interpolated"}, throughput, micro_batch)
     step = accumulation * micro_step - (accumulation - 1) * min(step_overhead_s, micro_step)
     return step / (micro_batch * accumulation * devices)
 
@@ -299,17 +346,22 @@ def choose_batch(
 ) -> dict[str, Any]:
     """The chosen (micro, accumulation, global) layout and the time-to-target curve around it.
 
-    Without a B_noise, "time_to_target" falls back to the throughput peak (reported in "objective_used").
+    Step times come from `throughput_model` (reported): with the affine model and no accumulation the
+    optimum is near B* = sqrt(B_noise·overhead_s/per_sample_s), so a 2x error in B_noise moves it by
+    only sqrt(2). Without a B_noise, "time_to_target" falls back to the throughput peak (reported in
+    "objective_used").
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     layouts = candidate_layouts(throughput, max_feasible_batch_size, devices, dataset_size)
     used = objective if (objective != "time_to_target" or b_noise is not None) else "throughput"
     noise = b_noise if b_noise is not None else 0.0
+    model = throughput_model(throughput)
 
     def cost(layout: tuple[int, int, int]) -> float:
         m, a, g = layout
-        return relative_time_to_target(g, noise, time_per_sample(m, a, devices, throughput, step_overhead_s))
+        per_sample = time_per_sample(m, a, devices, throughput, step_overhead_s, model)
+        return relative_time_to_target(g, noise, per_sample)
 
     if used == "time_to_target":
         chosen = min(layouts, key=lambda t: (cost(t), t[2]))
@@ -335,6 +387,7 @@ def choose_batch(
         "recommended_batch_size": chosen[2],
         "objective_used": used,
         "time_to_target_curve": curve if b_noise is not None else [],
+        "throughput_model": model,
     }
 
 

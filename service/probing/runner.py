@@ -18,6 +18,7 @@ It is read only here, only when set, and changes nothing else.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -99,6 +100,7 @@ def main() -> int:
             _apply_test_fault(fault)
         from service.probing.engine import run_probe  # imported late: a bad spec fails fast
 
+        gc.freeze()  # torch's import-time objects: keeps gc.collect() after each failed trial cheap
         result = run_probe(spec, emit)
         emit({"event": "result", "result": result})
     except ProbeError as exc:
