@@ -260,7 +260,8 @@ def _trial_measurer(step: TrainingStep, budget: int, emit: Emit) -> Callable[[in
 def _throughput_phase(
     step: TrainingStep, max_batch_size: int, time_budget_s: float, emit: Emit
 ) -> list[dict]:
-    sizes = throughput_ladder(max_batch_size)
+    # From 2 up: BatchNorm cannot train on one sample whose last feature map is 1x1 (and B=1 says little).
+    sizes = [b for b in throughput_ladder(max_batch_size) if b >= min(2, max_batch_size)]
     emit({"event": "phase", "phase": "throughput", "trials_planned": len(sizes)})
 
     def on_point(point: dict[str, Any]) -> None:

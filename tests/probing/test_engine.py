@@ -226,3 +226,17 @@ def test_with_time_for_it_the_noise_scale_and_races_run_on_builtin_data() -> Non
     )
     assert result["micro_batch_size"] <= result["max_feasible_batch_size"]
     assert result["probe"]["duration_s"] < 25.0 * 1.2
+
+
+def test_batchnorm_models_whose_last_feature_map_is_1x1_never_train_at_batch_1() -> None:
+    # BatchNorm cannot normalise one value per channel: warm-up and throughput ladder start at 2.
+    spec = _spec(
+        model_name="resnet",
+        model_config={"stem": "imagenet", "image_size": 32, "width": 8},
+        memory_budget_bytes=64 * 2**20,
+        time_budget_s=3.0,
+        max_batch_size=64,
+    )
+    result, events = _run(spec)
+    assert result["max_feasible_batch_size"] == 64 and result["search"]["capped"]
+    assert all(e["batch_size"] >= 2 for e in events if e["event"] == "trial" and e["phase"] != "noise")
