@@ -7,19 +7,26 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__
-from service.api import catalog, health, recommendations
+from service.api import artifacts, catalog, health, recommendations, ui
+from service.api import metrics as metrics_api
 from service.api.deps import require_api_key
 from service.config import Settings
 from service.db import migrate
-from service.db.session import make_engine, make_session_factories
+from service.db.session import make_engine, make_session_factories, session_scope
 from service.errors import install_error_handlers
+from service.observability import Metrics, RequestContext
 from service.state import AppState, detect_host
 from service.worker import Worker
 
 log = logging.getLogger(__name__)
+
+# Room for the multipart framing and form fields around an upload of max_upload_bytes.
+UPLOAD_FORM_OVERHEAD = 64 * 1024
 
 DESCRIPTION = """
 Tells a training pipeline which batch size to use. POST a model, dataset size, memory budget and
@@ -36,14 +43,15 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = resolved.resolved_database_url
+        engine = make_engine(resolved)  # creates the SQLite file's folder
         migrate.upgrade(url)
-        engine = make_engine(resolved)
         reads, writes = make_session_factories(engine)
         state = AppState(
             settings=resolved, engine=engine, reads=reads, writes=writes, host=detect_host(resolved)
         )
+        metrics.watch_jobs(lambda: _count_jobs(reads))
         if resolved.run_worker if run_worker is None else run_worker:
-            state.worker = Worker(settings=resolved, sessions=writes, host=state.host)
+            state.worker = Worker(settings=resolved, sessions=writes, host=state.host, metrics=metrics)
             state.worker.start_in_thread()
         app.state.batchsize = state
         log.info("batchsize-service %s ready on %s (%s)", __version__, state.host.type, state.host.name)
@@ -51,7 +59,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
             yield
         finally:
             if state.worker is not None:
-                state.worker.stop()
+                state.worker.stop()  # a running probe is cancelled and its job re-queued
             engine.dispose()
 
     app = FastAPI(
@@ -59,28 +67,52 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by service.api.ui from vendored assets: no CDN
+        redoc_url=None,
     )
+    metrics = app.state.metrics = Metrics()
     install_error_handlers(app)
     v1 = [Depends(require_api_key)]
     app.include_router(recommendations.router, dependencies=v1)
     app.include_router(catalog.router, dependencies=v1)
+    app.include_router(artifacts.router, dependencies=v1)
     app.include_router(health.router)
-    app.add_middleware(BodySizeLimit, max_bytes=resolved.max_body_bytes)
+    app.include_router(metrics_api.router)
+    app.include_router(ui.router, dependencies=v1)
+    app.include_router(ui.docs_router)
+    app.mount(ui.STATIC_URL, StaticFiles(directory=ui.STATIC_DIR), name="static")
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=resolved.max_body_bytes,
+        upload_paths={"/v1/artifacts": resolved.max_upload_bytes + UPLOAD_FORM_OVERHEAD},
+    )
+    app.add_middleware(RequestContext, metrics=metrics)  # outermost: 413s get a request id too
     return app
 
 
-class BodySizeLimit:
-    """Refuse bodies over the limit with 413, whether or not the client sent Content-Length."""
+def _count_jobs(reads: sessionmaker[Session]) -> dict[str, int]:
+    from service import repository
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    with session_scope(reads) as session:
+        return repository.count_by_status(session)
+
+
+class BodySizeLimit:
+    """Refuse bodies over the limit with 413, whether or not the client sent Content-Length.
+
+    `upload_paths` gives routes that take file uploads their own, larger limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_paths: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_paths = upload_paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes
+        limit = self.upload_paths.get(scope.get("path", ""), self.max_bytes)
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _send_too_large(send, limit)

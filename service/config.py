@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,8 +30,19 @@ class Settings(BaseSettings):
         60.0, gt=0, description="A running job without a heartbeat this long is re-queued."
     )
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest JSON body accepted.")
+    max_upload_bytes: int = Field(
+        256 * 1024**2, gt=0, description="Largest artifact upload (a .pt2 model or a data sample), in bytes."
+    )
+    artifact_dry_run_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Limit for the dry run (training steps at batch 2, 3, 1) of an uploaded model.",
+    )
     sqlite_busy_timeout_ms: int = 5000
     api_key: str | None = Field(None, description="When set, every /v1 route requires it (X-API-Key header).")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`batchsize serve`/`worker` logs: one JSON object a line, or plain text."
+    )
 
     @property
     def resolved_database_url(self) -> str:

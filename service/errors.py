@@ -71,12 +71,19 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         415: "Unsupported media type",
         422: "The request is well-formed but invalid; `details` names the fields",
     }
-    return {code: {"model": ErrorResponse, "description": descriptions[code]} for code in codes}
+    # Errors are JSON even on routes whose own response is not (the HTML report): say so explicitly.
+    json_content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    return {
+        code: {"model": ErrorResponse, "description": descriptions[code], "content": json_content}
+        for code in codes
+    }
 
 
-def _render(status_code: int, code: str, message: str, details: Any = None) -> JSONResponse:
+def _render(
+    status_code: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details))
-    return JSONResponse(status_code=status_code, content=body.model_dump(mode="json"))
+    return JSONResponse(status_code=status_code, content=body.model_dump(mode="json"), headers=headers)
 
 
 def _describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -100,4 +107,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _render(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
+        # Keep the exception's headers; a 405's `Allow` lists every route's methods on that path (Starlette
+        # names only the first route's, e.g. `POST` where `GET` is also served).
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(_request) or headers.get("Allow", "")
+        return _render(exc.status_code, f"http_{exc.status_code}", str(exc.detail), headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> str | None:
+    import fastapi.routing
+
+    iter_contexts = getattr(fastapi.routing, "iter_route_contexts", None)  # FastAPI with included routers
+    routes = iter_contexts(request.app.routes) if iter_contexts else request.app.routes
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for route in routes:
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and route_methods and regex.match(path):
+            methods |= set(route_methods)
+    return ", ".join(sorted(methods)) or None

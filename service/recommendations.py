@@ -10,17 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository
 from service.config import Settings
 from service.db.models import Recommendation
+from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.probing.spec import PROBE_VERSION, ProbeSpec
 from service.schemas import RecommendationCreate
 
-# A stored request's key for what the worker needs but clients don't see (the archive's path on disk).
-_INTERNAL = "_internal"
 # Bytes per parameter that must fit before any activation: weights + gradients + optimizer state.
 _STATE_COPIES = {"sgd": 3, "adam": 4, "adamw": 4}
 
@@ -37,34 +36,50 @@ class HostDevice:
 
 
 def create_recommendation(
-    session: Session, *, payload: RecommendationCreate, host: HostDevice, settings: Settings
-) -> tuple[Recommendation, bool]:
-    """Queue a probe for this request, or return the stored/active one with the same fingerprint.
+    *,
+    reads: sessionmaker[Session],
+    writes: sessionmaker[Session],
+    payload: RecommendationCreate,
+    host: HostDevice,
+    settings: Settings,
+) -> tuple[dict[str, Any], bool]:
+    """Queue a probe for this request, or return the stored/active job with the same fingerprint.
 
-    Returns (recommendation, created).
+    Returns (the job's public view, created). Validation and the cache lookup run on a read session:
+    a cached answer never takes SQLite's write lock, so a burst of repeated requests cannot queue up
+    behind it. Only a miss opens a short write transaction, committed before the response is sent.
     """
-    request = resolve_request(session, payload=payload, host=host, settings=settings)
-    fingerprint = fingerprint_request(request, host=host)
-    if not payload.force and (done := repository.find_succeeded(session, fingerprint)):
-        return done, False
-    if active := repository.find_active(session, fingerprint):
-        return active, False
-    model_name = request["model"].get("name") or f"artifact:{request['model']['artifact_id']}"
-    try:
-        with session.begin_nested():
-            created = repository.add_recommendation(
-                session,
-                recommendation_id=uuid.uuid4().hex,
-                fingerprint=fingerprint,
-                model_name=model_name,
-                request=request,
-            )
-    except IntegrityError:
-        # Another request with the same fingerprint was queued between our check and our insert.
-        if active := repository.find_active(session, fingerprint):
-            return active, False
-        raise
-    return created, True
+    with session_scope(reads) as session:
+        request = resolve_request(session, payload=payload, host=host, settings=settings)
+        fingerprint = fingerprint_request(request, host=host)
+        if existing := _existing_job(session, fingerprint, force=payload.force):
+            return to_public(existing), False
+    with session_scope(writes) as session:
+        if active := repository.find_active(session, fingerprint):  # queued meanwhile by another request
+            return to_public(active), False
+        model_name = request["model"].get("name") or f"artifact:{request['model']['artifact_id']}"
+        try:
+            with session.begin_nested():
+                created = repository.add_recommendation(
+                    session,
+                    recommendation_id=uuid.uuid4().hex,
+                    fingerprint=fingerprint,
+                    model_name=model_name,
+                    request=request,
+                )
+        except IntegrityError:
+            # PostgreSQL: another request with this fingerprint was queued between the check and insert.
+            if active := repository.find_active(session, fingerprint):
+                return to_public(active), False
+            raise
+        return to_public(created), True
+
+
+def _existing_job(session: Session, fingerprint: str, *, force: bool) -> Recommendation | None:
+    """The succeeded job this request can reuse (unless forced), else an identical one in flight."""
+    if not force and (done := repository.find_succeeded(session, fingerprint)):
+        return done
+    return repository.find_active(session, fingerprint)
 
 
 def get_recommendation(session: Session, recommendation_id: str) -> Recommendation:
@@ -196,8 +211,6 @@ def _resolve_artifact_request(
         parameter_bytes_of=lambda: int(meta.get("trainable_parameter_bytes") or 0),
         device_memory=request["device"]["memory_bytes"],
     )
-    # Where the worker finds the archive; not part of the fingerprint and not shown (see _public_request).
-    request[_INTERNAL] = {"model_artifact_path": artifact.path}
     return request
 
 
@@ -283,7 +296,7 @@ def fingerprint_request(request: dict[str, Any], *, host: HostDevice) -> str:
     import torch
 
     parts = {
-        "request": _public_request(request),
+        "request": request,
         "host": {"type": host.type, "name": host.name, "memory_bytes": host.memory_bytes},
         "torch": torch.__version__,
         "probe_version": PROBE_VERSION,
@@ -304,7 +317,6 @@ def probe_spec_from_request(request: dict[str, Any], *, host: HostDevice) -> Pro
     return ProbeSpec(
         model_name=model["name"] or f"artifact:{model['artifact_id'][:12]}",
         model_config=model["config"],
-        model_artifact_path=request.get(_INTERNAL, {}).get("model_artifact_path"),
         optimizer=training["optimizer"],
         learning_rate=training["learning_rate"],
         reference_batch_size=training["reference_batch_size"],
@@ -321,11 +333,6 @@ def probe_spec_from_request(request: dict[str, Any], *, host: HostDevice) -> Pro
     )
 
 
-def _public_request(request: dict[str, Any]) -> dict[str, Any]:
-    """The stored request without the worker's internal notes."""
-    return {key: value for key, value in request.items() if key != _INTERNAL}
-
-
 def to_public(recommendation: Recommendation) -> dict[str, Any]:
     """The API's view of a job (RecommendationOut)."""
     error = None
@@ -340,7 +347,7 @@ def to_public(recommendation: Recommendation) -> dict[str, Any]:
             "trials_done": recommendation.trials_done,
             "trials_planned": recommendation.trials_planned,
         },
-        "request": _public_request(recommendation.request),
+        "request": recommendation.request,
         "result": recommendation.result,
         "error": error,
         "created_at": recommendation.created_at,

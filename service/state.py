@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,6 +22,30 @@ class AppState:
     writes: sessionmaker[Session]
     host: HostDevice
     worker: Worker | None = None
+    finished_jobs: FinishedJobCache = field(default_factory=lambda: FinishedJobCache())
+
+
+class FinishedJobCache:
+    """JSON of finished recommendations, which never change again: repeated reads skip the database."""
+
+    def __init__(self, capacity: int = 2048) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, recommendation_id: str) -> bytes | None:
+        with self._lock:
+            body = self._items.get(recommendation_id)
+            if body is not None:
+                self._items.move_to_end(recommendation_id)
+            return body
+
+    def put(self, recommendation_id: str, body: bytes) -> None:
+        with self._lock:
+            self._items[recommendation_id] = body
+            self._items.move_to_end(recommendation_id)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
 
 
 def detect_host(settings: Settings) -> HostDevice:

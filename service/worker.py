@@ -65,6 +65,7 @@ class Worker:
         sessions: sessionmaker[Session],
         host: HostDevice,
         run_probe: Callable[..., dict[str, Any]] | None = None,
+        metrics: Any = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -72,6 +73,7 @@ class Worker:
         self.worker_id = make_worker_id()
         self.stop_event = threading.Event()
         self._run_probe = run_probe
+        self.metrics = metrics  # service.observability.Metrics, when the app exposes /metrics
         self._thread: threading.Thread | None = None
         self.current_job: str | None = None
 
@@ -147,12 +149,19 @@ class Worker:
 
     def _run_job(self, job_id: str, request: dict[str, Any]) -> None:
         log.info("running job %s", job_id)
+        probe_started: float | None = None
         try:
             spec = probe_spec_from_request(request, host=self.host)
-            spec.sample_path = self._sample_path(request)
+            spec.sample_path = self._artifact_path(request["dataset"].get("sample_id"), what="sample")
+            spec.model_artifact_path = self._artifact_path(
+                request["model"].get("artifact_id"), what="artifact"
+            )
             timeout_s = min(self.settings.probe_timeout_s, spec.time_budget_s * _GRACE_FACTOR + _GRACE_S)
+            probe_started = time.monotonic()
             result = self._probe(spec, job_id=job_id, timeout_s=timeout_s)
+            self._observe_probe("succeeded", probe_started)
         except ProbeError as exc:
+            self._observe_probe(exc.code, probe_started)
             if self.stop_event.is_set() and exc.code == "cancelled":
                 self._write(repository.requeue, job_id)
                 log.info("job %s re-queued at shutdown", job_id)
@@ -164,6 +173,7 @@ class Worker:
             log.info("job %s %s: %s", job_id, status, exc.message)
             return
         except Exception as exc:
+            self._observe_probe("internal_error", probe_started)
             log.exception("job %s failed unexpectedly", job_id)
             self._write(
                 repository.finish,
@@ -176,14 +186,18 @@ class Worker:
         self._write(repository.finish, job_id, status="succeeded", result=result)
         log.info("job %s succeeded", job_id)
 
-    def _sample_path(self, request: dict[str, Any]) -> str | None:
-        sample_id = request["dataset"].get("sample_id")
-        if not sample_id:
+    def _observe_probe(self, outcome: str, started: float | None) -> None:
+        if self.metrics is not None and started is not None:
+            self.metrics.observe_probe(outcome, time.monotonic() - started)
+
+    def _artifact_path(self, artifact_id: str | None, *, what: str) -> str | None:
+        """Where an uploaded artifact the request names lies on disk (None when it names none)."""
+        if not artifact_id:
             return None
         with session_scope(self.sessions) as session:
-            artifact = repository.get_artifact(session, sample_id)
+            artifact = repository.get_artifact(session, artifact_id)
             if artifact is None:
-                raise ProbeError("unknown_sample", f"data sample {sample_id!r} was deleted")
+                raise ProbeError(f"unknown_{what}", f"{what} {artifact_id!r} was deleted")
             return artifact.path
 
     def _probe(self, spec: Any, *, job_id: str, timeout_s: float) -> dict[str, Any]:
@@ -204,6 +218,8 @@ class Worker:
                 )
             elif kind == "trial":
                 self._write(repository.add_trial, job_id, event)
+                if self.metrics is not None:
+                    self.metrics.count_trial(event)
 
         def should_cancel() -> bool:
             if self.stop_event.is_set():

@@ -15,7 +15,7 @@ from service.errors import Unauthorized
 from service.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:  # async: no thread-pool hop for a lookup
     return request.app.state.batchsize
 
 
@@ -32,15 +32,18 @@ def _write_session(state: State) -> Iterator[Session]:
         yield session
 
 
-ReadSession = Annotated[Session, Depends(_read_session)]
-WriteSession = Annotated[Session, Depends(_write_session)]
+# scope="function": the transaction ends when the handler returns, before the response is serialised
+# and sent, so a writer never holds SQLite's lock while it waits for a thread to finish its response.
+ReadSession = Annotated[Session, Depends(_read_session, scope="function")]
+# Writers queue here (without taking a thread) rather than on SQLite's busy timeout.
+WriteSession = Annotated[Session, Depends(_write_session, scope="function", max_concurrency=4)]
 
 _api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="Required when BATCHSIZE_API_KEY is set."
 )
 
 
-def require_api_key(state: State, api_key: Annotated[str | None, Security(_api_key_header)]) -> None:
+async def require_api_key(state: State, api_key: Annotated[str | None, Security(_api_key_header)]) -> None:
     """When an API key is configured, every /v1 route requires it; compared in constant time."""
     expected = state.settings.api_key
     if not expected:

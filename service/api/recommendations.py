@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
+from starlette.concurrency import run_in_threadpool
 
 from service import recommendations as use_cases
 from service import repository
 from service.api.deps import ReadSession, State, WriteSession
+from service.db.session import session_scope
 from service.errors import error_responses
 from service.schemas import RecommendationCreate, RecommendationOut, RecommendationPage, Status, TrialOut
+from service.state import AppState
 
 router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"])
+
+FINISHED_STATUSES = ("succeeded", "failed", "cancelled")  # terminal: the stored job never changes
 
 RecommendationId = Annotated[str, Path(min_length=1, max_length=64, description="The recommendation's id.")]
 
@@ -32,16 +37,14 @@ RecommendationId = Annotated[str, Path(min_length=1, max_length=64, description=
         **error_responses(400, 401, 413, 422),
     },
 )
-def create_recommendation(
-    payload: RecommendationCreate, session: WriteSession, state: State, response: Response
-) -> dict:
-    recommendation, created = use_cases.create_recommendation(
-        session, payload=payload, host=state.host, settings=state.settings
+def create_recommendation(payload: RecommendationCreate, state: State, response: Response) -> dict:
+    job, created = use_cases.create_recommendation(
+        reads=state.reads, writes=state.writes, payload=payload, host=state.host, settings=state.settings
     )
-    if recommendation.status == "succeeded" and not created:
+    if job["status"] == "succeeded" and not created:
         response.status_code = status.HTTP_200_OK
-    response.headers["Location"] = f"/v1/recommendations/{recommendation.id}"
-    return use_cases.to_public(recommendation)
+    response.headers["Location"] = f"/v1/recommendations/{job['id']}"
+    return job
 
 
 @router.get(
@@ -74,8 +77,22 @@ def list_recommendations(
     summary="Get a recommendation: status, live progress, result or error",
     responses=error_responses(401, 404, 422),
 )
-def get_recommendation(recommendation_id: RecommendationId, session: ReadSession) -> dict:
-    return use_cases.to_public(use_cases.get_recommendation(session, recommendation_id))
+async def get_recommendation(recommendation_id: RecommendationId, state: State) -> Response:
+    # async with a cache in front: a finished job never changes, so polling it costs no thread or query.
+    if (body := state.finished_jobs.get(recommendation_id)) is None:
+        body = await run_in_threadpool(_read_job_json, state, recommendation_id)
+    return Response(body, media_type="application/json")
+
+
+def _read_job_json(state: AppState, recommendation_id: str) -> bytes:
+    with session_scope(state.reads) as session:
+        job = RecommendationOut.model_validate(
+            use_cases.to_public(use_cases.get_recommendation(session, recommendation_id))
+        )
+    body = job.model_dump_json().encode()
+    if job.status in FINISHED_STATUSES:
+        state.finished_jobs.put(recommendation_id, body)
+    return body
 
 
 @router.get(

@@ -5,7 +5,8 @@ global batch B costs B/throughput(B) seconds, so wall time to target is proporti
 
     (B + B_noise) / throughput(B)
 
-with throughput interpolated log-log across the measured ladder. Objectives: "time_to_target" (the
+with step time modelled as overhead + per-sample cost fitted to the measured throughput ladder (or
+interpolated log-log between its points when that shape does not fit). Objectives: "time_to_target" (the
 default: minimise the above), "throughput" (the throughput peak) and "max_feasible" (the largest micro-
 batch that fits). A global batch is per-device micro-batch x devices x gradient accumulation steps, the
 micro-batch never above the largest that fits.
@@ -457,21 +458,25 @@ def recommend(
         "b_noise": b_noise,
         "noise_scale_source": choice["source"],
         "gradient_noise_scale": {
-            "value": gns.get("value"),
-            "low": gns.get("low"),
-            "high": gns.get("high"),
+            **{k: _finite(gns.get(k)) for k in ("value", "low", "high")},  # JSON has no Infinity
             "measured_on": gns.get("measured_on"),
             **{
                 k: gns[k]
-                for k in ("method", "draws", "b_small", "b_big", "preconditioned", "plain")
+                for k in ("status", "method", "draws", "b_small", "b_big", "preconditioned", "warmup_steps")
                 if k in gns
             },
+            **({"plain": {k: _finite(v) for k, v in gns["plain"].items()}} if "plain" in gns else {}),
         },
         "races": _races_summary(races),
         "confidence": level,
         "confidence_reasons": reasons,
         "warnings": warnings,
     }
+
+
+def _finite(value: Any) -> Any:
+    """None for inf/nan (an unresolved estimate), the value otherwise."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _races_summary(races: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import fields
@@ -82,7 +83,21 @@ def _apply_test_fault(fault: str) -> None:
             time.sleep(3600)
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """Die when the worker that started us dies (we run in our own session, so no signal reaches us)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
 def main() -> int:
+    _exit_with_parent()
     protocol = _protocol_stream()
 
     def emit(message: dict[str, Any]) -> None:

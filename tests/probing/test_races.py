@@ -156,3 +156,22 @@ def test_run_statistics_reports_a_diverging_reference_lr(digits):
     assert stats["gradient_noise_scale"]["status"] == "non_finite_loss"
     assert stats["races"] is None
     assert any("reference learning rate" in m for m in stats["cut_short"])
+
+
+def _race(b, curve, status="time_budget"):
+    return {
+        "batch_size": b, "status": status, "steps": curve[-1][0], "learning_rate": 0.1, "train_seconds": 1.0,
+        "initial_loss": curve[0][1], "best_loss": min(v for _, v in curve), "curve": curve,
+    }  # fmt: skip
+
+
+def test_a_race_without_progress_is_dropped_and_reported():
+    races_ = {
+        16: _race(16, [(0, 2.0), (50, 1.5), (100, 1.0)]),
+        64: _race(64, [(0, 2.0), (20, 1.5), (40, 1.0)]),
+        256: _race(256, [(0, 2.0), (1, 2.1), (2, 2.05)]),  # a fresh Adam's first steps: loss went up
+    }
+    result = races._summarise(races_, 1.0)
+    assert result["status"] in ("ok", "above_range", "below_range") and result["level"] == 1.0
+    assert {r["batch_size"]: r["status"] for r in result["races"]}[256] == "no_progress"
+    assert any("256 made no progress" in w for w in result["warnings"])

@@ -276,3 +276,54 @@ def test_invalid_inputs():
         _recommend(max_feasible_batch_size=0)
     with pytest.raises(ValueError):
         _recommend(devices=0)
+
+
+# ------------------------------------------------------------------------------ step-time model
+
+
+def test_affine_step_time_fit_recovers_overhead_and_per_sample_cost():
+    fit = recipe.fit_step_time(saturating(overhead=0.01, peak=10_000.0))
+    assert fit["overhead_s"] == pytest.approx(0.01) and fit["per_sample_s"] == pytest.approx(1e-4)
+    assert fit["rel_rms"] < 1e-9
+    assert recipe.throughput_model(saturating())["kind"] == "affine"
+
+
+def test_optimum_follows_sqrt_of_b_noise_times_saturation_size():
+    # overhead/per_sample = 100: B* = sqrt(B_noise * 100) = 200 for B_noise = 400.
+    picked = recipe.choose_batch(throughput=saturating(), max_feasible_batch_size=1024, b_noise=400.0)
+    assert picked["recommended_batch_size"] == 256  # the candidate nearest B* = 200 on the power-of-two grid
+    assert picked["throughput_model"]["kind"] == "affine"
+
+
+def test_one_noisy_timing_does_not_move_the_choice():
+    clean = saturating()
+    noisy = [dict(p) for p in clean]
+    for p in noisy:
+        if p["batch_size"] == 512:
+            p["samples_per_second"] *= 1.6  # a lucky pass at 512
+    pick = {
+        name: recipe.choose_batch(throughput=lad, max_feasible_batch_size=1024, b_noise=400.0)[
+            "recommended_batch_size"
+        ]
+        for name, lad in (("clean", clean), ("noisy", noisy))
+    }
+    assert pick["clean"] == pick["noisy"]
+
+
+def test_a_ladder_the_affine_shape_does_not_fit_is_interpolated():
+    # Throughput that collapses past 64 (e.g. falling out of cache): not a roofline shape.
+    lad = ladder([(8, 800.0), (16, 1600.0), (32, 3200.0), (64, 6400.0), (128, 1000.0), (256, 900.0)])
+    model = recipe.throughput_model(lad)
+    assert model["kind"] == "interpolated" and model["rel_rms"] > recipe.AFFINE_MAX_RMS
+    picked = recipe.choose_batch(throughput=lad, max_feasible_batch_size=256, b_noise=50.0)
+    assert picked["recommended_batch_size"] == 64
+
+
+def test_the_recipe_is_strict_json_even_when_estimates_are_unresolved():
+    import json
+
+    gns = {"value": math.inf, "low": 50.0, "high": math.inf, "status": "unresolved", "b_big": 512,
+           "measured_on": "client", "plain": {"value": math.inf, "low": 1.0, "high": math.inf}}  # fmt: skip
+    r = _recommend(gradient_noise_scale=gns, races=None)
+    json.dumps(r, allow_nan=False)
+    assert r["gradient_noise_scale"]["value"] is None and r["b_noise"] == 512

@@ -1,0 +1,156 @@
+"""Concurrency against a live uvicorn: identical POSTs at once share one job and one probe; readers never
+see "database is locked" (or any 5xx) while the worker and other clients write."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.config import Settings
+from service.probing.spec import ProbeSpec
+from service.worker import Worker
+from tests.live_server import live_server
+
+TINY = {"model": {"name": "mlp", "config": {"hidden_dims": [16]}}, "time_budget_s": 5}
+CLIENTS = 16
+# More than the thread pool's 40 slots: what it takes for requests waiting on SQLite's write lock to
+# hold every slot.
+BURST = 48
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[FastAPI, str]]:
+    settings = Settings(data_dir=tmp_path / "data", probe_device="cpu", poll_interval_s=0.05, _env_file=None)
+    app = create_app(settings, run_worker=False)
+    with live_server(app) as url:
+        yield app, url
+
+
+def _worker(app: FastAPI, run_probe: Any) -> Worker:
+    state = app.state.batchsize
+    return Worker(settings=state.settings, sessions=state.writes, host=state.host, run_probe=run_probe)
+
+
+def _all_at_once(count: int, call: Any) -> list[Any]:
+    """Run `call(i)` in `count` threads released together; return the results in order."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+
+    def run(index: int) -> None:
+        barrier.wait(10)
+        try:
+            results[index] = call(index)
+        except Exception as exc:  # reported by the assertions below
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_identical_posts_at_once_share_one_job_and_start_one_probe(served: tuple[FastAPI, str]) -> None:
+    app, url = served
+    with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=CLIENTS)) as http:
+        responses = _all_at_once(CLIENTS, lambda _: http.post("/v1/recommendations", json=TINY))
+        assert all(isinstance(r, httpx.Response) for r in responses), responses
+        assert {r.status_code for r in responses} == {202}, [r.text for r in responses]
+        ids = {r.json()["id"] for r in responses}
+        assert len(ids) == 1
+        assert http.get("/v1/recommendations").json()["total"] == 1
+
+        probes: list[str] = []
+
+        def counting_probe(spec: ProbeSpec, **_: Any) -> dict:
+            probes.append(spec.model_name)
+            return {"max_feasible_batch_size": 7}
+
+        worker = _worker(app, counting_probe)
+        while worker.run_next():
+            pass
+        assert probes == ["mlp"]
+
+        # Once it succeeded, the same request again (many at once) is the cached answer: 200, same id.
+        again = _all_at_once(CLIENTS, lambda _: http.post("/v1/recommendations", json=TINY))
+        assert {r.status_code for r in again} == {200}
+        assert {r.json()["id"] for r in again} == ids
+        assert not worker.run_next() and probes == ["mlp"]
+
+
+def test_readers_never_see_a_locked_database_while_the_worker_writes(served: tuple[FastAPI, str]) -> None:
+    app, url = served
+    finished = threading.Event()
+
+    def busy_probe(spec: ProbeSpec, *, on_event: Any, **_: Any) -> dict:
+        for index in range(150):  # one write transaction per event, as fast as the worker can
+            on_event({"event": "phase", "phase": "memory", "trials_planned": 150 - index})
+            on_event({"event": "trial", "phase": "memory", "batch_size": index + 1, "outcome": "ok",
+                      "peak_bytes": 1000 * (index + 1), "step_time_s": 0.001})  # fmt: skip
+        return {"max_feasible_batch_size": 150}
+
+    with httpx.Client(base_url=url, timeout=60) as http:
+        job_id = http.post("/v1/recommendations", json=TINY).json()["id"]
+        worker_thread = threading.Thread(target=lambda: (_worker(app, busy_probe).run_next(), finished.set()))
+        statuses: list[tuple[str, int, str]] = []
+        lock = threading.Lock()
+
+        def reader(index: int) -> None:
+            paths = [f"/v1/recommendations/{job_id}", f"/v1/recommendations/{job_id}/trials",
+                     "/v1/recommendations?limit=5", "/metrics", "/readyz"]  # fmt: skip
+            deadline = time.monotonic() + 30
+            count = 0
+            while (not finished.is_set() or count < 5) and time.monotonic() < deadline:
+                path = paths[(index + count) % len(paths)]
+                response = http.get(path)
+                with lock:
+                    statuses.append((path, response.status_code, response.text[:200]))
+                count += 1
+
+        def writer(index: int) -> None:  # other clients writing at the same time
+            for size in range(3):
+                body = {**TINY, "dataset": {"size": 1000 + 10 * index + size}}
+                response = http.post("/v1/recommendations", json=body)
+                with lock:
+                    statuses.append(("POST", response.status_code, response.text[:200]))
+
+        worker_thread.start()
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+        threads += [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in [*threads, worker_thread]:
+            thread.join(60)
+
+        assert finished.is_set()
+        bad = [s for s in statuses if s[1] >= 500 or "locked" in s[2]]
+        assert not bad, bad[:5]
+        assert len(statuses) > 30
+        assert {s[1] for s in statuses if s[0] == "POST"} == {202}
+        done = http.get(f"/v1/recommendations/{job_id}").json()
+        assert done["status"] == "succeeded" and done["progress"]["trials_done"] == 150
+        assert len(http.get(f"/v1/recommendations/{job_id}/trials").json()) == 150
+
+
+def test_a_burst_of_cached_posts_neither_stalls_nor_fails(served: tuple[FastAPI, str]) -> None:
+    app, url = served
+    limits = httpx.Limits(max_connections=BURST, max_keepalive_connections=BURST)
+    with httpx.Client(base_url=url, timeout=30, limits=limits) as http:
+        job_id = http.post("/v1/recommendations", json=TINY).json()["id"]
+        assert _worker(app, lambda spec, **_: {"max_feasible_batch_size": 7}).run_next()
+        started = time.monotonic()
+        responses = _all_at_once(BURST, lambda _: http.post("/v1/recommendations", json=TINY))
+        elapsed = time.monotonic() - started
+    statuses = [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in responses]
+    assert statuses == [200] * BURST
+    assert {r.json()["id"] for r in responses} == {job_id}
+    assert elapsed < 4.0  # under the 5 s busy timeout: nobody waited it out
