@@ -263,6 +263,11 @@ def _plan_b_big(
     return b_big
 
 
+def _diverged(base: dict[str, Any], exc: FloatingPointError) -> dict[str, Any]:
+    """The result when the loss went NaN/inf: reported to the client, never raised."""
+    return {**base, "status": "non_finite_loss", "value": None, "low": None, "high": None, "error": str(exc)}
+
+
 def measure_noise_scale(
     model: nn.Module,
     loss_fn: LossFn,
@@ -301,14 +306,7 @@ def measure_noise_scale(
             steps=warmup_steps, batch_size=warmup_batch_size, generator=generator, deadline=warm_deadline,
         )  # fmt: skip
     except FloatingPointError as exc:
-        return {
-            **base,
-            "status": "non_finite_loss",
-            "value": None,
-            "low": None,
-            "high": None,
-            "error": str(exc),
-        }
+        return _diverged(base, exc)
     base.update(warmup_steps=len(losses), warmup_final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])))
     if b_big is None:
         b_big = _plan_b_big(
@@ -323,14 +321,7 @@ def measure_noise_scale(
             generator=generator, deadline=deadline,
         )  # fmt: skip
     except FloatingPointError as exc:
-        return {
-            **base,
-            "status": "non_finite_loss",
-            "value": None,
-            "low": None,
-            "high": None,
-            "error": str(exc),
-        }
+        return _diverged(base, exc)
     status = "ok" if math.isfinite(result["value"]) else "unresolved"
     result.update(base, status=status, seconds=time.monotonic() - start)
     if result["draws"] < MIN_DRAWS:
