@@ -82,7 +82,8 @@ def test_upload_an_exported_cnn_and_get_its_recipe(working_server: str, tmp_path
             recipe.batch_size == recipe.micro_batch_size * recipe.gradient_accumulation_steps * recipe.devices
         )
         assert 1 <= recipe.max_feasible_batch_size <= 4096
-        assert recipe.learning_rate > 0 and recipe.learning_rate_rule == "sqrt"
+        # "sqrt", or "sqrt, saturating at B_noise=..." when the noise scale was measured in time
+        assert recipe.learning_rate > 0 and recipe.learning_rate_rule.startswith("sqrt")
         assert recipe.result["throughput"]
         assert seen[-1] == "succeeded"
 
