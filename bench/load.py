@@ -86,7 +86,9 @@ def serve(kind: str, port: int, document_path: str | None) -> None:
         app = create_app(Settings(), run_worker=False)
     else:
         app = bare_app(json.loads(Path(document_path or "").read_text()))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="info", log_config=None, access_log=False)
+    from service.cli import SERVER
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="info", **SERVER)
 
 
 # --- set-up -------------------------------------------------------------------------------------

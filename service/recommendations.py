@@ -75,6 +75,17 @@ def create_recommendation(
         return to_public(created), True
 
 
+def answer_key(payload: RecommendationCreate) -> str | None:
+    """Key under which a succeeded answer to this payload may be memoised, None when it may not.
+
+    The same payload (`force` aside) always resolves to the same fingerprint on this host, so its succeeded
+    answer stays valid, except where it references artifacts, which can be deleted.
+    """
+    if payload.model.artifact_id is not None or payload.dataset.sample_id is not None:
+        return None
+    return payload.model_dump_json(exclude={"force"})
+
+
 def _existing_job(session: Session, fingerprint: str, *, force: bool) -> Recommendation | None:
     """The succeeded job this request can reuse (unless forced), else an identical one in flight."""
     if not force and (done := repository.find_succeeded(session, fingerprint)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -12,6 +13,35 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.recommendations import HostDevice
 from service.worker import Worker
+
+V = TypeVar("V")
+
+
+class LruCache(Generic[V]):
+    """A bounded, thread-safe map from str keys that drops the least recently used entry."""
+
+    def __init__(self, capacity: int = 2048) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def pop(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def put(self, key: str, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
 
 
 @dataclass
@@ -22,30 +52,12 @@ class AppState:
     writes: sessionmaker[Session]
     host: HostDevice
     worker: Worker | None = None
-    finished_jobs: FinishedJobCache = field(default_factory=lambda: FinishedJobCache())
-
-
-class FinishedJobCache:
-    """JSON of finished recommendations, which never change again: repeated reads skip the database."""
-
-    def __init__(self, capacity: int = 2048) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, recommendation_id: str) -> bytes | None:
-        with self._lock:
-            body = self._items.get(recommendation_id)
-            if body is not None:
-                self._items.move_to_end(recommendation_id)
-            return body
-
-    def put(self, recommendation_id: str, body: bytes) -> None:
-        with self._lock:
-            self._items[recommendation_id] = body
-            self._items.move_to_end(recommendation_id)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+    # JSON of finished recommendations by id: they never change again, so repeated reads skip the database.
+    finished_jobs: LruCache[bytes] = field(default_factory=LruCache)
+    # Request key (see recommendations.answer_key) -> (id of the succeeded job that answered it, until when
+    # to trust that): a repeated POST skips validation, the model's meta build and the lookup. The expiry
+    # bounds how long a newer answer (a `force`d re-probe finishing) can go unseen.
+    answered_requests: LruCache[tuple[str, float]] = field(default_factory=LruCache)
 
 
 def detect_host(settings: Settings) -> HostDevice:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from service import recommendations as use_cases
@@ -18,6 +19,7 @@ from service.state import AppState
 router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"])
 
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")  # terminal: the stored job never changes
+ANSWER_MEMO_TTL_S = 10.0  # a repeated POST may miss a newer (forced) answer for at most this long
 
 RecommendationId = Annotated[str, Path(min_length=1, max_length=64, description="The recommendation's id.")]
 
@@ -37,14 +39,40 @@ RecommendationId = Annotated[str, Path(min_length=1, max_length=64, description=
         **error_responses(400, 401, 413, 422),
     },
 )
-def create_recommendation(payload: RecommendationCreate, state: State, response: Response) -> dict:
-    job, created = use_cases.create_recommendation(
-        reads=state.reads, writes=state.writes, payload=payload, host=state.host, settings=state.settings
+async def create_recommendation(payload: RecommendationCreate, state: State) -> Response:
+    # A repeated request that already succeeded is answered from memory; the rest validates and queries
+    # in a thread.
+    key = use_cases.answer_key(payload)
+    if key is not None and payload.force:
+        state.answered_requests.pop(key)
+    elif key is not None and (answered := state.answered_requests.get(key)) is not None:
+        answered_id, valid_until = answered
+        if time.monotonic() < valid_until and (body := state.finished_jobs.get(answered_id)) is not None:
+            return _job_response(body, answered_id, status.HTTP_200_OK)
+    job, created = await run_in_threadpool(
+        use_cases.create_recommendation,
+        reads=state.reads,
+        writes=state.writes,
+        payload=payload,
+        host=state.host,
+        settings=state.settings,
     )
+    body = RecommendationOut.model_validate(job).model_dump_json().encode()
     if job["status"] == "succeeded" and not created:
-        response.status_code = status.HTTP_200_OK
-    response.headers["Location"] = f"/v1/recommendations/{job['id']}"
-    return job
+        state.finished_jobs.put(job["id"], body)
+        if key is not None:
+            state.answered_requests.put(key, (job["id"], time.monotonic() + ANSWER_MEMO_TTL_S))
+        return _job_response(body, job["id"], status.HTTP_200_OK)
+    return _job_response(body, job["id"], status.HTTP_202_ACCEPTED)
+
+
+def _job_response(body: bytes, recommendation_id: str, status_code: int) -> Response:
+    return Response(
+        body,
+        status_code=status_code,
+        media_type="application/json",
+        headers={"Location": f"/v1/recommendations/{recommendation_id}"},
+    )
 
 
 @router.get(
@@ -77,8 +105,10 @@ def list_recommendations(
     summary="Get a recommendation: status, live progress, result or error",
     responses=error_responses(401, 404, 422),
 )
-async def get_recommendation(recommendation_id: RecommendationId, state: State) -> Response:
+async def get_recommendation(recommendation_id: RecommendationId, request: Request) -> Response:
     # async with a cache in front: a finished job never changes, so polling it costs no thread or query.
+    # The state comes from the request, not the State dependency: the hottest route resolves none.
+    state: AppState = request.app.state.batchsize
     if (body := state.finished_jobs.get(recommendation_id)) is None:
         body = await run_in_threadpool(_read_job_json, state, recommendation_id)
     return Response(body, media_type="application/json")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from service import repository
 from service.db.session import session_scope
+from service.schemas import RecommendationCreate
 
 MLP = {"model": {"name": "mlp"}}
 
@@ -65,6 +67,48 @@ def test_identical_requests_share_one_job_and_cached_results_come_back_200(clien
     assert forced.status_code == 202
     assert forced.json()["id"] != first["id"]
     assert forced.json()["fingerprint"] == first["fingerprint"]
+
+
+def test_a_repeated_succeeded_request_is_answered_from_memory(client: TestClient, monkeypatch) -> None:
+    from service import recommendations as use_cases
+
+    first = client.post("/v1/recommendations", json=MLP).json()
+    _finish(client, first["id"], {"max_feasible_batch_size": 123})
+    from_database = client.post("/v1/recommendations", json=MLP)
+    assert from_database.status_code == 200
+
+    def no_lookup(**_: object) -> None:
+        raise AssertionError("the memoised answer should not reach the database")
+
+    monkeypatch.setattr(use_cases, "create_recommendation", no_lookup)
+    from_memory = client.post("/v1/recommendations", json=MLP)
+    assert from_memory.status_code == 200
+    assert from_memory.content == from_database.content
+    assert from_memory.headers["location"] == f"/v1/recommendations/{first['id']}"
+
+    # An expired entry, and any `force`d request, go back to the use case (here: the stub that fails).
+    memo = client.app.state.batchsize.answered_requests
+    key = use_cases.answer_key(RecommendationCreate.model_validate(MLP))
+    assert memo.get(key) is not None
+    memo.put(key, (first["id"], 0.0))
+    with pytest.raises(AssertionError, match="memoised"):
+        client.post("/v1/recommendations", json=MLP)
+    memo.put(key, (first["id"], float("inf")))
+    with pytest.raises(AssertionError, match="memoised"):
+        client.post("/v1/recommendations", json={**MLP, "force": True})
+    assert memo.get(key) is None
+
+
+def test_requests_that_reference_artifacts_are_never_memoised() -> None:
+    from service.recommendations import answer_key
+
+    assert answer_key(RecommendationCreate.model_validate(MLP)) is not None
+    assert answer_key(RecommendationCreate.model_validate({**MLP, "force": True})) == answer_key(
+        RecommendationCreate.model_validate(MLP)
+    )
+    with_sample = {**MLP, "dataset": {"size": 100, "sample_id": "a" * 64}}
+    assert answer_key(RecommendationCreate.model_validate(with_sample)) is None
+    assert answer_key(RecommendationCreate.model_validate({"model": {"artifact_id": "b" * 64}})) is None
 
 
 def test_a_different_request_gets_a_different_fingerprint(client: TestClient) -> None:
