@@ -28,7 +28,10 @@ from service.probing import noise, recipe
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
-EVAL_GROWTH = 1.04  # evaluate at steps 1, 2, ..., then every ~4 %: crossing steps to about ±2 %
+# Evaluate at steps 1, 2, ..., 10, then every ~10 % of steps; the crossing is interpolated between
+# evaluations, so steps to a level come out well inside that spacing. An evaluation (512 examples) costs
+# 1-3 training steps: at every ~4 %, short races spent more time evaluating than training.
+EVAL_GROWTH = 1.1
 DIVERGED_FACTOR = 3.0  # a loss above 3x the initial loss counts as divergence
 FIRST_RACE_SHARE = 0.25  # of the races' budget: the first race sets the loss level the others must reach
 
@@ -89,11 +92,13 @@ def train_race(
     stop_below: float | None = None,
     max_steps: int = 1_000_000,
     seed: int = 0,
+    eval_growth: float = EVAL_GROWTH,
 ) -> dict[str, Any]:
     """Train from the model's current weights; the curve is [(step, evaluation loss)] at geometric steps.
 
-    Stops at `max_seconds` of training (evaluation time is not counted), when the evaluation loss falls
-    to `stop_below`, at `max_steps`, or when the loss diverges (non-finite or > 3x the initial loss).
+    Stops after `max_seconds` of training and evaluation, when the evaluation loss falls to `stop_below`,
+    at `max_steps`, or when the loss diverges (non-finite or > 3x the initial loss). Evaluations come at
+    steps growing by `eval_growth`.
     """
     generator = torch.Generator().manual_seed(seed)
     initial = _eval_loss(model, loss_fn, eval_x, eval_y)
@@ -113,19 +118,19 @@ def train_race(
             curve.append((step, math.inf))
             status = "diverged"
             break
-        if step >= next_eval or train_s >= max_seconds or step >= max_steps:
+        if step >= next_eval or train_s + eval_s >= max_seconds or step >= max_steps:
             t1 = time.perf_counter()
             value = _eval_loss(model, loss_fn, eval_x, eval_y)
             eval_s += time.perf_counter() - t1
             curve.append((step, value if math.isfinite(value) else math.inf))
-            next_eval = max(step + 1, math.ceil(step * EVAL_GROWTH))
+            next_eval = max(step + 1, math.ceil(step * eval_growth))
             if not math.isfinite(value) or value > DIVERGED_FACTOR * initial:
                 status = "diverged"
                 break
             if stop_below is not None and value <= stop_below:
                 status = "reached"
                 break
-            if train_s >= max_seconds:
+            if train_s + eval_s >= max_seconds:
                 break
     else:
         status = "max_steps"
@@ -144,14 +149,23 @@ def train_race(
 
 
 def steps_to_level(curve: Sequence[tuple[int, float]], level: float) -> float | None:
-    """First step at which the loss reaches `level`, linearly interpolated between evaluations."""
+    """First step at which the loss reaches `level`, interpolated between evaluations.
+
+    Log-log between evaluations after the first step: loss curves are close to power laws there, and a
+    straight line between two points of a convex curve would put every crossing late, the more so the
+    sparser the evaluations (the long, small-batch races), which would inflate B_noise.
+    """
     prev_step, prev_loss = curve[0]
     if prev_loss <= level:
         return 0.0
     for step, loss in curve[1:]:
         if loss <= level:
-            frac = (prev_loss - level) / (prev_loss - loss) if prev_loss > loss else 1.0
-            return prev_step + frac * (step - prev_step)
+            if prev_loss <= loss:
+                return float(step)
+            if prev_step >= 1 and loss > 0:
+                frac = math.log(prev_loss / level) / math.log(prev_loss / loss)
+                return prev_step * (step / prev_step) ** frac
+            return prev_step + (prev_loss - level) / (prev_loss - loss) * (step - prev_step)
         prev_step, prev_loss = step, loss
     return None
 
@@ -204,8 +218,8 @@ def run_races(
     `make_optimizer(params, lr)` builds a fresh optimizer per race. The loss is measured on a fixed
     (seeded) subset of `eval_size` examples: training loss, as McCandlish et al. measure steps to a
     training loss; with `holdout=True` those examples are kept out of training instead. The middle
-    size races first and sets the loss level; the others stop when they reach it. Returns the fit
-    (`value`, `status`, `rel_rms`, `level`) and per-race summaries.
+    size races first and sets the loss level; the others, largest first, stop when they reach it.
+    Returns the fit (`value`, `status`, `rel_rms`, `level`) and per-race summaries.
     """
     start = time.monotonic()
     sizes = sorted(set(int(s) for s in sizes))
@@ -215,13 +229,17 @@ def run_races(
     eval_idx, train_idx = perm[:n_eval], (perm[n_eval:] if holdout else perm)
     ex, ey, tx, ty = x[eval_idx], y[eval_idx], x[train_idx], y[train_idx]
     initial_state = copy.deepcopy(model.state_dict())
-    order = [sizes[len(sizes) // 2]] + [s for s in sizes if s != sizes[len(sizes) // 2]]
+    # The middle size first (it sets the level), then the others largest first: big batches reach the
+    # level in few steps and hand their unused time to the small ones, which need the most steps.
+    middle = sizes[len(sizes) // 2]
+    order = [middle] + sorted((s for s in sizes if s != middle), reverse=True)
     races: dict[int, dict[str, Any]] = {}
     level: float | None = None
     try:
         for i, size in enumerate(order):
             # The first race sets the level with FIRST_RACE_SHARE of the budget; the others split the rest
-            # (evaluations also cost time, hence 0.8) and usually stop early, on reaching the level.
+            # (0.9: the first evaluation and the optimizer's set-up run outside a race's own clock) and
+            # usually stop early, on reaching the level.
             model.load_state_dict(initial_state)
             optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr_for_size(size))
             remaining = time_budget_s - (time.monotonic() - start)  # after a first optimizer's imports
@@ -231,7 +249,7 @@ def run_races(
                 continue
             race = train_race(
                 model, loss_fn, optimizer, tx, ty, ex, ey,
-                batch_size=size, max_seconds=0.8 * share, stop_below=level,
+                batch_size=size, max_seconds=0.9 * share, stop_below=level,
                 max_steps=max_steps, seed=seed + 1,
             )  # fmt: skip
             race["learning_rate"] = lr_for_size(size)

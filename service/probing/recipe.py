@@ -180,14 +180,17 @@ def candidate_layouts(
 ) -> list[tuple[int, int, int]]:
     """(micro, accumulation, global) layouts to choose from.
 
-    Micro-batches: powers of two, measured sizes and the maximum itself, from the smallest measured
-    size (or 1) up to `max_micro_batch`; accumulation: powers of two up to `max_accumulation`, only at
+    Micro-batches: powers of two, the half-octaves between them from 24 up (3·2^k: multiples of 8, so
+    still friendly to vector units; they halve the distance to an optimum that falls between powers of
+    two), measured sizes and the maximum itself, from the smallest measured size (or 1) up to
+    `max_micro_batch`; accumulation: powers of two up to `max_accumulation`, only at
     micro-batches that are the maximum or a measured size. Global batches above `max_global_batch` (the
     dataset size) are dropped, keeping at least the smallest layout.
     """
     measured = [int(b) for b, _ in _ladder(throughput) if b <= max_micro_batch]
     lo = min(measured) if measured else 1
-    micros = {max_micro_batch, *measured} | {2**k for k in range(31) if lo <= 2**k <= max_micro_batch}
+    grid = {2**k for k in range(31)} | {3 * 2**k for k in range(3, 30)}
+    micros = {max_micro_batch, *measured} | {m for m in grid if lo <= m <= max_micro_batch}
     accumulations = [2**k for k in range(31) if 2**k <= max_accumulation]
     layouts = {(m, 1, m * devices) for m in micros}
     for m in {max_micro_batch, *measured}:
@@ -248,6 +251,8 @@ def choose_noise_scale(
 ) -> dict:
     """Which B_noise drives the recommendation: the races' fit when it worked, else B_simple.
 
+    When both exist and differ by more than RACES_AGREE_FACTOR, or the races only bound B_noise and
+    B_simple lies outside that bound, their geometric mean ("combined").
     Returns {"value", "source", "agreement", "warnings"}; value None when neither is usable.
     `agreement` is races/B_simple when both exist (None otherwise).
     """
@@ -267,10 +272,16 @@ def choose_noise_scale(
     agreement = race_value / gns_value if gns_ok and race_value else None
     if status == "ok":
         if agreement is not None and not 1 / RACES_AGREE_FACTOR <= agreement <= RACES_AGREE_FACTOR:
+            # Each estimate fails in its own way: B_simple overstates B_noise under label noise, races
+            # overstate it when the reference lr is too low for the small sizes (and short races are
+            # noisy). Far apart, neither is trusted over the other: the geometric mean is within
+            # sqrt(disagreement) of whichever was right, and the batch moves only as its square root.
+            combined = math.sqrt(race_value * gns_value)
             warnings.append(
                 f"races fit B_noise={race_value:.3g}, {agreement:.2g}x the gradient noise scale "
-                f"B_simple={gns_value:.3g}; using the races"
+                f"B_simple={gns_value:.3g}; using their geometric mean {combined:.3g}"
             )
+            return {"value": combined, "source": "combined", "agreement": agreement, "warnings": warnings}
         return {"value": race_value, "source": "races", "agreement": agreement, "warnings": warnings}
     if status in ("above_range", "below_range") and race_value:
         lower = status == "above_range"
@@ -286,6 +297,13 @@ def choose_noise_scale(
                 "agreement": agreement,
                 "warnings": warnings,
             }
+        if gns_ok:  # the bound and B_simple contradict each other: as for a fit far from B_simple
+            combined = math.sqrt(race_value * gns_value)
+            warnings.append(
+                f"the gradient noise scale B_simple={gns_value:.3g} is outside that bound; using their "
+                f"geometric mean {combined:.3g}"
+            )
+            return {"value": combined, "source": "combined", "agreement": agreement, "warnings": warnings}
         return {"value": race_value, "source": "races", "agreement": agreement, "warnings": warnings}
     if races is not None and status not in (None, "ok"):
         warnings.append(f"races gave no fit ({status}); using the gradient noise scale")

@@ -1,7 +1,8 @@
 """Throughput curve: samples per second at a geometric ladder of batch sizes up to the maximum.
 
 Each size gets warm-up steps (allocator, kernel selection, caches), then timed steps with the device
-synchronised before each clock read, and reports the median: CPU step times vary 1.2-2x between passes.
+synchronised before each clock read, interleaved across sizes, and reports the median: CPU step times
+vary 1.2-2x between passes.
 Works with any object that has `make_batch(batch_size)`, `train_on(inputs, targets)` and
 `synchronize()` (a `step.TrainingStep`), so other phases and benchmarks can reuse it.
 """
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 MAX_POINTS = 6
 WARMUP_STEPS = 2
-TIMED_STEPS = 5
+TIMED_STEPS = 7
 
 
 class Trainable(Protocol):
@@ -52,67 +53,82 @@ def measure_throughput(
 ) -> list[dict[str, Any]]:
     """Time `step` at each batch size; returns [{"batch_size", "samples_per_second", "step_time_s", ...}].
 
-    The time budget is shared out as it goes: each size may use the time left divided by the sizes
-    left (small sizes finish early and hand their time on). Every size gets at least one warm-up and
-    one timed step. When `is_oom` is given, a size that runs out of memory is reported with
-    `"outcome": "oom"` and no timing, and the sizes above it are skipped.
+    First pass, size by size: warm-up steps and one timed step, each size with the time left divided
+    by the sizes left (small sizes finish early and hand their time on). Then rounds of one more timed
+    step per size, interleaved, until every size has `timed_steps` or the budget is spent: a slow spell
+    of the host (other jobs, clock changes) then lands on every size alike instead of bending the
+    curve's shape, which is what the recommendation reads. Batches are made afresh for each step
+    (outside the clock), so no more memory is held than at the size itself. When `is_oom` is given, a
+    size that runs out of memory is reported with `"outcome": "oom"` and no timing, and the sizes above
+    it are skipped. `on_point` is called once per size, with its final median.
     """
     deadline = clock() + time_budget_s
-    points: list[dict[str, Any]] = []
+    times: dict[int, list[float]] = {}
+    warmups: dict[int, int] = {}
+    failed: dict[str, Any] | None = None
     for index, batch_size in enumerate(batch_sizes):
         share = max(0.0, deadline - clock()) / (len(batch_sizes) - index)
         try:
-            point = _time_one_size(step, batch_size, share, warmup_steps, timed_steps, clock)
+            warmups[batch_size] = _warm_up(step, batch_size, share / 2, warmup_steps, clock)
+            times[batch_size] = [_timed_step(step, batch_size, clock)]
         except Exception as exc:
             if is_oom is None or not is_oom(exc):
                 raise
-            point = {
+            failed = {
                 "batch_size": batch_size,
                 "outcome": "oom",
                 "samples_per_second": None,
                 "step_time_s": None,
             }
-        points.append(point)
+            break
+    sizes = list(times)
+    for _ in range(max(1, timed_steps) - 1):
+        if clock() >= deadline:
+            break
+        for batch_size in sizes:
+            times[batch_size].append(_timed_step(step, batch_size, clock))
+    points = [_point(batch_size, times[batch_size], warmups[batch_size]) for batch_size in sizes]
+    if failed is not None:
+        points.append(failed)
+    for point in points:
         if on_point is not None:
             on_point(point)
-        if point["outcome"] != "ok":
-            break
     return points
 
 
-def _time_one_size(
-    step: Trainable,
-    batch_size: int,
-    time_share_s: float,
-    warmup_steps: int,
-    timed_steps: int,
-    clock: Callable[[], float],
-) -> dict[str, Any]:
+def _warm_up(
+    step: Trainable, batch_size: int, max_seconds: float, warmup_steps: int, clock: Callable[[], float]
+) -> int:
+    """At least one and at most `warmup_steps` untimed steps, stopping after `max_seconds`."""
     started = clock()
-    inputs, targets = step.make_batch(batch_size)  # one batch: time the training, not data generation
-    warmups_done = 0
-    while warmups_done < max(1, warmup_steps):
+    done = 0
+    while done < max(1, warmup_steps):
+        inputs, targets = step.make_batch(batch_size)
         step.train_on(inputs, targets)
-        warmups_done += 1
+        done += 1
         step.synchronize()
-        if clock() - started > time_share_s / 2:  # leave at least half the share for timed steps
+        if clock() - started > max_seconds:
             break
-    times: list[float] = []
-    while len(times) < max(1, timed_steps):
-        step.synchronize()
-        t0 = clock()
-        step.train_on(inputs, targets)
-        step.synchronize()
-        times.append(clock() - t0)
-        if clock() - started > time_share_s:
-            break
+    return done
+
+
+def _timed_step(step: Trainable, batch_size: int, clock: Callable[[], float]) -> float:
+    inputs, targets = step.make_batch(batch_size)  # made before the clock starts: time the training only
+    step.synchronize()
+    t0 = clock()
+    step.train_on(inputs, targets)
+    step.synchronize()
+    return clock() - t0
+
+
+def _point(batch_size: int, times: list[float], warmups: int) -> dict[str, Any]:
     median = statistics.median(times)
     return {
         "batch_size": batch_size,
         "outcome": "ok",
         "samples_per_second": batch_size / median if median > 0 else None,
         "step_time_s": median,
-        "warmup_steps": warmups_done,
+        "warmup_steps": warmups,
         "timed_steps": len(times),
         "step_times_s": times,
     }

@@ -217,7 +217,7 @@ def test_with_time_for_it_the_noise_scale_and_races_run_on_builtin_data() -> Non
     gns = result["gradient_noise_scale"]
     assert gns["measured_on"] == "builtin:digits"
     assert gns["value"] is not None and gns["value"] > 0
-    assert result["noise_scale_source"] in ("races", "gradient_noise_scale")
+    assert result["noise_scale_source"] in ("races", "gradient_noise_scale", "combined")
     assert result["data_sample"]["measured_on"] == "builtin:digits"
     assert [e for e in events if e["event"] == "trial" and e["phase"] == "noise"]
     assert result["time_to_target_curve"]

@@ -74,9 +74,16 @@ def test_one_size_is_not_a_fit():
 
 def test_steps_to_level_interpolates_between_evaluations():
     curve = [(0, 2.0), (10, 1.0), (20, 0.5)]
-    assert races.steps_to_level(curve, 0.75) == pytest.approx(15)
+    assert races.steps_to_level(curve, 0.75) == pytest.approx(40 / 3)  # log-log: loss = 10/step there
+    assert races.steps_to_level(curve, 1.5) == pytest.approx(5)  # from step 0: linear
     assert races.steps_to_level(curve, 2.5) == 0
     assert races.steps_to_level(curve, 0.1) is None
+
+
+def test_sparse_evaluations_of_a_power_law_still_give_the_exact_crossing():
+    # A straight line between sparse points of a convex curve would report the crossing late.
+    curve = [(0, 5.0)] + [(step, 3.0 * step**-0.5) for step in (1, 2, 4, 8, 16, 32, 64, 128)]
+    assert races.steps_to_level(curve, 3.0 * 50**-0.5) == pytest.approx(50)
 
 
 @pytest.mark.parametrize(
@@ -172,6 +179,7 @@ def test_a_race_without_progress_is_dropped_and_reported():
         256: _race(256, [(0, 2.0), (1, 2.1), (2, 2.05)]),  # a fresh Adam's first steps: loss went up
     }
     result = races._summarise(races_, 1.0)
-    assert result["status"] in ("ok", "above_range", "below_range") and result["level"] == 1.0
+    assert result["status"] in ("ok", "above_range", "below_range")
+    assert result["level"] == 1.0
     assert {r["batch_size"]: r["status"] for r in result["races"]}[256] == "no_progress"
     assert any("256 made no progress" in w for w in result["warnings"])

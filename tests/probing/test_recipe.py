@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest.mock import ANY
 
 import pytest
 
@@ -121,14 +122,16 @@ def test_warmup_only_for_large_scale_factors():
 
 
 def _brute_force_best(lad, b_noise, sizes):
-    return min(sizes, key=lambda b: (b + b_noise) / recipe.interpolate_throughput(lad, b))
+    # saturating() is exactly affine in step time, so the fitted model is the true curve between points.
+    model = recipe.throughput_model(lad)
+    return min(sizes, key=lambda b: (b + b_noise) * recipe.step_time(model, lad, b) / b)
 
 
 @pytest.mark.parametrize("b_noise", [1.0, 30.0, 200.0, 5000.0])
 def test_time_to_target_minimises_b_plus_noise_over_throughput(b_noise):
     lad = saturating()
     picked = recipe.choose_batch(throughput=lad, max_feasible_batch_size=1024, b_noise=b_noise)
-    sizes = [2**k for k in range(11)]
+    sizes = sorted({2**k for k in range(11)} | {3 * 2**k for k in range(3, 9)})  # + half-octaves 24..768
     assert picked["recommended_batch_size"] == _brute_force_best(lad, b_noise, sizes)
     assert picked["gradient_accumulation_steps"] == 1
     curve = {p["batch_size"]: p["relative_time"] for p in picked["time_to_target_curve"]}
@@ -194,18 +197,33 @@ def test_global_batch_never_exceeds_the_dataset():
 # ------------------------------------------------------------------------------ noise estimates
 
 
-def test_races_are_preferred_and_disagreement_is_flagged():
-    choice = recipe.choose_noise_scale(GNS_CLIENT, {"status": "ok", "value": 900.0})
-    assert choice["source"] == "races" and choice["value"] == 900 and choice["agreement"] == pytest.approx(9)
-    assert any("9x" in w for w in choice["warnings"])
+def test_races_are_preferred_when_they_agree_with_the_noise_scale():
+    choice = recipe.choose_noise_scale(GNS_CLIENT, {"status": "ok", "value": 250.0})
+    assert choice["source"] == "races" and choice["value"] == 250
+    assert choice["agreement"] == pytest.approx(2.5)
+    assert choice["warnings"] == []
+
+
+@pytest.mark.parametrize("races_value", [900.0, 100.0 / 9])
+def test_far_apart_estimates_are_combined_and_flagged(races_value):
+    choice = recipe.choose_noise_scale(GNS_CLIENT, {"status": "ok", "value": races_value})
+    assert choice["source"] == "combined"
+    assert choice["value"] == pytest.approx((races_value * 100) ** 0.5)  # 300 or 33.3
+    assert any("geometric mean" in w for w in choice["warnings"])
 
 
 def test_race_bounds():
     lower = {"status": "above_range", "value": 64.0}
     assert recipe.choose_noise_scale(GNS_CLIENT, lower)["source"] == "gradient_noise_scale"  # 100 >= 64
-    assert recipe.choose_noise_scale({**GNS_CLIENT, "value": 20.0}, lower)["value"] == 64
+    # B_simple outside the races' bound: the two contradict each other, so their geometric mean.
+    contradicted = recipe.choose_noise_scale({**GNS_CLIENT, "value": 20.0}, lower)
+    assert contradicted["source"] == "combined" and contradicted["value"] == pytest.approx((20 * 64) ** 0.5)
     upper = {"status": "below_range", "value": 16.0}
-    assert recipe.choose_noise_scale(GNS_CLIENT, upper)["value"] == 16
+    assert recipe.choose_noise_scale(GNS_CLIENT, upper)["value"] == pytest.approx(40)  # sqrt(100 * 16)
+    assert recipe.choose_noise_scale({**GNS_CLIENT, "value": 10.0}, upper)["value"] == 10  # consistent
+    assert recipe.choose_noise_scale(None, upper) == {
+        "value": 16.0, "source": "races", "agreement": None, "warnings": [ANY],
+    }  # fmt: skip
 
 
 def test_failed_races_fall_back_to_the_gradient_noise_scale():
@@ -291,7 +309,7 @@ def test_affine_step_time_fit_recovers_overhead_and_per_sample_cost():
 def test_optimum_follows_sqrt_of_b_noise_times_saturation_size():
     # overhead/per_sample = 100: B* = sqrt(B_noise * 100) = 200 for B_noise = 400.
     picked = recipe.choose_batch(throughput=saturating(), max_feasible_batch_size=1024, b_noise=400.0)
-    assert picked["recommended_batch_size"] == 256  # the candidate nearest B* = 200 on the power-of-two grid
+    assert picked["recommended_batch_size"] == 192  # the candidate nearest B* = 200 (half-octave grid)
     assert picked["throughput_model"]["kind"] == "affine"
 
 
@@ -301,8 +319,8 @@ def test_one_noisy_timing_does_not_move_the_choice():
     for p in noisy:
         if p["batch_size"] == 512:
             p["samples_per_second"] *= 1.6  # a lucky pass at 512
-    pick = {
-        name: recipe.choose_batch(throughput=lad, max_feasible_batch_size=1024, b_noise=400.0)[
+    pick = {  # B_noise 655: B* = sqrt(655 * 100) = 256, a candidate
+        name: recipe.choose_batch(throughput=lad, max_feasible_batch_size=1024, b_noise=655.0)[
             "recommended_batch_size"
         ]
         for name, lad in (("clean", clean), ("noisy", noisy))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.probing.memory import is_oom
-from service.probing.throughput import measure_throughput, throughput_ladder
+from service.probing.throughput import TIMED_STEPS, measure_throughput, throughput_ladder
 
 
 class FakeClock:
@@ -64,8 +64,13 @@ def test_measures_medians_after_warm_up_with_synchronisation() -> None:
         expected = 0.01 + 0.001 * point["batch_size"]  # the slow first step was a warm-up, not timed
         assert point["step_time_s"] == pytest.approx(expected)
         assert point["samples_per_second"] == pytest.approx(point["batch_size"] / expected)
-        assert point["warmup_steps"] == 2 and point["timed_steps"] == 5
-    assert step.log.count(("batch", 64)) == 1  # one batch per size, reused by every step
+        assert point["warmup_steps"] == 2 and point["timed_steps"] == TIMED_STEPS
+    # After each size's warm-up and first timed step, the timed steps go round the sizes in turn.
+    steps = [b for kind, b in step.log if kind == "step"]
+    first_pass = 3 * (2 + 1)
+    assert steps[:first_pass] == [1, 1, 1, 64, 64, 64, 512, 512, 512]
+    assert steps[first_pass:] == [1, 64, 512] * (TIMED_STEPS - 1)
+    assert step.log.count(("batch", 64)) == 2 + TIMED_STEPS  # a fresh batch per step, made off the clock
 
 
 def test_time_budget_limits_the_steps() -> None:
@@ -74,7 +79,7 @@ def test_time_budget_limits_the_steps() -> None:
     points = measure_throughput(step, [1, 100, 1000], time_budget_s=30.0, clock=clock)
     assert len(points) == 3
     assert all(p["timed_steps"] >= 1 and p["warmup_steps"] >= 1 for p in points)
-    assert points[-1]["timed_steps"] < 5  # 10 s per step at 1000 does not fit five times in its share
+    assert points[-1]["timed_steps"] < TIMED_STEPS  # 10 s per step at 1000 does not fit in the budget
     assert clock.now < 30.0 + 2 * 100.0  # over by at most the minimum steps of the largest size
 
 
