@@ -38,6 +38,7 @@ ReadSession = Annotated[Session, Depends(_read_session, scope="function")]
 # Writers queue here (without taking a thread) rather than on SQLite's busy timeout.
 WriteSession = Annotated[Session, Depends(_write_session, scope="function", max_concurrency=4)]
 
+API_KEY_HEADER = b"x-api-key"  # as ASGI spells header names
 _api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="Required when BATCHSIZE_API_KEY is set."
 )
@@ -46,11 +47,18 @@ _api_key_header = APIKeyHeader(
 async def require_api_key(
     request: Request, api_key: Annotated[str | None, Security(_api_key_header)]
 ) -> None:
-    """When an API key is configured, every /v1 route requires it; compared in constant time."""
+    """When an API key is configured, every /v1 route requires it."""
     expected = request.app.state.batchsize.settings.api_key  # not via State: one dependency less per call
+    if problem := api_key_problem(expected, api_key):
+        raise problem
+
+
+def api_key_problem(expected: str | None, given: str | None) -> Unauthorized | None:
+    """Why `given` does not pass for the configured key `expected` (None: it passes); constant time."""
     if not expected:
-        return
-    if api_key is None:
-        raise Unauthorized("missing X-API-Key header", code="missing_api_key")
-    if not hmac.compare_digest(api_key.encode(), expected.encode()):
-        raise Unauthorized("wrong API key", code="wrong_api_key")
+        return None
+    if given is None:
+        return Unauthorized("missing X-API-Key header", code="missing_api_key")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        return Unauthorized("wrong API key", code="wrong_api_key")
+    return None

@@ -21,6 +21,7 @@ router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"])
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")  # terminal: the stored job never changes
 ANSWER_MEMO_TTL_S = 10.0  # a repeated POST may miss a newer (forced) answer for at most this long
 
+JOB_PATH = "/v1/recommendations/{recommendation_id}"
 RecommendationId = Annotated[str, Path(min_length=1, max_length=64, description="The recommendation's id.")]
 
 
@@ -100,7 +101,7 @@ def list_recommendations(
 
 
 @router.get(
-    "/{recommendation_id}",
+    "/{recommendation_id}",  # JOB_PATH; service.api.polling answers cached reads of it before routing
     response_model=RecommendationOut,
     summary="Get a recommendation: status, live progress, result or error",
     responses=error_responses(401, 404, 422),
