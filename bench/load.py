@@ -7,8 +7,8 @@ Targets, each at rising concurrency (default 1, 10, 50 connections), on loopback
     post-hit   POST /v1/recommendations with the same request again: the cached 200 answer
 
 Both servers run as separate processes, started by this script with the same code path
-(`configure_logging("json")` + `uvicorn.run(app, log_config=None, access_log=False)`, one process, the
-same event loop and HTTP implementation), as `batchsize serve --no-worker` does. The service logs one
+(`configure_logging("json")` + `uvicorn.run(app, **service.cli.SERVER)`: one process, asyncio event loop,
+httptools parser), as `batchsize serve --no-worker` does. The service logs one
 JSON line per request (to a file), as in production. Load comes from `wrk` (Debian package `wrk`) when
 it is installed, else from an asyncio httpx client in this process (slower: it then shares the CPU).
 Every run is bounded in time (--duration seconds per cell, after a 1 s warm-up) and loopback only.
