@@ -83,7 +83,7 @@ def answer_key(payload: RecommendationCreate) -> str | None:
     """
     if payload.model.artifact_id is not None or payload.dataset.sample_id is not None:
         return None
-    return payload.model_dump_json(exclude={"force"})
+    return hashlib.sha256(payload.model_dump_json(exclude={"force"}).encode()).hexdigest()  # bounded size
 
 
 def _existing_job(session: Session, fingerprint: str, *, force: bool) -> Recommendation | None:

@@ -43,7 +43,8 @@ def test_a_finished_job_is_read_from_the_cache_before_routing(
     assert again.headers["content-type"] == "application/json"
     assert again.headers["x-request-id"] == "poll-1"
     metrics = client.get("/metrics").text
-    assert 'route="/v1/recommendations/{recommendation_id}"' in metrics
+    assert f'route="{routes.JOB_PATH}"' in metrics
+    assert routes.JOB_PATH in client.app.openapi()["paths"]  # the constant names the real route
 
 
 def test_other_paths_and_misses_go_through_the_app(client: TestClient) -> None:
