@@ -33,6 +33,7 @@ OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 # 1-3 training steps: at every ~4 %, short races spent more time evaluating than training.
 EVAL_GROWTH = 1.1
 DIVERGED_FACTOR = 3.0  # a loss above 3x the initial loss counts as divergence
+FIT_REACH = 2.0  # a fitted B_noise further than this factor outside the sizes raced is only a bound
 FIRST_RACE_SHARE = 0.25  # of the races' budget: the first race sets the loss level the others must reach
 
 
@@ -174,8 +175,10 @@ def fit_steps(sizes: Sequence[float], steps: Sequence[float]) -> dict[str, Any]:
     """Weighted least squares of S = a + b/B (weights 1/S²); B_noise = b/a, S_min = a.
 
     status "ok"; "above_range" when a <= 0 (steps fell at least as fast as 1/B: B_noise is above the
-    sizes raced, value = the largest size as a lower bound); "below_range" when b <= 0 (bigger batches did
-    not need fewer steps: B_noise is below the sizes raced, value = the smallest size as an upper bound).
+    sizes raced, value = the largest size as a lower bound) or the fit puts B_noise more than FIT_REACH
+    times above the largest size (the curve has barely bent there: S_min, and so B_noise, rest on a few
+    percent of the steps); "below_range" when b <= 0 (bigger batches did not need fewer steps) or B_noise
+    is more than FIT_REACH times below the smallest size (value = the smallest size as an upper bound).
     `rel_rms` is the weighted relative residual (0 with two points: the fit is then exact, not checked).
     """
     if len(sizes) < 2 or len(set(sizes)) < 2:
@@ -191,9 +194,9 @@ def fit_steps(sizes: Sequence[float], steps: Sequence[float]) -> dict[str, Any]:
     residuals = [(si - (a + b * ui)) / si for ui, si in zip(u, steps, strict=True)]
     rel_rms = math.sqrt(sum(r * r for r in residuals) / len(residuals))
     out: dict[str, Any] = {"points": len(sizes), "s_min": a, "slope": b, "rel_rms": rel_rms}
-    if b <= 0:
+    if b <= 0 or (a > 0 and b / a < min(sizes) / FIT_REACH):
         return {**out, "status": "below_range", "value": float(min(sizes)), "bound": "upper"}
-    if a <= 0:
+    if a <= 0 or b / a > FIT_REACH * max(sizes):
         return {**out, "status": "above_range", "value": float(max(sizes)), "bound": "lower"}
     return {**out, "status": "ok", "value": b / a, "bound": None}
 

@@ -57,6 +57,18 @@ def test_fit_tolerates_a_few_percent_of_noise():
     assert fit["status"] == "ok" and 40 < fit["value"] < 100 and fit["rel_rms"] < 0.1
 
 
+@pytest.mark.parametrize(
+    "b_noise, status, value",
+    [(3 * 256, "above_range", 256), (256 * races.FIT_REACH * 0.9, "ok", None), (16 / 3, "below_range", 16)],
+)
+def test_a_fit_far_outside_the_sizes_raced_is_only_a_bound(b_noise, status, value):
+    # Even an exact curve says little about B_noise far outside the sizes: S(B) barely bends there.
+    sizes = [16, 64, 256]
+    fit = races.fit_steps(sizes, [100 * (1 + b_noise / b) for b in sizes])
+    assert fit["status"] == status
+    assert fit["value"] == pytest.approx(value if value is not None else b_noise)
+
+
 def test_perfect_scaling_only_bounds_b_noise_from_below():
     fit = races.fit_steps([16, 64, 256], [1600, 400, 100])  # S ∝ 1/B: B_noise far above 256
     assert fit["status"] == "above_range" and fit["bound"] == "lower" and fit["value"] == 256
