@@ -176,9 +176,10 @@ def fit_steps(sizes: Sequence[float], steps: Sequence[float]) -> dict[str, Any]:
 
     status "ok"; "above_range" when a <= 0 (steps fell at least as fast as 1/B: B_noise is above the
     sizes raced, value = the largest size as a lower bound) or the fit puts B_noise more than FIT_REACH
-    times above the largest size (the curve has barely bent there: S_min, and so B_noise, rest on a few
-    percent of the steps); "below_range" when b <= 0 (bigger batches did not need fewer steps) or B_noise
-    is more than FIT_REACH times below the smallest size (value = the smallest size as an upper bound).
+    times above the largest size (steps then still fall almost as 1/B across the sizes raced, so S_min,
+    and with it B_noise, is poorly determined); "below_range" when b <= 0 (bigger batches did not need
+    fewer steps) or B_noise is more than FIT_REACH times below the smallest size (value = the smallest
+    size as an upper bound).
     `rel_rms` is the weighted relative residual (0 with two points: the fit is then exact, not checked).
     """
     if len(sizes) < 2 or len(set(sizes)) < 2:
