@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from models import get_model, make_config  # noqa: E402
 from service.probing import data, races, recipe  # noqa: E402
+from service.probing.memory import cpu_model_name  # noqa: E402
 
 SIZES = [8, 16, 32, 64, 128, 256, 512]
 QUICK_SIZES = [16, 64, 256]
@@ -453,20 +454,10 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, seconds: float) -> None:
     meta = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model_name(),
         "cores": __import__("os").cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

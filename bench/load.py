@@ -246,16 +246,6 @@ def _measure(
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -317,10 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     bare_rps = {r["concurrency"]: r["requests_per_s"] for r in results if r["target"] == "bare"}
     for row in results:
         row["vs_bare"] = row["requests_per_s"] / bare_rps[row["concurrency"]]
+    from service.probing.memory import cpu_model_name  # on the path since _seed
+
     report = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model_name(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -22,9 +22,7 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -39,10 +37,10 @@ from service.config import Settings
 from service.db.models import Artifact
 from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from service.probing.subprocess import kill_group, start_module  # torch-free
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_SUFFIX = ".pt2"
 SAMPLE_SUFFIXES = (".npz", ".safetensors")
 CHUNK_BYTES = 1024 * 1024
@@ -268,27 +266,14 @@ def check_model(path: Path, declared: dict[str, Any], *, settings: Settings) -> 
 
 def run_dry_run(path: Path, declared: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
     """`python -m service.probing.exported` on the CPU, in its own process group; JSON in, JSON out."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run trains on the CPU: leave the GPU to the probes
-    env["PYTHONUNBUFFERED"] = "1"
     with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.probing.exported"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=env,
-            cwd=str(PROJECT_ROOT),
-            start_new_session=True,
-        )
+        # On the CPU: the GPU is left to the probes.
+        process = start_module("service.probing.exported", stderr, {"CUDA_VISIBLE_DEVICES": ""})
         try:
             output = _communicate(process, json.dumps({"path": str(path), "declared": declared}), timeout_s)
         finally:
             if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                kill_group(process)
         final = None
         for line in output.splitlines():
             with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
@@ -314,9 +299,7 @@ def _communicate(process: subprocess.Popen[bytes], request: str, timeout_s: floa
         output, _ = process.communicate(request.encode(), timeout=timeout_s)
         return output
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_group(process)
         raise ArtifactRejected(
             f"the dry run (one training step at batch sizes 2, 3 and 1 on the CPU) did not finish within "
             f"{timeout_s:g} s",

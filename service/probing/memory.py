@@ -402,7 +402,7 @@ def describe_device(device: torch.device | str) -> dict[str, Any]:
     meminfo = _read_meminfo()
     return {
         "type": "cpu",
-        "name": _cpu_model_name(),
+        "name": cpu_model_name(),
         "memory_bytes": meminfo.get("MemTotal", 0),
         "free_bytes": meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),
         "count": 1,
@@ -426,7 +426,8 @@ def _read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
     return values
 
 
-def _cpu_model_name(path: str = "/proc/cpuinfo") -> str:
+def cpu_model_name(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name as the OS reports it (benchmarks print it too)."""
     try:
         with open(path) as file:
             for line in file:

@@ -58,7 +58,7 @@ def run_probe_subprocess(
             return_code = _wait_for_exit(process)
         finally:
             if process.poll() is None:
-                _kill_group(process)
+                kill_group(process)
             process.stdout.close()
         if final is not None and final.get("event") == "error":
             raise ProbeError(str(final.get("code", "probe_error")), str(final.get("message", "")))
@@ -68,21 +68,7 @@ def run_probe_subprocess(
 
 
 def _start(spec: ProbeSpec, stderr_file: IO[bytes], env: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
-    child_env = dict(os.environ)
-    child_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), child_env.get("PYTHONPATH", "")) if p
-    )
-    child_env["PYTHONUNBUFFERED"] = "1"
-    child_env.update(env or {})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.probing.runner"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=stderr_file,
-        env=child_env,
-        cwd=str(PROJECT_ROOT),
-        start_new_session=True,  # its own process group: one killpg reaches everything it started
-    )
+    process = start_module("service.probing.runner", stderr_file, env)
     try:
         process.stdin.write(json.dumps(spec.to_json_dict()).encode())
         process.stdin.close()
@@ -107,10 +93,10 @@ def _read_protocol(
         selector.register(fd, selectors.EVENT_READ)
         while True:
             if deadline is not None and time.monotonic() > deadline:
-                _kill_group(process)
+                kill_group(process)
                 raise ProbeError("timeout", f"probe did not finish within {timeout_s:g} s and was killed")
             if should_cancel():
-                _kill_group(process)
+                kill_group(process)
                 raise ProbeError("cancelled", "probe was cancelled")
             if not selector.select(timeout=POLL_INTERVAL_S):
                 continue
@@ -146,11 +132,35 @@ def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:
     try:
         return process.wait(timeout=EXIT_GRACE_S)
     except subprocess.TimeoutExpired:
-        _kill_group(process)
+        kill_group(process)
         return process.wait()
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
+def start_module(
+    module: str, stderr_file: IO[bytes], env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m module` from the project root, pipes for stdin/stdout, in its own process group.
+
+    The child sees this environment plus the project on PYTHONPATH, unbuffered output, and `env`.
+    """
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(PROJECT_ROOT), child_env.get("PYTHONPATH", "")) if p
+    )
+    child_env["PYTHONUNBUFFERED"] = "1"
+    child_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr_file,
+        env=child_env,
+        cwd=str(PROJECT_ROOT),
+        start_new_session=True,  # its own process group: one killpg reaches everything it started
+    )
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL the child's whole process group (it leads its own session), then reap the child."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
