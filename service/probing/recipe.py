@@ -189,8 +189,7 @@ def candidate_layouts(
     """
     measured = [int(b) for b, _ in _ladder(throughput) if b <= max_micro_batch]
     lo = min(measured) if measured else 1
-    grid = {2**k for k in range(31)} | {3 * 2**k for k in range(3, 30)}
-    micros = {max_micro_batch, *measured} | {m for m in grid if lo <= m <= max_micro_batch}
+    micros = {max_micro_batch, *measured} | {m for m in micro_batch_grid(max_micro_batch) if m >= lo}
     accumulations = [2**k for k in range(31) if 2**k <= max_accumulation]
     layouts = {(m, 1, m * devices) for m in micros}
     for m in {max_micro_batch, *measured}:
@@ -200,6 +199,13 @@ def candidate_layouts(
         kept = [t for t in layouts_list if t[2] <= max_global_batch]
         layouts_list = kept or layouts_list[:1]
     return layouts_list
+
+
+def micro_batch_grid(upper: int) -> list[int]:
+    """The sizes a recipe picks micro-batches from, up to `upper`: powers of two and the half-octaves
+    between them from 24 up (3·2^k: multiples of 8)."""
+    grid = {2**k for k in range(31)} | {3 * 2**k for k in range(3, 30)}
+    return sorted(b for b in grid if b <= upper)
 
 
 # ----------------------------------------------------------------------------------- learning rate

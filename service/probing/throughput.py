@@ -1,4 +1,4 @@
-"""Throughput curve: samples per second at a geometric ladder of batch sizes up to the maximum.
+"""Throughput curve: samples per second at the recipe's candidate batch sizes up to the maximum.
 
 Each size gets warm-up steps (allocator, kernel selection, caches), then timed steps with the device
 synchronised before each clock read, interleaved across sizes, and reports the median: CPU step times
@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-MAX_POINTS = 6
+from service.probing.recipe import micro_batch_grid
+
+MAX_POINTS = 16
 WARMUP_STEPS = 2
 TIMED_STEPS = 7
 
@@ -26,13 +28,13 @@ class Trainable(Protocol):
 
 
 def throughput_ladder(max_batch_size: int, max_points: int = MAX_POINTS) -> list[int]:
-    """Powers of two below `max_batch_size` plus the maximum itself, thinned evenly (in log space)
-    to at most `max_points`, always keeping the smallest and the maximum."""
+    """The recipe's candidate sizes below `max_batch_size` (powers of two, half-octaves from 24) plus
+    the maximum itself, thinned evenly to at most `max_points`, always keeping the smallest and the
+    maximum. The recipe chooses between these sizes: timing them spares it from interpolating between
+    powers of two exactly where two candidates are close."""
     if max_batch_size < 1:
         return []
-    candidates = [2**k for k in range(max_batch_size.bit_length()) if 2**k < max_batch_size] + [
-        max_batch_size
-    ]
+    candidates = [b for b in micro_batch_grid(max_batch_size) if b < max_batch_size] + [max_batch_size]
     if len(candidates) <= max_points:
         return candidates
     last = len(candidates) - 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from service.probing.memory import is_oom
-from service.probing.throughput import TIMED_STEPS, measure_throughput, throughput_ladder
+from service.probing.recipe import micro_batch_grid
+from service.probing.throughput import MAX_POINTS, TIMED_STEPS, measure_throughput, throughput_ladder
 
 
 class FakeClock:
@@ -48,11 +49,12 @@ def test_ladder() -> None:
     assert throughput_ladder(1) == [1]
     assert throughput_ladder(8) == [1, 2, 4, 8]
     assert throughput_ladder(20) == [1, 2, 4, 8, 16, 20]
-    ladder = throughput_ladder(1811)
-    assert len(ladder) <= 6 and ladder[0] == 1 and ladder[-1] == 1811
-    assert all(b & (b - 1) == 0 for b in ladder[:-1])  # powers of two below the maximum
+    assert throughput_ladder(512) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    ladder = throughput_ladder(1811, max_points=6)
+    assert len(ladder) == 6 and ladder[0] == 1 and ladder[-1] == 1811
+    assert set(ladder[:-1]) <= set(micro_batch_grid(1811))  # the recipe's candidates below the maximum
     assert ladder == sorted(set(ladder))
-    assert throughput_ladder(1024)[-1] == 1024 and len(throughput_ladder(65_536)) == 6
+    assert throughput_ladder(1024)[-1] == 1024 and len(throughput_ladder(65_536)) == MAX_POINTS
 
 
 def test_measures_medians_after_warm_up_with_synchronisation() -> None:
@@ -111,5 +113,5 @@ def test_on_a_real_step() -> None:
     spec = get_model("mlp")
     step = TrainingStep(spec, make_config(spec, {"input_dim": 16, "hidden_dims": [32]}), optimizer="adam")
     points = measure_throughput(step, throughput_ladder(64), time_budget_s=2.0)
-    assert [p["batch_size"] for p in points] == throughput_ladder(64) == [1, 2, 4, 16, 32, 64]
+    assert [p["batch_size"] for p in points] == throughput_ladder(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
     assert all(p["samples_per_second"] > 0 and p["step_time_s"] > 0 for p in points)
