@@ -1,15 +1,19 @@
 """Convergence benchmark: is the probe's recommended batch size (nearly) the fastest to a target loss?
 
 For each task an ORACLE trains from the same initialisation to a target loss at batch sizes 8..512
-(powers of two), tuning the learning rate per size on a grid of powers of two (then of sqrt 2 around the
-best), and computes wall time to target = steps to target x the median step time at that size. The
-step time is measured separately, interleaved across sizes over several rounds (CPU timing drifts 1.2-2x
-between passes; steps to target do not depend on it, so the sweep's runs can go in parallel).
+(powers of two; the half-octaves 24..384 too, outside the sweep's cost), tuning the learning rate per
+size on a grid of powers of two (then of sqrt 2 around the best), and computes wall time to target =
+steps to target x the step time at that size. The step time is measured separately, interleaved across
+sizes over several rounds, and is each size's fastest round (CPU timing drifts 1.2-2x between passes;
+steps to target do not depend on it, so the sweep's runs can go in parallel).
 
 The SERVICE side runs what a probe runs: the throughput ladder (service/probing/throughput.py when it is
 importable, else a simple timing loop), the statistics phase (warm-up, gradient noise scale, training
 races: service/probing/races.run_statistics) and the recipe (service/probing/recipe.recommend), with the
 maximum feasible batch size fixed at 512 (the memory search is not part of this benchmark).
+
+The grid runs first; the probe then gets PROBE_SHARE of the grid's training seconds as its time budget
+(a fixed number of seconds would be a different share of the grid on a faster or busier machine).
 
 Reported per task: the oracle's best size and time; the recommended size; the ratio oracle time at the
 recommended size / oracle best time; time to target when training at the recommended size with the
@@ -46,12 +50,28 @@ from models import get_model, make_config  # noqa: E402
 from service.probing import data, races, recipe  # noqa: E402
 from service.probing.memory import cpu_model_name  # noqa: E402
 
-SIZES = [8, 16, 32, 64, 128, 256, 512]
+SIZES = [8, 16, 32, 64, 128, 256, 512]  # the sweep the probe's cost is compared with
+# Sizes the recipe may also recommend: tuned and timed like the sweep's (so any answer is scored on a
+# measurement, and the oracle's best is the best of all of them) but not counted in the sweep's cost.
+HALF_OCTAVES = [24, 48, 96, 192, 384]
+
+
+def probe_ladder() -> list[int]:
+    """The sizes the probe's throughput ladder times: the engine's ladder, from the sweep's smallest."""
+    from service.probing.throughput import throughput_ladder
+
+    return [b for b in throughput_ladder(MAX_FEASIBLE) if b >= SIZES[0]]
+
+
 QUICK_SIZES = [16, 64, 256]
 MAX_FEASIBLE = 512  # stands in for the memory search's answer (see module docstring)
 REFERENCE_BATCH = 32
 LADDER_SHARE = 0.4  # of the probe's budget for the throughput ladder, as engine.THROUGHPUT_TIME_SHARE
-REPEAT_SEEDS = 2  # extra minibatch orders at each size's best lr (the oracle's steps: the mean of 1 + these)
+# The probe's time budget: this share of what the oracle's grid cost in the same run. A fixed number of
+# seconds would be a different share on a faster or busier machine (the same grid took 89-117 s here).
+PROBE_SHARE = 0.09
+REPEAT_SEEDS = 3  # extra minibatch orders for each finalist lr (the oracle's steps: the mean of 1 + these)
+FINALISTS = 2  # the grid's best lrs re-run with those orders; the one with the lowest mean wins
 
 
 @dataclass(frozen=True)
@@ -62,7 +82,6 @@ class Task:
     optimizer: str  # "sgd" (momentum 0.9) or "adamw"
     reference_lr: float  # what a client would send: a conventional lr at batch 32, not tuned here
     target_loss: float  # on a fixed 512-example subset of the training data (training loss)
-    probe_budget_s: float
     max_run_steps: int
     description: str = ""
     refine_lr: bool = True  # after the x2 grid, try the best lr x/÷ sqrt(2)
@@ -73,17 +92,17 @@ TASKS = {
     t.name: t
     for t in (
         Task(
-            "mlp-digits", "mlp", {"hidden_dims": [128, 128]}, "sgd", 0.05, 0.05, 1.5, 2000,
+            "mlp-digits", "mlp", {"hidden_dims": [128, 128]}, "sgd", 0.05, 0.05, 2000,
             "MLP 64-128-128-10 on sklearn digits (1797 examples), SGD momentum 0.9",
         ),
         Task(
             "cnn-digits", "resnet", {"depth": 18, "width": 4, "image_size": 8, "in_channels": 1}, "sgd",
-            0.05, 0.1, 20.0, 1200,
+            0.05, 0.1, 1200,
             "zoo ResNet-18 at width 4 (channels 4-32, 45k params) on digits 8x8x1, SGD momentum 0.9",
         ),
         Task(
             "gpt-text", "gpt", {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}, "adamw",
-            3e-3, 2.45, 11.0, 1500,
+            3e-3, 2.45, 1500,
             "zoo GPT, 1 layer, 32-dim, 16-byte context (21k params) on 600 KB of Python stdlib source, AdamW",
             refine_lr=False,
         ),
@@ -193,27 +212,42 @@ def tune_size(task_name: str, batch_size: int, refine: bool, max_runs: int = 8) 
         best_k = min(runs, key=lambda k: run(k))
         run(best_k + 0.5)
         run(best_k - 0.5)
-    best_k = min(runs, key=lambda k: run(k))
-    # The grid's minimum is a lucky draw as much as a good lr: re-run the winner with fresh minibatch
-    # orders and report the mean, so one fortunate run cannot make a size look best.
-    repeats = [
-        run_to_target(task_name, batch_size, task.reference_lr * 2**best_k, task.max_run_steps, seed=seed)
-        for seed in range(1, 1 + REPEAT_SEEDS)
-    ] if runs[best_k]["steps"] else []  # fmt: skip
-    all_steps = [runs[best_k]["steps"], *(r["steps"] for r in repeats)]
+    # The grid's minimum is partly a lucky draw: re-run its best lrs with fresh minibatch orders and keep
+    # the lowest mean, so one fortunate run can neither pick the lr nor make a size look best.
+    finalists = sorted((k for k in runs if runs[k]["steps"]), key=lambda k: runs[k]["steps"])[:FINALISTS]
+    per_order: dict[float, list[float | None]] = {}
+    repeats: list[dict[str, Any]] = []
+    for k in finalists:
+        more = [
+            run_to_target(task_name, batch_size, task.reference_lr * 2**k, task.max_run_steps, seed=seed)
+            for seed in range(1, 1 + REPEAT_SEEDS)
+        ]
+        repeats += more
+        per_order[k] = [runs[k]["steps"], *(r["steps"] for r in more)]
+
+    def mean_steps(k: float) -> float:
+        steps = per_order[k]
+        return math.inf if None in steps else statistics.mean(v for v in steps if v is not None)
+
+    best_k = min(per_order, key=mean_steps) if per_order else min(runs)
+    reached = best_k in per_order and mean_steps(best_k) < math.inf
     return {
         "batch_size": batch_size,
-        "best_lr": task.reference_lr * 2**best_k if runs[best_k]["steps"] else None,
-        "best_steps": statistics.mean(all_steps) if None not in all_steps else None,
-        "best_steps_per_seed": all_steps,
+        "best_lr": task.reference_lr * 2**best_k if reached else None,
+        "best_steps": mean_steps(best_k) if reached else None,
+        "best_steps_per_seed": per_order.get(best_k, [None]),
+        "finalists": {task.reference_lr * 2**k: per_order[k] for k in per_order},
         "runs": [runs[k] for k in sorted(runs)],
         "sweep_seconds": sum(r["train_seconds"] for r in runs.values()),
         "repeat_seconds": sum(r["train_seconds"] for r in repeats),
     }
 
 
-def measure_step_times(setup: Setup, sizes: list[int], rounds: int, min_seconds: float) -> dict[int, float]:
-    """Median seconds per training step at each size: interleaved rounds, each timing >= 3 steps."""
+def measure_step_times(
+    setup: Setup, sizes: list[int], rounds: int, min_seconds: float
+) -> dict[int, list[float]]:
+    """Seconds per training step at each size, one median per round: rounds interleave the sizes, each
+    times >= 3 steps and >= `min_seconds`."""
     model = setup.fresh_model()
     opt = setup.make_optimizer(list(model.parameters()), 1e-6)  # compute does not depend on the lr
     x, y = setup.sample.x, setup.sample.y
@@ -234,7 +268,7 @@ def measure_step_times(setup: Setup, sizes: list[int], rounds: int, min_seconds:
                 if len(times) >= 3 and time.perf_counter() - started > min_seconds:
                     break
             per_size[b].append(statistics.median(times))
-    return {b: statistics.median(v) for b, v in per_size.items()}
+    return per_size
 
 
 # ------------------------------------------------------------------------------------------ probe
@@ -319,26 +353,35 @@ def bench_task(name: str, args: argparse.Namespace, pool: ProcessPoolExecutor) -
     setup = _setup(name)
     task = setup.task
     sizes = QUICK_SIZES if args.quick else SIZES
+    refine = task.refine_lr and not args.quick
     print(f"\n== {name}: {task.description}; target loss {task.target_loss}", flush=True)
-    probe = run_probe(setup, sizes, task.probe_budget_s * (0.5 if args.quick else 1.0))
+    # The oracle's grid first: the probe's budget is a share of what it cost.
+    started = time.monotonic()
+    extra_sizes = [] if args.quick else HALF_OCTAVES
+    futures = {b: pool.submit(tune_size, name, b, refine) for b in sorted(sizes + extra_sizes)}
+    tuned = {b: f.result() for b, f in futures.items()}
+    sweep_wall = time.monotonic() - started
+    sweep_cost = sum(tuned[b]["sweep_seconds"] for b in sizes)
+    budget = PROBE_SHARE * sweep_cost * (0.5 if args.quick else 1.0)
+    probe = run_probe(setup, QUICK_SIZES if args.quick else probe_ladder(), budget)  # alone: the pool is idle
     rec = probe["recipe"]
     b_rec, lr_rec = rec["recommended_batch_size"], rec["learning_rate"]
     print(
-        f"probe {probe['seconds']:.1f}s: B_simple={_fmt(rec['gradient_noise_scale']['value'])} "
+        f"probe {probe['seconds']:.1f}s of {budget:.1f}s: "
+        f"B_simple={_fmt(rec['gradient_noise_scale']['value'])} "
         f"races={_fmt((rec['races'] or {}).get('value'))} ({(rec['races'] or {}).get('status')}) "
         f"-> B={b_rec} lr={lr_rec:.3g} [{rec['noise_scale_source']}, {rec['confidence']}]",
         flush=True,
     )
-    timing_sizes = sorted(set(sizes) | {b_rec})
-    step_s = measure_step_times(setup, timing_sizes, rounds=args.rounds, min_seconds=0.2)
-    tune_sizes = timing_sizes
-    started = time.monotonic()
-    futures = {b: pool.submit(tune_size, name, b, task.refine_lr and not args.quick) for b in tune_sizes}
+    timing_sizes = sorted(set(tuned) | {b_rec})
+    rounds = measure_step_times(setup, timing_sizes, rounds=args.rounds, min_seconds=0.2)
+    # The recommended size when the grid did not cover it (a half-octave), and its recommended lr.
+    extra = {b: pool.submit(tune_size, name, b, refine) for b in timing_sizes if b not in tuned}
     rec_futures = [
         pool.submit(run_to_target, name, b_rec, lr_rec, task.max_run_steps, seed=seed)
         for seed in range(1 + REPEAT_SEEDS)
     ]
-    tuned = {b: f.result() for b, f in futures.items()}
+    tuned.update({b: f.result() for b, f in extra.items()})
     rec_runs = [f.result() for f in rec_futures]
     rec_steps = [r["steps"] for r in rec_runs]
     rec_run = {
@@ -347,13 +390,17 @@ def bench_task(name: str, args: argparse.Namespace, pool: ProcessPoolExecutor) -
         "steps_per_seed": rec_steps,
         "status": [r["status"] for r in rec_runs],
     }
-    sweep_wall = time.monotonic() - started
-    # Time again now the sweep is done; medians over both passes.
+    # Time again now the sweep is done. Each size's step time is its fastest round of both passes: a busy
+    # spell of the shared host only ever adds time, and it would land on some sizes and not others.
     after = measure_step_times(setup, timing_sizes, rounds=args.rounds, min_seconds=0.2)
-    spread = {b: max(step_s[b], after[b]) / min(step_s[b], after[b]) for b in timing_sizes}
-    step_s = {b: statistics.median([step_s[b], after[b]]) for b in timing_sizes}
+    spread = {
+        b: max(statistics.median(rounds[b]), statistics.median(after[b]))
+        / min(statistics.median(rounds[b]), statistics.median(after[b]))
+        for b in timing_sizes
+    }
+    step_s = {b: min(rounds[b] + after[b]) for b in timing_sizes}
     # Diagnostic: the same statistics with the bench's interleaved step times instead of the probe's ladder.
-    bench_ladder = [{"batch_size": b, "samples_per_second": b / step_s[b]} for b in sizes]
+    bench_ladder = [{"batch_size": b, "samples_per_second": b / step_s[b]} for b in timing_sizes]
     stats_only = recipe.recommend(
         throughput=bench_ladder, max_feasible_batch_size=MAX_FEASIBLE, dataset_size=len(setup.sample),
         optimizer=task.optimizer, learning_rate=task.reference_lr, reference_batch_size=REFERENCE_BATCH,
@@ -361,11 +408,10 @@ def bench_task(name: str, args: argparse.Namespace, pool: ProcessPoolExecutor) -
     )  # fmt: skip
     times = {b: (t["best_steps"] * step_s[b] if t["best_steps"] else math.inf) for b, t in tuned.items()}
     sweep_sizes = [b for b in sizes]
-    best = min(sweep_sizes, key=lambda b: times[b])
-    sweep_cost = sum(tuned[b]["sweep_seconds"] for b in sweep_sizes)
+    best = min(times, key=lambda b: times[b])  # of every size timed: half-octaves too
     rec_time = rec_run["steps"] * step_s[b_rec] if rec_run["steps"] else math.inf
     # What the oracle's own steps say B_noise is at the target (same S(B) fit as the races).
-    reached = [b for b in sweep_sizes if tuned[b]["best_steps"]]
+    reached = [b for b in tuned if tuned[b]["best_steps"]]
     oracle_fit = races.fit_steps(reached, [tuned[b]["best_steps"] for b in reached])
     result = {
         "task": asdict(task),
@@ -374,7 +420,7 @@ def bench_task(name: str, args: argparse.Namespace, pool: ProcessPoolExecutor) -
         "step_seconds": step_s,
         "step_seconds_pass_spread": spread,
         "recommended_batch_size_bench_ladder": stats_only["recommended_batch_size"],
-        "oracle": {b: {**tuned[b], "time_to_target_s": times[b]} for b in tune_sizes},
+        "oracle": {b: {**tuned[b], "time_to_target_s": times[b]} for b in timing_sizes},
         "oracle_best_batch_size": best,
         "oracle_b_noise_fit": oracle_fit,
         "oracle_best_time_s": times[best],
@@ -382,6 +428,7 @@ def bench_task(name: str, args: argparse.Namespace, pool: ProcessPoolExecutor) -
         "recommended_lr": lr_rec,
         "ratio": times[b_rec] / times[best],
         "recommended_run": {**rec_run, "time_to_target_s": rec_time, "ratio": rec_time / times[best]},
+        "probe_budget_s": budget,
         "probe_seconds": probe["seconds"],
         "sweep_seconds": sweep_cost,
         "repeat_seconds": sum(tuned[b]["repeat_seconds"] for b in sweep_sizes),
@@ -390,7 +437,7 @@ def bench_task(name: str, args: argparse.Namespace, pool: ProcessPoolExecutor) -
         "naive": {str(b): times[b] / times[best] for b in (32, MAX_FEASIBLE) if b in times},
         "probe": probe,
     }
-    for b in tune_sizes:
+    for b in timing_sizes:
         t = tuned[b]
         print(
             f"  B={b:4d} lr*={_fmt(t['best_lr'])} steps={_fmt(t['best_steps'])} step={step_s[b] * 1e3:.2f}ms "
@@ -417,7 +464,7 @@ def repeat_probes(args: argparse.Namespace) -> None:
         times = {int(b): o["time_to_target_s"] for b, o in result["oracle"].items()}
         setup = _setup(name)
         for _ in range(args.probe_repeats):
-            probe = run_probe(setup, SIZES, setup.task.probe_budget_s)
+            probe = run_probe(setup, probe_ladder(), PROBE_SHARE * result["sweep_seconds"])
             rec = probe["recipe"]
             b = rec["recommended_batch_size"]
             cost = probe["seconds"] / result["sweep_seconds"]
@@ -477,16 +524,24 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         f"- command: `{meta['command']}` ({seconds / 60:.1f} min)",
         f"- torch.set_num_threads({args.threads}) in every process; the sweep's runs in {args.workers} "
         "worker processes (steps to target do not depend on timing); step times measured while no other "
-        f"bench process runs, before and after each task's sweep, each pass interleaved over {args.rounds} "
-        "rounds; the median",
-        "- time to target = steps to target (interpolated between evaluations every ~4 % of steps) x median "
-        "step time; the target is a loss on a fixed 512-example subset of the training data",
-        f"- steps to target at a size: the mean over {1 + REPEAT_SEEDS} minibatch orders at the best lr of "
-        "the grid (the grid itself runs one order); the recommended size with its recommended lr likewise. "
+        "bench process runs, in two passes (after the probe, and after the recommended lr's runs), each "
+        f"interleaving the sizes over {args.rounds} rounds; a size's step time is its fastest round (a busy "
+        "spell of the shared host only adds time)",
+        "- time to target = steps to target (interpolated between evaluations every ~4 % of steps) x step "
+        "time; the target is a loss on a fixed 512-example subset of the training data; the oracle's best "
+        "is the fastest of every size timed, half-octaves (24, 48, 96, 192, 384) included; the sweep whose "
+        "cost the probe is compared with is the powers of two 8..512",
+        f"- steps to target at a size: the grid (one minibatch order per lr) picks {FINALISTS} finalist lrs; "
+        f"each is re-run with {REPEAT_SEEDS} more orders, and the lower mean over {1 + REPEAT_SEEDS} orders "
+        "is the size's steps to target (its lr: the tuned lr); the recommended size with its recommended lr "
+        "likewise over the same orders. "
         "The sweep cost the probe is compared with is the grid's alone (one order): the repeats only make "
         "the oracle's answer more precise",
         f"- maximum feasible batch size fixed at {MAX_FEASIBLE} (the memory search is not part of this "
         "benchmark); data: the service's built-in samples",
+        f"- the probe's time budget is {PROBE_SHARE:.0%} of the grid's training seconds in the same run: the "
+        "grid runs first, then the probe alone (what it then spends, evaluations included, is the cost "
+        "reported)",
         "",
         "| task | oracle best B | oracle best time | recommended B (lr) | ratio "
         "| time at rec. B with rec. lr "
@@ -546,7 +601,7 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         spread = r["step_seconds_pass_spread"].values()
         lines += [
             "",
-            f"Step time, slower pass / faster pass: {min(spread):.2f}-{max(spread):.2f}x.",
+            f"Step time, slower pass / faster pass (median rounds): {min(spread):.2f}-{max(spread):.2f}x.",
             "",
             f"Probe ({r['probe_seconds']:.1f} s, ladder from {r['probe']['ladder_source']}): B_simple "
             f"{_fmt(gns['value'])} [{_fmt(gns['low'])}, {_fmt(gns['high'])}] from {gns.get('draws')} draws "
