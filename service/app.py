@@ -15,7 +15,7 @@ from service import __version__
 from service.api import artifacts, catalog, health, recommendations, ui
 from service.api import metrics as metrics_api
 from service.api.deps import require_api_key
-from service.api.polling import FinishedJobReads
+from service.api.polling import CachedAnswers
 from service.config import Settings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factories, session_scope
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     app.include_router(ui.router, dependencies=v1)
     app.include_router(ui.docs_router)
     app.mount(ui.STATIC_URL, StaticFiles(directory=ui.STATIC_DIR), name="static")
-    app.add_middleware(FinishedJobReads, route_path=recommendations.JOB_PATH)  # innermost
+    app.add_middleware(CachedAnswers, job_path=recommendations.JOB_PATH)  # innermost
     app.add_middleware(
         BodySizeLimit,
         max_bytes=resolved.max_body_bytes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -24,6 +25,9 @@ class LruCache(Generic[V]):
         self.capacity = capacity
         self._items: OrderedDict[str, V] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get(self, key: str) -> V | None:
         with self._lock:
@@ -58,6 +62,17 @@ class AppState:
     # to trust that): a repeated POST skips validation, the model's meta build and the lookup. The expiry
     # bounds how long a newer answer (a `force`d re-probe finishing) can go unseen.
     answered_requests: LruCache[tuple[str, float]] = field(default_factory=LruCache)
+    # Digest of a request body (api.polling.body_digest) -> its request key, for bodies that validated to a
+    # memoisable, unforced request: the same bytes are answered before routing, without parsing them again.
+    request_keys: LruCache[str] = field(default_factory=LruCache)
+
+    def memoised_answer(self, key: str) -> tuple[str, bytes] | None:
+        """(job id, JSON) of the succeeded job that answered request `key`, while that is still trusted."""
+        answered = self.answered_requests.get(key)
+        if answered is None or time.monotonic() >= answered[1]:
+            return None
+        body = self.finished_jobs.get(answered[0])
+        return None if body is None else (answered[0], body)
 
 
 def detect_host(settings: Settings) -> HostDevice:

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service import recommendations as use_cases
 from service import repository
 from service.api.deps import ReadSession, State, WriteSession
+from service.api.polling import BODY_DIGEST
 from service.db.session import session_scope
 from service.errors import error_responses
 from service.schemas import RecommendationCreate, RecommendationOut, RecommendationPage, Status, TrialOut
@@ -40,16 +41,16 @@ RecommendationId = Annotated[str, Path(min_length=1, max_length=64, description=
         **error_responses(400, 401, 413, 422),
     },
 )
-async def create_recommendation(payload: RecommendationCreate, state: State) -> Response:
-    # A repeated request that already succeeded is answered from memory; the rest validates and queries
-    # in a thread.
+async def create_recommendation(payload: RecommendationCreate, state: State, request: Request) -> Response:
+    # A repeated request that already succeeded is answered from memory (the same bytes again even before
+    # routing: api.polling); the rest validates and queries in a thread.
     key = use_cases.answer_key(payload)
+    digest = None if payload.force else request.scope.get(BODY_DIGEST)
     if key is not None and payload.force:
         state.answered_requests.pop(key)
-    elif key is not None and (answered := state.answered_requests.get(key)) is not None:
-        answered_id, valid_until = answered
-        if time.monotonic() < valid_until and (body := state.finished_jobs.get(answered_id)) is not None:
-            return _job_response(body, answered_id, status.HTTP_200_OK)
+    elif key is not None and (answer := state.memoised_answer(key)) is not None:
+        _remember_body(state, digest, key)
+        return _job_response(answer[1], answer[0], status.HTTP_200_OK)
     job, created = await run_in_threadpool(
         use_cases.create_recommendation,
         reads=state.reads,
@@ -63,8 +64,15 @@ async def create_recommendation(payload: RecommendationCreate, state: State) -> 
         state.finished_jobs.put(job["id"], body)
         if key is not None:
             state.answered_requests.put(key, (job["id"], time.monotonic() + ANSWER_MEMO_TTL_S))
+            _remember_body(state, digest, key)
         return _job_response(body, job["id"], status.HTTP_200_OK)
     return _job_response(body, job["id"], status.HTTP_202_ACCEPTED)
+
+
+def _remember_body(state: AppState, digest: str | None, key: str) -> None:
+    """These body bytes validate to request `key`: api.polling may answer them again without parsing."""
+    if digest is not None:
+        state.request_keys.put(digest, key)
 
 
 def _job_response(body: bytes, recommendation_id: str, status_code: int) -> Response:

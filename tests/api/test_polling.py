@@ -1,7 +1,9 @@
-"""Cached reads of finished jobs answered before routing: same bytes, same auth, same logs and metrics."""
+"""Cached reads of finished jobs and repeated request bodies answered before routing: same bytes, same
+auth, same logs and metrics."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,9 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import recommendations as use_cases
+from service.api import polling
 from service.api import recommendations as routes
 from service.app import create_app
 from service.config import Settings
+from service.schemas import RecommendationCreate
 from tests.api.test_recommendations import MLP, _finish
 
 KEY = "polling-key-0123456789"
@@ -68,7 +72,79 @@ def test_the_cache_never_skips_the_api_key(keyed: TestClient, monkeypatch: pytes
     job_id = _finished_job(keyed, good)
     assert keyed.get(f"/v1/recommendations/{job_id}", headers=good).status_code == 200  # cached now
     assert keyed.get(f"/v1/recommendations/{job_id}").json()["error"]["code"] == "missing_api_key"
-    wrong = keyed.get(f"/v1/recommendations/{job_id}", headers={"X-API-Key": "nope"})
-    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "wrong_api_key"
+    for wrong_key, code in (("nope", "wrong_api_key"), ("", "missing_api_key")):  # as tests/test_auth.py
+        wrong = keyed.get(f"/v1/recommendations/{job_id}", headers={"X-API-Key": wrong_key})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == code
     _fail_if_routed(monkeypatch)
     assert keyed.get(f"/v1/recommendations/{job_id}", headers=good).status_code == 200
+
+
+def _fail_if_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    def validated(*_: object, **__: object) -> None:
+        raise AssertionError("the repeated request reached the route")
+
+    monkeypatch.setattr(use_cases, "answer_key", validated)
+    monkeypatch.setattr(use_cases, "create_recommendation", validated)
+
+
+def test_a_repeated_request_body_is_answered_before_routing(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = _finished_job(client)
+    body = json.dumps(MLP).encode()
+    headers = {"content-type": "application/json"}
+    routed = client.post("/v1/recommendations", content=body, headers=headers)  # remembers these bytes
+    assert routed.status_code == 200 and routed.json()["id"] == job_id
+    _fail_if_validated(monkeypatch)
+    again = client.post("/v1/recommendations", content=body, headers={**headers, "X-Request-ID": "post-1"})
+    assert again.status_code == 200 and again.content == routed.content
+    assert again.headers["location"] == routed.headers["location"] == f"/v1/recommendations/{job_id}"
+    assert again.headers["x-request-id"] == "post-1"
+    assert f'route="{polling.COLLECTION}",status="200"' in client.get("/metrics").text
+    assert polling.COLLECTION in client.app.openapi()["paths"]  # the constant names the real route
+
+
+def test_other_bytes_force_and_expired_answers_go_through_the_app(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _finished_job(client)
+    body = json.dumps(MLP).encode()
+    headers = {"content-type": "application/json"}
+    assert client.post("/v1/recommendations", content=body, headers=headers).status_code == 200
+    key = use_cases.answer_key(RecommendationCreate.model_validate(MLP))
+    _fail_if_validated(monkeypatch)
+    with pytest.raises(AssertionError, match="reached the route"):  # same request, other bytes
+        client.post("/v1/recommendations", content=json.dumps(MLP, indent=1).encode(), headers=headers)
+    with pytest.raises(AssertionError, match="reached the route"):  # force is never answered from memory
+        client.post("/v1/recommendations", json={**MLP, "force": True})
+    state = client.app.state.batchsize
+    state.answered_requests.put(key, (state.answered_requests.get(key)[0], 0.0))  # the trust ran out
+    with pytest.raises(AssertionError, match="reached the route"):
+        client.post("/v1/recommendations", content=body, headers=headers)
+
+
+def test_a_body_read_for_the_memo_reaches_the_app_whole(client: TestClient) -> None:
+    job_id = _finished_job(client)
+    headers = {"content-type": "application/json"}
+    padded = (json.dumps(MLP) + " " * polling.MEMO_BODY_LIMIT).encode()  # too big to memoise: passed on
+    for _ in range(2):
+        answer = client.post("/v1/recommendations", content=padded, headers=headers)
+        assert answer.status_code == 200 and answer.json()["id"] == job_id
+    body = json.dumps(MLP).encode()
+    for _ in range(2):  # read, digested and replayed to the app; the second time answered before it
+        assert client.post("/v1/recommendations", content=body, headers=headers).json()["id"] == job_id
+    bad = client.post("/v1/recommendations", content=b"{not json", headers=headers)
+    assert bad.status_code == 422
+    assert client.post("/v1/recommendations", json={**MLP, "dataset": {"size": 0}}).status_code == 422
+    assert len(client.app.state.batchsize.request_keys) == 1  # the small body only
+
+
+def test_a_repeated_body_still_needs_the_api_key(keyed: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = {"X-API-Key": KEY, "content-type": "application/json"}
+    _finished_job(keyed, good)
+    body = json.dumps(MLP).encode()
+    assert keyed.post("/v1/recommendations", content=body, headers=good).status_code == 200
+    _fail_if_validated(monkeypatch)
+    refused = keyed.post("/v1/recommendations", content=body, headers={"content-type": "application/json"})
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key"
+    assert keyed.post("/v1/recommendations", content=body, headers=good).status_code == 200
