@@ -49,29 +49,26 @@ import torch  # noqa: E402
 from models import get_model, make_config  # noqa: E402
 from service.probing import data, races, recipe  # noqa: E402
 from service.probing.memory import cpu_model_name  # noqa: E402
+from service.probing.throughput import throughput_ladder  # noqa: E402
 
 SIZES = [8, 16, 32, 64, 128, 256, 512]  # the sweep the probe's cost is compared with
 # Sizes the recipe may also recommend: tuned and timed like the sweep's (so any answer is scored on a
 # measurement, and the oracle's best is the best of all of them) but not counted in the sweep's cost.
 HALF_OCTAVES = [24, 48, 96, 192, 384]
-
-
-def probe_ladder() -> list[int]:
-    """The sizes the probe's throughput ladder times: the engine's ladder, from the sweep's smallest."""
-    from service.probing.throughput import throughput_ladder
-
-    return [b for b in throughput_ladder(MAX_FEASIBLE) if b >= SIZES[0]]
-
-
 QUICK_SIZES = [16, 64, 256]
 MAX_FEASIBLE = 512  # stands in for the memory search's answer (see module docstring)
 REFERENCE_BATCH = 32
 LADDER_SHARE = 0.4  # of the probe's budget for the throughput ladder, as engine.THROUGHPUT_TIME_SHARE
 # The probe's time budget: this share of what the oracle's grid cost in the same run. A fixed number of
-# seconds would be a different share on a faster or busier machine (the same grid took 89-117 s here).
+# seconds would be a different share on a faster or busier machine (the gpt's grid: 72-117 s in one day).
 PROBE_SHARE = 0.09
 REPEAT_SEEDS = 3  # extra minibatch orders for each finalist lr (the oracle's steps: the mean of 1 + these)
 FINALISTS = 2  # the grid's best lrs re-run with those orders; the one with the lowest mean wins
+
+
+def probe_ladder() -> list[int]:
+    """The sizes the probe's throughput ladder times: the engine's ladder, from the sweep's smallest."""
+    return [b for b in throughput_ladder(MAX_FEASIBLE) if b >= SIZES[0]]
 
 
 @dataclass(frozen=True)
