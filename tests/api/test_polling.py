@@ -27,12 +27,16 @@ def _finished_job(client: TestClient, headers: dict | None = None) -> str:
     return job_id
 
 
-def _fail_if_routed(monkeypatch: pytest.MonkeyPatch) -> None:
-    def routed(*_: object, **__: object) -> None:
-        raise AssertionError("the read reached the route")
+def _fail_if_routed(monkeypatch: pytest.MonkeyPatch, method: str = "GET") -> None:
+    """Make what the route would call for a `method` request raise: a fast-path answer never calls it."""
 
-    monkeypatch.setattr(routes, "_read_job_json", routed)
-    monkeypatch.setattr(use_cases, "get_recommendation", routed)
+    def routed(*_: object, **__: object) -> None:
+        raise AssertionError(f"the {method} request reached the route")
+
+    called = {"GET": ((routes, "_read_job_json"), (use_cases, "get_recommendation")),
+              "POST": ((use_cases, "answer_key"), (use_cases, "create_recommendation"))}  # fmt: skip
+    for owner, name in called[method]:
+        monkeypatch.setattr(owner, name, routed)
 
 
 def test_a_finished_job_is_read_from_the_cache_before_routing(
@@ -79,14 +83,6 @@ def test_the_cache_never_skips_the_api_key(keyed: TestClient, monkeypatch: pytes
     assert keyed.get(f"/v1/recommendations/{job_id}", headers=good).status_code == 200
 
 
-def _fail_if_validated(monkeypatch: pytest.MonkeyPatch) -> None:
-    def validated(*_: object, **__: object) -> None:
-        raise AssertionError("the repeated request reached the route")
-
-    monkeypatch.setattr(use_cases, "answer_key", validated)
-    monkeypatch.setattr(use_cases, "create_recommendation", validated)
-
-
 def test_a_repeated_request_body_is_answered_before_routing(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -95,7 +91,7 @@ def test_a_repeated_request_body_is_answered_before_routing(
     headers = {"content-type": "application/json"}
     routed = client.post("/v1/recommendations", content=body, headers=headers)  # remembers these bytes
     assert routed.status_code == 200 and routed.json()["id"] == job_id
-    _fail_if_validated(monkeypatch)
+    _fail_if_routed(monkeypatch, "POST")
     again = client.post("/v1/recommendations", content=body, headers={**headers, "X-Request-ID": "post-1"})
     assert again.status_code == 200 and again.content == routed.content
     assert again.headers["location"] == routed.headers["location"] == f"/v1/recommendations/{job_id}"
@@ -112,7 +108,7 @@ def test_other_bytes_force_and_expired_answers_go_through_the_app(
     headers = {"content-type": "application/json"}
     assert client.post("/v1/recommendations", content=body, headers=headers).status_code == 200
     key = use_cases.answer_key(RecommendationCreate.model_validate(MLP))
-    _fail_if_validated(monkeypatch)
+    _fail_if_routed(monkeypatch, "POST")
     with pytest.raises(AssertionError, match="reached the route"):  # same request, other bytes
         client.post("/v1/recommendations", content=json.dumps(MLP, indent=1).encode(), headers=headers)
     with pytest.raises(AssertionError, match="reached the route"):  # force is never answered from memory
@@ -144,7 +140,7 @@ def test_a_repeated_body_still_needs_the_api_key(keyed: TestClient, monkeypatch:
     _finished_job(keyed, good)
     body = json.dumps(MLP).encode()
     assert keyed.post("/v1/recommendations", content=body, headers=good).status_code == 200
-    _fail_if_validated(monkeypatch)
+    _fail_if_routed(monkeypatch, "POST")
     refused = keyed.post("/v1/recommendations", content=body, headers={"content-type": "application/json"})
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key"
     assert keyed.post("/v1/recommendations", content=body, headers=good).status_code == 200
