@@ -7,6 +7,8 @@ from models.base import ModelSpec
 from models.gpt import GPTConfig
 from models.mlp import MLPConfig
 from models.registry import (
+    MAX_PARAMETERS,
+    MAX_SAMPLE_ELEMENTS,
     MODELS,
     UnknownModelError,
     config_schema,
@@ -14,10 +16,13 @@ from models.registry import (
     get_model,
     list_models,
     make_config,
+    parameter_count,
 )
 from models.resnet import ResNetConfig
 
 __all__ = [
+    "MAX_PARAMETERS",
+    "MAX_SAMPLE_ELEMENTS",
     "MODELS",
     "GPTConfig",
     "MLPConfig",
@@ -29,4 +34,5 @@ __all__ = [
     "get_model",
     "list_models",
     "make_config",
+    "parameter_count",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -19,6 +19,8 @@ class ModelSpec:
     `loss(outputs, targets)` returns a scalar loss.
     `input_shape(config)` is the per-sample input shape, `input_dtype` its dtype
     ("float32" for images/features, "int64" for token ids), `num_classes(config)` the label range.
+    `parameter_count(config)` counts the module's parameters arithmetically, without building it
+    (None where the architecture is not known in advance, as for uploaded programs).
     """
 
     name: str
@@ -31,6 +33,41 @@ class ModelSpec:
     input_dtype: str
     num_classes: Callable[[Any], int]
     supports_gradient_checkpointing: bool
+    parameter_count: Callable[[Any], int] | None = None
+
+
+def bounded(default: Any, **limits: float) -> Any:
+    """A config field with limits in JSON Schema's words (minimum, maximum, exclusiveMaximum, maxItems).
+
+    The config's `__post_init__` enforces them with `check_bounds`, and the zoo's JSON schema shows them,
+    so the limits a client reads are the ones applied. For a tuple field they apply to every item.
+    """
+    return field(default=default, metadata={"limits": limits})
+
+
+def field_limits(config_type: type) -> dict[str, dict[str, float]]:
+    """The limits of each bounded field of a config dataclass (see `bounded`)."""
+    return {f.name: dict(f.metadata["limits"]) for f in fields(config_type) if "limits" in f.metadata}
+
+
+def check_bounds(config: Any) -> None:
+    """Raise ValueError naming the first field of `config` outside its limits."""
+    for name, limits in field_limits(type(config)).items():
+        value = getattr(config, name)
+        items = value if isinstance(value, tuple) else (value,)
+        every = " all" if isinstance(value, tuple) else ""
+        if "maxItems" in limits and len(items) > limits["maxItems"]:
+            raise ValueError(f"{name} may list at most {limits['maxItems']} values, got {len(items)}")
+        low, high = limits.get("minimum"), limits.get("maximum")
+        below_exclusive = limits.get("exclusiveMaximum")
+        for item in items:
+            if below_exclusive is not None and not low <= item < below_exclusive:
+                raise ValueError(f"{name} must{every} be in [{low:g}, {below_exclusive:g})")
+            if low is not None and item < low:
+                bound = "> 0" if low == 1 else f">= {low}"
+                raise ValueError(f"{name} must{every} be {bound}")
+            if high is not None and item > high:
+                raise ValueError(f"{name} must{every} be <= {high} (got {item})")
 
 
 def _source_device(device: torch.device | str, generator: torch.Generator | None) -> torch.device:

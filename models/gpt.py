@@ -14,27 +14,25 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.base import ModelSpec, randint
+from models.base import ModelSpec, bounded, check_bounds, randint
 
 
 @dataclass(frozen=True)
 class GPTConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128  # sequence length of a training sample
-    vocab_size: int = 256  # bytes
-    dropout: float = 0.0
+    # Limits lie beyond the largest published models (~100 layers, n_embd ~25k, vocabularies ~256k) and
+    # keep sizes far from overflow; the registry also caps the total parameter count.
+    n_layer: int = bounded(4, minimum=1, maximum=1024)
+    n_head: int = bounded(4, minimum=1, maximum=1024)
+    n_embd: int = bounded(128, minimum=1, maximum=2**16)
+    block_size: int = bounded(128, minimum=1, maximum=2**20)  # sequence length of a training sample
+    vocab_size: int = bounded(256, minimum=1, maximum=2**22)  # default: bytes
+    dropout: float = bounded(0.0, minimum=0.0, exclusiveMaximum=1.0)
     bias: bool = True  # bias in Linear and LayerNorm layers
 
     def __post_init__(self) -> None:
-        for field in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be > 0")
+        check_bounds(self)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd must be divisible by n_head (got {self.n_embd} and {self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError("dropout must be in [0, 1)")
 
 
 class CausalSelfAttention(nn.Module):
@@ -134,6 +132,17 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
 
+def parameter_count(config: GPTConfig) -> int:
+    """Parameters of `GPT(config)`, counted without building it (lm_head shares wte's weight)."""
+    e, bias = config.n_embd, int(config.bias)
+    layer_norm = e + bias * e
+    attention = (e * 3 * e + bias * 3 * e) + (e * e + bias * e)
+    mlp = (e * 4 * e + bias * 4 * e) + (4 * e * e + bias * e)
+    block = 2 * layer_norm + attention + mlp
+    embeddings = config.vocab_size * e + config.block_size * e
+    return embeddings + config.n_layer * block + layer_norm
+
+
 def build(config: GPTConfig, gradient_checkpointing: bool = False) -> GPT:
     return GPT(config, gradient_checkpointing)
 
@@ -161,4 +170,5 @@ SPEC = ModelSpec(
     input_dtype="int64",
     num_classes=lambda config: config.vocab_size,
     supports_gradient_checkpointing=True,
+    parameter_count=parameter_count,
 )

@@ -12,27 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ModelSpec, randint, randn
+from models.base import ModelSpec, bounded, check_bounds, randint, randn
 
 
 @dataclass(frozen=True)
 class MLPConfig:
-    input_dim: int = 64  # digits: 8x8 pixels
-    hidden_dims: tuple[int, ...] = (256, 256)  # empty = multinomial logistic regression
-    num_classes: int = 10
-    dropout: float = 0.0
+    # Limits are generous for real use (wider than any published MLP) and keep sizes far from overflow;
+    # the registry also caps the total parameter count.
+    input_dim: int = bounded(64, minimum=1, maximum=2**24)  # digits: 8x8 pixels
+    # empty = multinomial logistic regression
+    hidden_dims: tuple[int, ...] = bounded((256, 256), minimum=1, maximum=2**20, maxItems=64)
+    num_classes: int = bounded(10, minimum=1, maximum=2**24)
+    dropout: float = bounded(0.0, minimum=0.0, exclusiveMaximum=1.0)
 
     def __post_init__(self) -> None:
         # Accept a list for convenience but store a tuple, so configs stay hashable.
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
-        if self.input_dim <= 0:
-            raise ValueError("input_dim must be > 0")
-        if any(h <= 0 for h in self.hidden_dims):
-            raise ValueError("hidden_dims must all be > 0")
-        if self.num_classes <= 0:
-            raise ValueError("num_classes must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError("dropout must be in [0, 1)")
+        check_bounds(self)
 
 
 class MLP(nn.Module):
@@ -50,6 +46,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def parameter_count(config: MLPConfig) -> int:
+    """Weights and biases of every Linear layer, counted without building the module."""
+    widths = [config.input_dim, *config.hidden_dims, config.num_classes]
+    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(widths, widths[1:], strict=False))
 
 
 def build(config: MLPConfig, gradient_checkpointing: bool = False) -> MLP:
@@ -82,4 +84,5 @@ SPEC = ModelSpec(
     input_dtype="float32",
     num_classes=lambda config: config.num_classes,
     supports_gradient_checkpointing=False,
+    parameter_count=parameter_count,
 )

@@ -1,7 +1,8 @@
 """The zoo's index: find a model by name and turn a client's JSON config into a checked dataclass.
 
 `make_config` is strict on purpose: a misspelt field or a string where a number belongs is an
-error the client should hear about, never a silently ignored override.
+error the client should hear about, never a silently ignored override. It also refuses models too
+large for any single device, from arithmetic alone: no module is built to find out.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from models import gpt, mlp, resnet
-from models.base import ModelSpec
+from models.base import ModelSpec, field_limits
+
+# 2e10 fp32 parameters need 160 GB for weights and gradients alone, before any optimizer state or
+# activation: more than any single accelerator holds, and a probe trains on one device.
+MAX_PARAMETERS = 20_000_000_000
+# Elements of one training sample's input (fp32: 1 GiB): larger samples cannot be probed at batch size 1.
+MAX_SAMPLE_ELEMENTS = 2**28
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (mlp.SPEC, resnet.SPEC, gpt.SPEC)}
 
@@ -38,7 +45,9 @@ def list_models() -> list[ModelSpec]:
 def make_config(spec: ModelSpec | str, overrides: Mapping[str, Any] | None = None) -> Any:
     """Build `spec.config_type` from a JSON-like dict; unset fields keep their defaults.
 
-    Raises ValueError naming the field for unknown fields, wrong types and invalid values.
+    Raises ValueError naming the field for unknown fields, wrong types and values outside the
+    field's limits, and naming the count and the limit for a model over MAX_PARAMETERS or a sample
+    over MAX_SAMPLE_ELEMENTS.
     """
     spec = get_model(spec) if isinstance(spec, str) else spec
     overrides = {} if overrides is None else overrides
@@ -51,7 +60,32 @@ def make_config(spec: ModelSpec | str, overrides: Mapping[str, Any] | None = Non
         if name not in hints:
             raise ValueError(f"unknown field {name!r} for {spec.name}; allowed fields: {', '.join(allowed)}")
         kwargs[name] = _coerce(name, hints[name], value)
-    return spec.config_type(**kwargs)
+    config = spec.config_type(**kwargs)
+    _check_size(spec, config)
+    return config
+
+
+def parameter_count(spec: ModelSpec | str, config: Any) -> int | None:
+    """The model's parameter count from its config alone (None where the spec cannot tell)."""
+    spec = get_model(spec) if isinstance(spec, str) else spec
+    return None if spec.parameter_count is None else spec.parameter_count(config)
+
+
+def _check_size(spec: ModelSpec, config: Any) -> None:
+    count = parameter_count(spec, config)
+    if count is not None and count > MAX_PARAMETERS:
+        raise ValueError(
+            f"this {spec.name} config has {count:,} parameters, over the limit of {MAX_PARAMETERS:,} "
+            f"(fp32 weights and gradients alone would need {count * 8 / 1e9:,.0f} GB)"
+        )
+    elements = 1
+    for size in spec.input_shape(config):
+        elements *= size
+    if elements > MAX_SAMPLE_ELEMENTS:
+        raise ValueError(
+            f"one input sample of this {spec.name} config has {elements:,} elements, over the limit of "
+            f"{MAX_SAMPLE_ELEMENTS:,}"
+        )
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -65,18 +99,31 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def config_schema(spec: ModelSpec | str) -> dict[str, Any]:
     """A JSON Schema of the config (types, defaults, allowed values) for the API docs and `/v1/models`.
 
-    Range checks live in each config's `__post_init__` and are not repeated here.
+    Each bounded field shows the limits its config's `__post_init__` enforces (for a list: on its items,
+    and `maxItems`).
     """
     spec = get_model(spec) if isinstance(spec, str) else spec
     hints = typing.get_type_hints(spec.config_type)
     defaults = config_to_dict(spec.config_type())
-    properties = {name: {**_json_type(hint), "default": defaults[name]} for name, hint in hints.items()}
+    limits = field_limits(spec.config_type)
+    properties = {
+        name: _with_limits({**_json_type(hint), "default": defaults[name]}, limits.get(name, {}))
+        for name, hint in hints.items()
+    }
     return {
         "title": spec.config_type.__name__,
         "type": "object",
         "properties": properties,
         "additionalProperties": False,
     }
+
+
+def _with_limits(schema: dict[str, Any], limits: dict[str, float]) -> dict[str, Any]:
+    if schema.get("type") == "array":
+        item_limits = {k: v for k, v in limits.items() if k != "maxItems"}
+        extra = {"maxItems": limits["maxItems"]} if "maxItems" in limits else {}
+        return {**schema, "items": {**schema["items"], **item_limits}, **extra}
+    return {**schema, **limits}
 
 
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}

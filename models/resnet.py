@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.base import ModelSpec, randint, randn
+from models.base import ModelSpec, bounded, check_bounds, randint, randn
 
 # depth -> (block type, blocks per stage)
 LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3))}
@@ -23,19 +23,20 @@ STEMS = ("cifar", "imagenet")
 
 @dataclass(frozen=True)
 class ResNetConfig:
+    # Limits lie beyond real use (wide ResNets reach width 640) and keep sizes far from overflow; the
+    # registry also caps the total parameter count.
     depth: Literal[18, 34, 50] = 18
-    num_classes: int = 10
-    image_size: int = 32
-    in_channels: int = 3
+    num_classes: int = bounded(10, minimum=1, maximum=2**24)
+    image_size: int = bounded(32, minimum=1, maximum=4096)
+    in_channels: int = bounded(3, minimum=1, maximum=1024)
     stem: Literal["cifar", "imagenet"] = "cifar"  # cifar: 3x3 conv, no maxpool; imagenet: 7x7/2 + maxpool
-    width: int = 64  # channels of the first stage; stages use width x 1, 2, 4, 8
+    # channels of the first stage; the stages use width x 1, 2, 4, 8
+    width: int = bounded(64, minimum=1, maximum=4096)
 
     def __post_init__(self) -> None:
         if self.depth not in LAYOUTS:
             raise ValueError(f"depth must be one of {sorted(LAYOUTS)}")
-        for field in ("num_classes", "image_size", "in_channels", "width"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be > 0")
+        check_bounds(self)
         if self.stem not in STEMS:
             raise ValueError(f"stem must be one of {list(STEMS)}")
 
@@ -138,6 +139,33 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
+def parameter_count(config: ResNetConfig) -> int:
+    """Parameters of `ResNet(config)` (convolutions, BatchNorm scales and shifts, the head), counted
+    without building it: the same walk over stages and blocks as the constructor."""
+
+    def conv_bn(in_planes: int, out_planes: int, kernel: int) -> int:
+        return in_planes * out_planes * kernel * kernel + 2 * out_planes
+
+    kind, blocks_per_stage = LAYOUTS[config.depth]
+    expansion = 1 if kind == "basic" else Bottleneck.expansion
+    width = config.width
+    total = conv_bn(config.in_channels, width, 7 if config.stem == "imagenet" else 3)
+    in_planes = width
+    for i, num_blocks in enumerate(blocks_per_stage):
+        planes = width * 2**i
+        for j in range(num_blocks):
+            stride = 1 if i == 0 or j > 0 else 2
+            if kind == "basic":
+                total += conv_bn(in_planes, planes, 3) + conv_bn(planes, planes, 3)
+            else:
+                total += conv_bn(in_planes, planes, 1) + conv_bn(planes, planes, 3)
+                total += conv_bn(planes, planes * expansion, 1)
+            if stride != 1 or in_planes != planes * expansion:
+                total += conv_bn(in_planes, planes * expansion, 1)
+            in_planes = planes * expansion
+    return total + in_planes * config.num_classes + config.num_classes
+
+
 def build(config: ResNetConfig, gradient_checkpointing: bool = False) -> ResNet:
     return ResNet(config, gradient_checkpointing)
 
@@ -167,4 +195,5 @@ SPEC = ModelSpec(
     input_dtype="float32",
     num_classes=lambda config: config.num_classes,
     supports_gradient_checkpointing=True,
+    parameter_count=parameter_count,
 )

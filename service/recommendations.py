@@ -294,12 +294,10 @@ def _check_budget(
 
 
 def parameter_bytes(spec: Any, config: Any) -> int:
-    """Bytes of the model's parameters, counted on the meta device (nothing is allocated)."""
-    import torch
+    """Bytes of the model's fp32 parameters, computed from the config: no module is built."""
+    from models import parameter_count
 
-    with torch.device("meta"):
-        module = spec.build(config, False)
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    return 4 * (parameter_count(spec, config) or 0)
 
 
 def fingerprint_request(request: dict[str, Any], *, host: HostDevice) -> str:

@@ -18,6 +18,7 @@ from models import (
     get_model,
     list_models,
     make_config,
+    parameter_count,
 )
 
 
@@ -113,10 +114,15 @@ def test_config_schema_lists_types_defaults_and_choices():
     schema = config_schema("resnet")
     assert schema["additionalProperties"] is False
     assert schema["properties"]["depth"] == {"enum": [18, 34, 50], "default": 18}
-    assert schema["properties"]["width"] == {"type": "integer", "default": 64}
+    assert schema["properties"]["width"] == {"type": "integer", "default": 64, "minimum": 1, "maximum": 4096}
     mlp = config_schema("mlp")["properties"]
-    assert mlp["hidden_dims"] == {"type": "array", "items": {"type": "integer"}, "default": [256, 256]}
-    assert mlp["dropout"] == {"type": "number", "default": 0.0}
+    assert mlp["hidden_dims"] == {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 1, "maximum": 2**20},
+        "maxItems": 64,
+        "default": [256, 256],
+    }
+    assert mlp["dropout"] == {"type": "number", "default": 0.0, "minimum": 0.0, "exclusiveMaximum": 1.0}
 
 
 def test_models_package_imports_only_torch_and_the_standard_library():
@@ -130,3 +136,62 @@ def test_models_package_imports_only_torch_and_the_standard_library():
             else:
                 continue
             assert roots <= allowed, f"{path.name} imports {roots - allowed}"
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("gpt", {"n_layer": 1_000_000}, r"n_layer must be <= 1024 \(got 1000000\)"),
+        ("gpt", {"n_embd": 2**40}, r"n_embd must be <= 65536"),
+        ("mlp", {"hidden_dims": [2**62]}, r"hidden_dims must all be <= 1048576"),
+        ("mlp", {"input_dim": 2**63}, r"input_dim must be <= 16777216"),
+        ("mlp", {"hidden_dims": [8] * 65}, r"hidden_dims may list at most 64 values, got 65"),
+        ("resnet", {"width": 2**40}, r"width must be <= 4096"),
+        ("resnet", {"image_size": 10**6}, r"image_size must be <= 4096"),
+    ],
+)
+def test_every_size_has_an_upper_bound(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(name, overrides)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("gpt", {"n_layer": 1024, "n_embd": 2**16, "n_head": 64}),
+        ("mlp", {"input_dim": 2**24, "hidden_dims": [2**20]}),
+        ("resnet", {"depth": 50, "width": 4096}),
+    ],
+)
+def test_models_over_the_parameter_limit_are_refused_naming_count_and_limit(name, overrides):
+    count = parameter_count(name, get_model(name).config_type(**overrides))
+    assert count > models.MAX_PARAMETERS
+    with pytest.raises(ValueError, match=rf"has {count:,} parameters, over the limit of 20,000,000,000"):
+        make_config(name, overrides)
+
+
+def test_samples_over_the_element_limit_are_refused():
+    with pytest.raises(ValueError, match=r"268,435,456"):
+        make_config("resnet", {"image_size": 4096, "in_channels": 1024, "width": 8})
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("mlp", {}),
+        ("mlp", {"hidden_dims": []}),
+        ("mlp", {"input_dim": 7, "hidden_dims": [3, 5, 7], "num_classes": 2}),
+        ("gpt", {}),
+        ("gpt", {"bias": False, "n_layer": 2, "n_embd": 48, "n_head": 3, "vocab_size": 9, "block_size": 17}),
+        ("resnet", {}),
+        ("resnet", {"depth": 34, "stem": "imagenet", "width": 16, "in_channels": 1}),
+        ("resnet", {"depth": 50, "width": 8, "num_classes": 7}),
+    ],
+)
+def test_parameter_count_is_exact_without_building(name, overrides):
+    import torch
+
+    spec, config = get_model(name), make_config(name, overrides)
+    with torch.device("meta"):
+        module = spec.build(config, False)
+    assert parameter_count(spec, config) == sum(p.numel() for p in module.parameters())
