@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -19,8 +20,9 @@ from service.api.polling import CachedAnswers
 from service.config import Settings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factories, session_scope
-from service.errors import install_error_handlers
+from service.errors import UnexpectedErrors, error_responses, install_error_handlers
 from service.observability import Metrics, RequestContext
+from service.security import UNSAFE_METHODS, CrossSiteGuard
 from service.state import AppState, detect_host
 from service.worker import Worker
 
@@ -82,14 +84,36 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     app.include_router(ui.router, dependencies=v1)
     app.include_router(ui.docs_router)
     app.mount(ui.STATIC_URL, StaticFiles(directory=ui.STATIC_DIR), name="static")
+    _document_write_refusals(app)
     app.add_middleware(CachedAnswers, job_path=recommendations.JOB_PATH)  # innermost
     app.add_middleware(
         BodySizeLimit,
         max_bytes=resolved.max_body_bytes,
         upload_paths={"/v1/artifacts": resolved.max_upload_bytes + UPLOAD_FORM_OVERHEAD},
     )
-    app.add_middleware(RequestContext, metrics=metrics)  # outermost: 413s get a request id too
+    app.add_middleware(CrossSiteGuard, allowed_origins=resolved.cors_origins)  # before any body is read
+    app.add_middleware(UnexpectedErrors)  # JSON 500/503 for whatever the app or a middleware above raises
+    if resolved.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=resolved.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Location"],
+        )
+    app.add_middleware(RequestContext, metrics=metrics)  # outermost: 413s and 500s get a request id too
     return app
+
+
+def _document_write_refusals(app: FastAPI) -> None:
+    """State-changing routes can also answer 403 (cross-site, service.security) and 503 (storage refuses
+    writes, service.errors): say so in the OpenAPI document."""
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.methods & UNSAFE_METHODS:
+            for code, entry in error_responses(403, 503).items():
+                route.responses.setdefault(code, entry)
 
 
 def _count_jobs(reads: sessionmaker[Session]) -> dict[str, int]:
@@ -102,7 +126,9 @@ def _count_jobs(reads: sessionmaker[Session]) -> dict[str, int]:
 class BodySizeLimit:
     """Refuse bodies over the limit with 413, whether or not the client sent Content-Length.
 
-    `upload_paths` gives routes that take file uploads their own, larger limit.
+    Without Content-Length (a chunked body) the limit is found while the app reads: whatever the app
+    makes of the cut-off body (an error, a 400) is replaced by the 413. `upload_paths` gives routes
+    that take file uploads their own, larger limit.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, upload_paths: dict[str, int] | None = None) -> None:
@@ -120,19 +146,31 @@ class BodySizeLimit:
                 await _send_too_large(send, limit)
                 return
         received = 0
+        over = started = False
 
         async def limited_receive() -> dict:
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    over = True
                     raise _BodyTooLarge
             return message
 
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if over:  # the app's answer to the cut-off body (FastAPI: a 400 parse error) becomes the 413
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
             await _send_too_large(send, limit)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -43,6 +43,26 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="`batchsize serve`/`worker` logs: one JSON object a line, or plain text."
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Browser origins (comma-separated, e.g. `https://a.example,https://b.example`; `*` for any) "
+            "allowed to call the API from their pages: CORS is opened to them and their state-changing "
+            "requests pass the cross-site check. Empty (default): no CORS, other origins' POSTs refused."
+        ),
+    )
+    min_free_disk_bytes: int = Field(
+        64 * 1024**2,
+        ge=0,
+        description="`/readyz` reports not ready when the data directory's disk has less free space.",
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     @property
     def resolved_database_url(self) -> str:

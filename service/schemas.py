@@ -5,7 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.security import MAX_JSON_DEPTH, json_depth
+
+MIN_TIME_BUDGET_S = 1.0  # less cannot run even one probe trial
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -22,6 +26,14 @@ class ModelRef(_Strict):
         default_factory=dict, description="Overrides of the zoo config's defaults."
     )
     artifact_id: str | None = Field(None, max_length=64, description="An uploaded model artifact.")
+
+    @field_validator("config")
+    @classmethod
+    def _shallow(cls, config: dict[str, Any]) -> dict[str, Any]:
+        # Bounded before anything recurses over it (serialising, hashing, storing).
+        if json_depth(config) > MAX_JSON_DEPTH:
+            raise ValueError(f"nests deeper than {MAX_JSON_DEPTH} levels")
+        return config
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelRef:
@@ -75,7 +87,14 @@ class RecommendationCreate(_Strict):
         description="Memory the training may use per device; default: the device's free memory.",
     )
     objective: Literal["time_to_target", "throughput", "max_feasible"] = "time_to_target"
-    time_budget_s: float = Field(120, gt=0, description="Wall-clock budget for the whole probe.")
+    time_budget_s: float = Field(
+        120,
+        ge=MIN_TIME_BUDGET_S,
+        description=(
+            f"Wall-clock budget for the whole probe, at least {MIN_TIME_BUDGET_S:g} s; the largest accepted "
+            "is this service's BATCHSIZE_MAX_TIME_BUDGET_S (default 3600 s)."
+        ),
+    )
     force: bool = Field(False, description="Probe again even if an identical request already succeeded.")
 
     model_config = ConfigDict(
@@ -165,6 +184,11 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     database: bool
+    writable: bool = Field(description="The database takes a write (tried and rolled back).")
+    disk_free_bytes: int | None = Field(
+        None,
+        description="Free bytes on the data disk (under BATCHSIZE_MIN_FREE_DISK_BYTES: not ready).",
+    )
     worker: bool | None = Field(
         None, description="Whether the in-process worker is alive (None: not run here)."
     )

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import repository
 from service.config import Settings
 from service.db.session import session_scope
+from service.errors import client_message
 from service.probing.spec import ProbeError
 from service.recommendations import HostDevice, probe_spec_from_request
 
@@ -167,9 +168,8 @@ class Worker:
                 log.info("job %s re-queued at shutdown", job_id)
                 return
             status = "cancelled" if exc.code == "cancelled" else "failed"
-            self._write(
-                repository.finish, job_id, status=status, error_code=exc.code, error_message=exc.message
-            )
+            message = client_message(exc.message)  # the full text goes to the log below and the trials
+            self._write(repository.finish, job_id, status=status, error_code=exc.code, error_message=message)
             log.info("job %s %s: %s", job_id, status, exc.message)
             return
         except Exception as exc:
@@ -180,7 +180,7 @@ class Worker:
                 job_id,
                 status="failed",
                 error_code="internal_error",
-                error_message=repr(exc),
+                error_message=client_message(repr(exc)),
             )
             return
         self._write(repository.finish, job_id, status="succeeded", result=result)

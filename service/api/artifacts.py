@@ -12,6 +12,7 @@ from service import artifacts as use_cases
 from service import repository
 from service.api.deps import ReadSession, State, WriteSession
 from service.errors import error_responses
+from service.security import check_form_json
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -93,6 +94,7 @@ def upload_artifact(
     ] = None,
     num_classes: Annotated[int | None, Form(gt=0, le=10**9, description="Models only (optional).")] = None,
 ) -> dict:
+    check_form_json(input=input, target=target)
     declared = {"loss": loss, "input": input, "target": target, "num_classes": num_classes}
     artifact, created = use_cases.upload(
         state.reads,
