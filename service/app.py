@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
-from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -108,12 +107,22 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
 
 
 def _document_write_refusals(app: FastAPI) -> None:
-    """State-changing routes can also answer 403 (cross-site, service.security) and 503 (storage refuses
-    writes, service.errors): say so in the OpenAPI document."""
-    for route in app.routes:
-        if isinstance(route, APIRoute) and route.methods & UNSAFE_METHODS:
-            for code, entry in error_responses(403, 503).items():
-                route.responses.setdefault(code, entry)
+    """State-changing operations can also answer 403 (cross-site, service.security) and 503 (storage
+    refuses writes, service.errors): say so in the OpenAPI document, whichever router they come from."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for method, operation in operations.items():
+                    if method.upper() in UNSAFE_METHODS:
+                        for code, entry in error_responses(403, 503).items():
+                            documented = {"description": entry["description"], "content": entry["content"]}
+                            operation.setdefault("responses", {}).setdefault(str(code), documented)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _count_jobs(reads: sessionmaker[Session]) -> dict[str, int]:

@@ -217,10 +217,11 @@ def unexpected_error_response(
 ) -> JSONResponse:
     """A 503 for storage refusing work, else a 500 naming the request id; both logged with the traceback."""
     where = f"{scope.get('method', '')} {scope.get('path', '')}".strip() if scope else "request"
+    extra = {"request_id": request_id}
     if (unavailable := storage_error(exc)) is not None:
-        log.error("%s: %s (%s)", where, unavailable.message, unavailable.code, exc_info=exc)
+        log.error("%s: %s (%s)", where, unavailable.message, unavailable.code, exc_info=exc, extra=extra)
         return error_response(503, unavailable.code, unavailable.message, {"request_id": request_id})
-    log.error("unexpected error in %s", where, exc_info=exc)
+    log.error("unexpected error in %s", where, exc_info=exc, extra=extra)
     message = f"unexpected error; it has been logged under request id {request_id}"
     return error_response(500, "internal_error", message, {"request_id": request_id})
 
