@@ -141,8 +141,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Last resort, for an error in the outermost middleware itself (UnexpectedErrors, inside it,
         # answers everything else): Starlette's ServerErrorMiddleware calls this instead of a bare 500.
+        # Not logged here: the server logs what this middleware re-raises.
         request_id = request_id_var.get() or request.headers.get(REQUEST_ID_HEADER)
-        return unexpected_error_response(exc, request_id, scope=request.scope)
+        return unexpected_error_response(exc, request_id)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -212,25 +213,24 @@ def storage_error(exc: BaseException) -> ServiceUnavailable | None:
     return None
 
 
-def unexpected_error_response(
-    exc: BaseException, request_id: str | None, *, scope: Scope | None = None
-) -> JSONResponse:
-    """A 503 for storage refusing work, else a 500 naming the request id; both logged with the traceback."""
-    where = f"{scope.get('method', '')} {scope.get('path', '')}".strip() if scope else "request"
-    extra = {"request_id": request_id}
+def unexpected_error_response(exc: BaseException, request_id: str | None) -> JSONResponse:
+    """The envelope for an exception nothing else handled: a 503 when storage refused the work (see
+    `storage_error`), else a 500 naming the request id under which the traceback is logged."""
     if (unavailable := storage_error(exc)) is not None:
-        log.error("%s: %s (%s)", where, unavailable.message, unavailable.code, exc_info=exc, extra=extra)
         return error_response(503, unavailable.code, unavailable.message, {"request_id": request_id})
-    log.error("unexpected error in %s", where, exc_info=exc, extra=extra)
     message = f"unexpected error; it has been logged under request id {request_id}"
     return error_response(500, "internal_error", message, {"request_id": request_id})
 
 
 class UnexpectedErrors:
-    """Middleware: any exception from the app or the middleware inside this one gets the JSON envelope.
+    """Middleware: any exception from the app or a middleware inside this one gets the JSON envelope.
 
-    Place it just inside `RequestContext`, so the answer carries `X-Request-ID` and is counted and logged.
-    When the response had already started, nothing more can be sent: the error is only logged.
+    Place it just inside `RequestContext`, so the answer carries `X-Request-ID` and is counted. Storage
+    refusing a write is an expected condition: answered with a 503 and logged as a warning with its
+    traceback. Anything else is answered with a 500 and then re-raised, as Starlette's own error
+    middleware does: `RequestContext` logs it with the traceback and the request id, the server sees
+    it, and test clients raise it unless told not to. When the response had already started, nothing
+    more can be sent: the exception goes on as it is.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -251,11 +251,14 @@ class UnexpectedErrors:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:
             if started:
-                where = f"{scope.get('method')} {scope.get('path')}"
-                log.error("error in %s after its response started", where, exc_info=exc)
-                return
-            response = unexpected_error_response(exc, request_id_var.get(), scope=scope)
+                raise
+            request_id = request_id_var.get()
+            response = unexpected_error_response(exc, request_id)
             await response(scope, receive, send)
+            if response.status_code != 503:
+                raise
+            where = f"{scope.get('method')} {scope.get('path')}"
+            log.warning("%s answered 503: storage refused the work", where, exc_info=exc)
 
 
 # --- job errors as clients see them ---------------------------------------------------------------
