@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
         upload_paths={"/v1/artifacts": resolved.max_upload_bytes + UPLOAD_FORM_OVERHEAD},
     )
     app.add_middleware(CrossSiteGuard, allowed_origins=resolved.cors_origins)  # before any body is read
-    app.add_middleware(UnexpectedErrors)  # JSON 500/503 for whatever the app or a middleware above raises
+    app.add_middleware(UnexpectedErrors)  # JSON 500/503 for whatever the app or a middleware inside raises
     if resolved.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
