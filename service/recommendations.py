@@ -278,6 +278,7 @@ def _check_budget(
 ) -> None:
     budget = payload.memory_budget_bytes
     if budget is None:
+        _check_fits_device(payload, parameter_bytes_of(), device_memory)
         return
     if budget > device_memory:
         raise InvalidRequest(
@@ -290,6 +291,17 @@ def _check_budget(
             f"memory_budget_bytes {budget} is smaller than the model's weights, gradients and "
             f"{payload.training.optimizer} state alone ({minimum} bytes), before any activation",
             code="budget_below_model",
+        )
+
+
+def _check_fits_device(payload: RecommendationCreate, parameter_bytes: int, device_memory: int) -> None:
+    """Without a budget the probe may use the whole device: refuse a model whose state alone exceeds it."""
+    minimum = parameter_bytes * _STATE_COPIES[payload.training.optimizer]
+    if minimum > device_memory:
+        raise InvalidRequest(
+            f"the model's weights, gradients and {payload.training.optimizer} state alone ({minimum} bytes) "
+            f"exceed the device's memory ({device_memory} bytes)",
+            code="model_exceeds_device",
         )
 
 

@@ -198,6 +198,17 @@ def test_the_budget_check_counts_parameters_without_building_the_model(
     assert str(4 * 3 * (2**24 * 512 + 512 + 512 * 10 + 10)) in _error(response)["message"]
 
 
+def test_without_a_budget_a_model_larger_than_the_device_is_a_422(client: TestClient) -> None:
+    model = {"name": "mlp", "config": {"input_dim": 2**24, "hidden_dims": [512]}}  # 8.6e9 parameters
+    device = {"type": "cuda", "memory_bytes": 2**34}
+    response = client.post("/v1/recommendations", json={"model": model, "device": device})
+    assert response.status_code == 422
+    error = _error(response)
+    assert error["code"] == "model_exceeds_device" and str(2**34) in error["message"]
+    small = {"model": {"name": "mlp"}, "device": device}
+    assert client.post("/v1/recommendations", json=small).status_code == 202
+
+
 @pytest.mark.parametrize("seconds", [1e-320, 0.5, 0, -1])
 def test_time_budgets_under_one_second_are_a_422(client: TestClient, seconds: float) -> None:
     response = client.post("/v1/recommendations", json={**MLP, "time_budget_s": seconds})
