@@ -152,8 +152,10 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(_request) or headers.get("Allow", "")
-        code = f"http_{exc.status_code}"
-        return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's "error parsing the body", from json.loads
+            message = "the JSON body nests deeper than the parser allows"
+        return error_response(exc.status_code, f"http_{exc.status_code}", message, headers=headers or None)
 
 
 def _allowed_methods(request: Request) -> str | None:

@@ -155,6 +155,7 @@ def test_nesting_beyond_the_json_parser_is_a_400(client: TestClient) -> None:
         "/v1/recommendations", content=_nested_config(5000), headers={"content-type": "application/json"}
     )
     assert response.status_code == 400 and _error(response)["code"] == "http_400"
+    assert "nests deeper than the parser allows" in _error(response)["message"]
 
 
 @pytest.mark.parametrize(
