@@ -110,11 +110,12 @@ def _read_only(path: Path) -> Iterator[str]:
     """Make a file truly read-only for this process: `chattr +i` as root (permissions do not bind
     root), plain permissions otherwise. Yields how; skips where neither is possible."""
     if os.geteuid() != 0:
-        path.chmod(0o444)
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
         try:
-            yield "chmod 444"
+            yield "chmod"
         finally:
-            path.chmod(0o644)
+            path.chmod(mode)
         return
     done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -145,6 +146,22 @@ def test_a_read_only_database_answers_writes_with_a_503_and_readyz_says_not_read
     with TestClient(create_app(settings, run_worker=False)) as client:  # writable again: all back
         assert client.get("/readyz").status_code == 200
         assert client.delete(f"/v1/recommendations/{queued['id']}").status_code == 200
+
+
+def test_a_read_only_data_directory_answers_uploads_with_a_503(settings: Settings) -> None:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros((4, 64), dtype=np.float32), y=np.zeros(4, dtype=np.int64))
+    with TestClient(create_app(settings, run_worker=False)) as client, _read_only(settings.data_dir):
+        response = client.post(
+            "/v1/artifacts", files={"file": ("s.npz", buffer.getvalue())}, data={"kind": "sample"}
+        )
+        assert response.status_code == 503
+        assert _envelope(response)["code"] == "storage_not_writable"
+        assert client.get("/readyz").json()["status"] == "not_ready"
 
 
 @pytest.mark.parametrize(
