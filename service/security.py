@@ -55,8 +55,8 @@ def cross_site_problem(headers: Mapping[bytes, bytes], *, allowed: Collection[st
     origin_text = origin.decode("latin-1")
     if "*" in allowed or _normal_origin(origin_text) in allowed:
         return None
-    host = headers.get(b"host", b"").decode("latin-1")
-    if host and _origin_host(origin_text) == _normal_host(host):
+    origin_host = _origin_host(origin_text)
+    if origin_host is not None and origin_host == _normal_host(headers.get(b"host", b"").decode("latin-1")):
         return None
     return (
         f"state-changing requests from pages of another origin ({origin_text[:200]}) are refused; "

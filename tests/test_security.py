@@ -121,6 +121,7 @@ def test_configured_origins_get_cors_and_may_post(settings: Settings) -> None:
         ({b"origin": b"http://localhost:3000", b"host": b"localhost:8000"}, True),  # another local app
         ({b"origin": b"http://localhost:8000.evil.example", b"host": b"localhost:8000"}, True),
         ({b"origin": b"null", b"host": b"localhost:8000"}, True),
+        ({b"origin": b"null", b"host": b"@"}, True),  # neither names a host: not a match
         ({b"origin": b"http://evil.example"}, True),
         ({b"sec-fetch-site": b"same-site"}, True),
         ({b"sec-fetch-site": b"none"}, False),
