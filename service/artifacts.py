@@ -55,6 +55,7 @@ MODEL_SUFFIX = ".pt2"
 SAMPLE_SUFFIXES = (".npz", ".safetensors")
 CHUNK_BYTES = 1024 * 1024
 LOSSES = ("cross_entropy", "mse", "model_returns_loss")
+DRY_RUN_NICENESS = 10
 # Upload checks (hashing, parsing, dry runs) run on pools of their own, made on first use, one per
 # concurrency setting: a queue that never occupies the event loop or the request thread pool.
 _CHECK_POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -320,9 +321,13 @@ def run_dry_run(
     """`python -m service.probing.exported` on the CPU, sandboxed in its own process group; JSON in/out."""
     with tempfile.TemporaryFile() as stderr:
         try:
-            # On the CPU: the GPU is left to the probes.
+            # On the CPU (the GPU is left to the probes), at low priority: it must not starve the API.
             with sandboxed_module(
-                "service.probing.exported", stderr, {"CUDA_VISIBLE_DEVICES": ""}, limits=limits
+                "service.probing.exported",
+                stderr,
+                {"CUDA_VISIBLE_DEVICES": ""},
+                limits=limits,
+                niceness=DRY_RUN_NICENESS,
             ) as process:
                 request = json.dumps({"path": str(path), "declared": declared})
                 output = _communicate(process, request, timeout_s)

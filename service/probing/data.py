@@ -20,7 +20,6 @@ import math
 import os
 import struct
 import sysconfig
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,13 +219,16 @@ def _read_npz(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[st
                 with archive.open(info) as member:
                     dtype, shape, fortran = untrusted.read_npy_header(member, what=what)
                     if dtype.kind not in "biuf":
-                        raise ValueError(f"array {key!r} must be numeric, got dtype {dtype}")
+                        raise untrusted.InputRefused(
+                            "sample_refused", f"array {key!r} must be numeric, got dtype {dtype}"
+                        )
                     nbytes = untrusted.declared_bytes(shape, dtype.itemsize)
                     total += nbytes
                     if total > max_bytes:
-                        raise ValueError(
+                        raise untrusted.InputRefused(
+                            "sample_refused",
                             f"{what} declares shape {list(shape)} of {dtype} ({nbytes} bytes): the data "
-                            f"sample would unpack to more than the limit of {max_bytes} bytes"
+                            f"sample would unpack to more than the limit of {max_bytes} bytes",
                         )
                     flat = np.empty(nbytes // dtype.itemsize if dtype.itemsize else 0, dtype=dtype)
                     untrusted.read_member_into(member, memoryview(flat).cast("B"), what=what)
@@ -237,8 +239,10 @@ def _read_npz(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[st
     except untrusted.InputRefused as exc:
         if exc.code == "pickled_content":
             raise ValueError("data sample holds pickled (object) arrays, which are refused") from None
+        if exc.code == "sample_refused":
+            raise ValueError(exc.message) from None
         raise ValueError(f"cannot read .npz data sample: {exc.message}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except untrusted.ZIP_ERRORS as exc:  # opening a member: bad header, encrypted, unknown method
         raise ValueError(f"cannot read .npz data sample: {exc}") from None
     return arrays
 

@@ -110,7 +110,7 @@ def _inspect(path: str | os.PathLike[str], max_uncompressed_bytes: int) -> tuple
                 f"{exc.message}; upload the .pt2 file written by torch.export.save",
             ) from None
         raise ArchiveError(exc.code, exc.message) from None
-    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as exc:
+    except untrusted.ZIP_ERRORS as exc:
         raise ArchiveError("not_a_zip", f"the zip archive cannot be read: {exc}") from None
 
 

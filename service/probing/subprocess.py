@@ -218,12 +218,14 @@ def sandboxed_module(
     *,
     limits: SandboxLimits | None = None,
     cuda: bool = False,
+    niceness: int = 0,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m module` under the protections in this module's docstring; yields the process.
 
     The limits are in place before the caller writes the child's request (the child reads no
-    untrusted file before that). On exit the process group is killed if still running and the
-    private temporary directory removed.
+    untrusted file before that). `niceness` > 0 lowers its CPU priority (threads it starts inherit
+    it), for work that must not starve the service. On exit the process group is killed if still
+    running and the private temporary directory removed.
     """
     limits = limits or SandboxLimits()
     private_tmp = tempfile.mkdtemp(prefix="batchsize-probe-")
@@ -234,6 +236,9 @@ def sandboxed_module(
         process = start_module(module, stderr_file, child_env, inherit=False)
         try:
             apply_limits(process.pid, limits, cuda=cuda)
+            if niceness > 0 and hasattr(os, "setpriority"):
+                with contextlib.suppress(OSError):  # exited already, or not permitted: priority only
+                    os.setpriority(os.PRIO_PROCESS, process.pid, niceness)
             yield process
         finally:
             if process.poll() is None:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import ast
 import json
+import lzma
 import math
 import re
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +34,21 @@ DEFAULT_MAX_DIRECTORY_BYTES = 4 * 1024**2
 MAX_NPY_HEADER_BYTES = 64 * 1024
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _JSON_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+# What reading a hostile zip can raise besides InputRefused: bad headers, CRC mismatches, corrupt
+# deflate/bzip2/lzma streams, encrypted (RuntimeError) or unknown (NotImplementedError) members.
+ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    struct.error,
+)
 
 
 class InputRefused(ValueError):
@@ -81,7 +98,7 @@ def open_zip(
         )
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
+    except ZIP_ERRORS as exc:
         raise InputRefused("not_a_zip", f"the {what} cannot be read: {exc}") from None
     if len(archive.infolist()) > max_entries:  # the record's count and the directory disagree
         archive.close()
@@ -102,9 +119,9 @@ def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, *, limit: int, 
                 out += chunk
                 if len(out) > limit:
                     raise InputRefused("member_too_large", f"{what} unpacks to more than {limit} bytes")
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        if isinstance(exc, InputRefused):
-            raise
+    except InputRefused:
+        raise
+    except ZIP_ERRORS as exc:
         raise InputRefused("not_a_zip", f"{what} cannot be read from the zip archive: {exc}") from None
     return bytes(out)
 
@@ -122,9 +139,9 @@ def read_member_into(member: IO[bytes], target: memoryview, *, what: str) -> Non
             filled += len(chunk)
         if member.read(1):
             raise InputRefused("invalid_sample", f"{what}: the data is longer than its header declares")
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-        if isinstance(exc, InputRefused):
-            raise
+    except InputRefused:
+        raise
+    except ZIP_ERRORS as exc:
         raise InputRefused("invalid_sample", f"{what} cannot be read from the zip archive: {exc}") from None
 
 
@@ -138,6 +155,15 @@ def read_npy_header(member: IO[bytes], *, what: str) -> tuple[Any, tuple[int, ..
     The header is a Python dict literal: parsed with `ast.literal_eval` (never `eval`) after its
     length is bounded. Object dtypes (pickles) are refused here.
     """
+    try:
+        return _read_npy_header(member, what)
+    except InputRefused:
+        raise
+    except ZIP_ERRORS as exc:
+        raise InputRefused("invalid_sample", f"{what} cannot be read from the zip archive: {exc}") from None
+
+
+def _read_npy_header(member: IO[bytes], what: str) -> tuple[Any, tuple[int, ...], bool]:
     import numpy as np  # lazy: only sample readers need it
 
     magic = member.read(8)

@@ -1,7 +1,7 @@
 """A child for the sandbox tests, run by `sandboxed_module`: reads one JSON request on stdin, answers one
 JSON line on stdout about what the sandbox let it see and do.
 
-    {"action": "report"}             -> environment names, TMPDIR (and its mode), resource limits
+    {"action": "report"}             -> environment names, TMPDIR (and its mode), niceness, limits
     {"action": "write", "bytes": n}  -> writes n bytes into TMPDIR: "ok" or the OSError
     {"action": "allocate", "bytes": n} -> allocates n bytes: "ok" or "MemoryError"
 """
@@ -27,6 +27,7 @@ def main() -> None:
             "env": sorted(os.environ),
             "tmp": tmp,
             "tmp_mode": stat.S_IMODE(os.stat(tmp).st_mode),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "limits": {
                 name: resource.getrlimit(getattr(resource, name))[0]
                 for name in ("RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NPROC")

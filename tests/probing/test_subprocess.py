@@ -7,6 +7,7 @@ writes one event, then crashes, kills itself, hangs, or writes a non-JSON line a
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -110,10 +111,14 @@ def test_prints_in_the_child_do_not_reach_the_protocol() -> None:
 # The sandbox: limits, a private TMPDIR, no secrets
 
 
-def _in_sandbox(request: dict, limits: SandboxLimits | None = None, *, cuda: bool = False) -> dict:
+def _in_sandbox(
+    request: dict, limits: SandboxLimits | None = None, *, cuda: bool = False, niceness: int = 0
+) -> dict:
     with (
         tempfile.TemporaryFile() as stderr,
-        sandboxed_module("tests.probing.sandbox_child", stderr, limits=limits, cuda=cuda) as process,
+        sandboxed_module(
+            "tests.probing.sandbox_child", stderr, limits=limits, cuda=cuda, niceness=niceness
+        ) as process,
     ):
         output, _ = process.communicate(json.dumps(request).encode(), timeout=60)
         stderr.seek(0)
@@ -179,3 +184,10 @@ def test_secret_names_and_urls_with_passwords_are_scrubbed() -> None:
         "DOCS": "https://example.invalid/a:b",
     }
     assert scrubbed_environment(environ) == {"PATH": "/bin", "DOCS": "https://example.invalid/a:b"}
+
+
+def test_a_niceness_lowers_the_child_priority() -> None:
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert _in_sandbox({"action": "report"})["nice"] == own
+    if own < 10:
+        assert _in_sandbox({"action": "report"}, niceness=10)["nice"] == 10
