@@ -421,11 +421,14 @@ _SYMPY_CONSTANTS = frozenset({"oo", "zoo", "nan", "int_oo", "true", "false", "Tr
 _POWER_FUNCTIONS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift", "RShift"})
 _SYMBOL_NAME = re.compile(r"^[a-z]+[0-9]+$")
 _QUOTED_SYMBOL = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
-_FLOAT_DIGITS = re.compile(r"^[+-]?(\d{1,40}(\.\d{0,40})?|\.\d{1,40})([eE][+-]?\d{1,3})?$|^[+-]?(inf|nan)$")
+_FLOAT_DIGITS = re.compile(
+    r"^[+-]?([0-9]{1,40}(\.[0-9]{0,40})?|\.[0-9]{1,40})([eE][+-]?[0-9]{1,3})?$|^[+-]?(inf|nan)$"
+)
 _EXPRESSION_TOKEN = re.compile(
-    r"\s*(?:(?P<number>\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r" *(?:(?P<number>[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
     r"|(?P<string>'[^'\\\n]*'|\"[^\"\\\n]*\")|(?P<op>\*\*|//|==|!=|<=|>=|[-+*/%(),=<>&|~]))"
 )
+_TRAILING_SPACE = re.compile(r" *\Z")
 MAX_EXPRESSION_CHARS = 20_000
 MAX_EXPRESSION_DEPTH = 64
 MAX_INTEGER_DIGITS = 32
@@ -446,7 +449,7 @@ class _ExpressionParser:
         self.tokens: list[tuple[str, str]] = []
         position = 0
         while position < len(text):
-            if text[position:].strip() == "":
+            if _TRAILING_SPACE.match(text, position):
                 break
             match = _EXPRESSION_TOKEN.match(text, position)
             if match is None or match.end() == position:
