@@ -112,6 +112,9 @@ def _inspect(path: str | os.PathLike[str], max_uncompressed_bytes: int) -> tuple
         raise ArchiveError(exc.code, exc.message) from None
     except untrusted.ZIP_ERRORS as exc:
         raise ArchiveError("not_a_zip", f"the zip archive cannot be read: {exc}") from None
+    except (TypeError, AttributeError, KeyError, IndexError, RecursionError) as exc:
+        # A shape of JSON the checks above did not foresee: still the client's malformed file.
+        raise _layout(f"malformed content ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _inspect_zip(archive: zipfile.ZipFile, max_uncompressed_bytes: int) -> tuple[dict[str, Any], bytes]:
@@ -209,7 +212,7 @@ def _check_payload_config(
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         raise _layout(f"{config_name} has no 'config' object")
-    _check_strings(config, config_name, ())
+    _check_member_strings(config, config_name)
     singular = kind[:-1]
     for fqn, entry in entries.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("path_name"), str):
@@ -230,8 +233,9 @@ def _check_payload_config(
             )
         if not _PAYLOAD_NAME.match(path_name) or f"{directory}{path_name}" not in files:
             raise _layout(f"{singular} {fqn!r} points at a missing file {directory}{path_name}")
-        meta = entry.get("tensor_meta") or {}
-        device = ((meta.get("device") if isinstance(meta, dict) else None) or {}).get("type", "cpu")
+        meta = entry.get("tensor_meta")
+        device_entry = meta.get("device") if isinstance(meta, dict) else None
+        device = device_entry.get("type", "cpu") if isinstance(device_entry, dict) else "cpu"
         if device != "cpu":
             raise ArchiveError(
                 "weights_not_on_cpu",
@@ -293,11 +297,15 @@ _SPEC_TYPES = frozenset(
 def check_program_json(raw: bytes, member: str) -> Any:
     """Parse the program's JSON and refuse it unless every string in it is inert (see above)."""
     data = _load_json(raw, member)
+    _check_member_strings(data, member)
+    return data
+
+
+def _check_member_strings(data: Any, member: str) -> None:
     try:
         _check_strings(data, member, ())
     except _Unsafe as exc:
         raise ArchiveError("unsafe_archive_content", f"{member}: {exc}") from None
-    return data
 
 
 def _check_strings(value: Any, member: str, path: tuple[str, ...]) -> None:
@@ -372,7 +380,7 @@ def _check_treespec(text: str) -> None:
 def _check_treespec_node(node: Any) -> None:
     if not isinstance(node, dict) or set(node) != {"type", "context", "children_spec"}:
         raise _Unsafe("a tree spec node is malformed")
-    if node["type"] not in _SPEC_TYPES:
+    if not isinstance(node["type"], str | None) or node["type"] not in _SPEC_TYPES:
         raise _Unsafe(f"a tree spec names the type {str(node['type'])[:80]!r}, which is refused")
     context = node["context"]
     if context is not None:

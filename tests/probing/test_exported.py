@@ -298,3 +298,20 @@ def test_deeply_nested_json_in_an_archive_is_refused_not_a_recursion_error(tmp_p
     with pytest.raises(ArchiveError) as excinfo:
         inspect_archive(archive)
     assert _code(excinfo) == "not_an_export_archive" and "deeper" in excinfo.value.message
+
+
+def test_strings_in_the_weights_config_are_checked_too(tmp_path: Path) -> None:
+    with zipfile.ZipFile(em.cnn_archive()) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("model_weights_config.json"))
+        config = json.loads(archive.read(name))
+    first = next(iter(config["config"]))
+    config["config"]['x"); __import__("os").system("true"); ("'] = config["config"].pop(first)
+    hostile = em._rewrite(
+        em.cnn_archive(),
+        tmp_path / "weights.pt2",
+        {"data/weights/model_weights_config.json": json.dumps(config).encode()},
+    )
+    with pytest.raises(ArchiveError) as excinfo:
+        inspect_archive(hostile)
+    assert _code(excinfo) == "unsafe_archive_content"
+    assert excinfo.value.message.startswith("data/weights/model_weights_config.json: ")
