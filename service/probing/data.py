@@ -191,6 +191,7 @@ def load_client_sample(
 
 
 MAX_SAMPLE_ARRAYS = 64
+MAX_SAMPLE_DIMS = 16
 MAX_SAFETENSORS_HEADER_BYTES = 1024**2
 MAX_SAFETENSORS_HEADER_DEPTH = 8
 
@@ -221,6 +222,10 @@ def _read_npz(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[st
                     if dtype.kind not in "biuf":
                         raise untrusted.InputRefused(
                             "sample_refused", f"array {key!r} must be numeric, got dtype {dtype}"
+                        )
+                    if len(shape) > MAX_SAMPLE_DIMS:
+                        raise untrusted.InputRefused(
+                            "sample_refused", f"{what} has {len(shape)} dimensions, over {MAX_SAMPLE_DIMS}"
                         )
                     nbytes = untrusted.declared_bytes(shape, dtype.itemsize)
                     total += nbytes
@@ -290,6 +295,8 @@ def read_safetensors(blob: bytes) -> dict[str, torch.Tensor]:
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"array {name[:80]!r}: unsupported or malformed entry") from None
+        if len(shape) > MAX_SAMPLE_DIMS:
+            raise ValueError(f"array {name[:80]!r} has {len(shape)} dimensions, over {MAX_SAMPLE_DIMS}")
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if any(s < 0 for s in shape) or not 0 <= begin <= end <= len(data) or end - begin != nbytes:
             raise ValueError(f"array {name[:80]!r}: offsets do not match its shape and dtype")
