@@ -10,14 +10,22 @@ Models are checked in two steps, and no uploaded byte is ever unpickled in this 
    program without pickle, infers the training task (input, targets) from the program and the client's
    declaration, and trains real steps at batch sizes 2, 3 and 1 (the batch dimension must be dynamic).
 
-Samples are read here with `np.load(allow_pickle=False)` or our own safetensors parser
-(`service.probing.data`) and must be readable, numeric, finite and non-empty; whether they fit a
-model is checked when a recommendation names both.
+Samples are read here by `service.probing.data`'s readers (no numpy loader, no pickle; `.npy` headers
+first, refused by declared size before anything is decompressed) and must be readable, numeric,
+finite and non-empty; whether they fit a model is checked when a recommendation names both.
+
+Every zip is opened through `service.probing.untrusted` (end record checked before the directory is
+parsed, members read in bounded chunks). Uploads are checked on a small thread pool of their own
+(`settings.artifact_check_concurrency`), never on the event loop or the request thread pool, so a
+burst of uploads queues without stalling other requests. The dry run's process is sandboxed by
+`service.probing.subprocess.sandboxed_module` (resource limits, private TMPDIR, no secrets).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +33,7 @@ import os
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,8 +45,9 @@ from service import repository
 from service.config import Settings
 from service.db.models import Artifact
 from service.db.session import session_scope
-from service.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from service.probing.subprocess import kill_group, start_module  # torch-free
+from service.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceError
+from service.probing.spec import ProbeError  # torch-free
+from service.probing.subprocess import SandboxLimits, kill_group, sandboxed_module  # torch-free
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +55,11 @@ MODEL_SUFFIX = ".pt2"
 SAMPLE_SUFFIXES = (".npz", ".safetensors")
 CHUNK_BYTES = 1024 * 1024
 LOSSES = ("cross_entropy", "mse", "model_returns_loss")
-# Dry runs load a whole model and train it: run few at a time.
-_DRY_RUNS = threading.BoundedSemaphore(2)
+DRY_RUN_NICENESS = 10
+# Upload checks (hashing, parsing, dry runs) run on pools of their own, made on first use, one per
+# concurrency setting: a queue that never occupies the event loop or the request thread pool.
+_CHECK_POOLS: dict[int, ThreadPoolExecutor] = {}
+_CHECK_POOLS_LOCK = threading.Lock()
 
 
 class ArtifactRejected(InvalidRequest):
@@ -122,6 +135,40 @@ def upload(
     finally:
         with contextlib.suppress(FileNotFoundError):
             staged.path.unlink()
+
+
+async def upload_queued(
+    reads: sessionmaker[Session],
+    writes: sessionmaker[Session],
+    *,
+    settings: Settings,
+    kind: str,
+    stream: IO[bytes],
+    filename: str,
+    declared: dict[str, Any] | None = None,
+) -> tuple[Artifact, bool]:
+    """`upload` on the check pool: at most `settings.artifact_check_concurrency` run at once, the rest
+    wait in its queue; the caller's event loop stays free meanwhile."""
+    work = functools.partial(
+        upload,
+        reads,
+        writes,
+        settings=settings,
+        kind=kind,
+        stream=stream,
+        filename=filename,
+        declared=declared,
+    )
+    return await asyncio.get_running_loop().run_in_executor(_check_pool(settings), work)
+
+
+def _check_pool(settings: Settings) -> ThreadPoolExecutor:
+    size = settings.artifact_check_concurrency
+    with _CHECK_POOLS_LOCK:
+        pool = _CHECK_POOLS.get(size)
+        if pool is None:
+            pool = _CHECK_POOLS[size] = ThreadPoolExecutor(size, thread_name_prefix="artifact-check")
+        return pool
 
 
 def get(session: Session, artifact_id: str) -> Artifact:
@@ -259,21 +306,33 @@ def check_model(path: Path, declared: dict[str, Any], *, settings: Settings) -> 
         if exc.code == "archive_too_large":
             raise PayloadTooLarge(exc.message, code=exc.code) from None
         raise ArtifactRejected(exc.message, code=exc.code) from None
-    with _DRY_RUNS:
-        result = run_dry_run(path, declared, timeout_s=settings.artifact_dry_run_timeout_s)
+    result = run_dry_run(
+        path,
+        declared,
+        timeout_s=settings.artifact_dry_run_timeout_s,
+        limits=SandboxLimits.from_settings(settings),
+    )
     return {"declared": declared, "archive": layout, **result}
 
 
-def run_dry_run(path: Path, declared: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
-    """`python -m service.probing.exported` on the CPU, in its own process group; JSON in, JSON out."""
+def run_dry_run(
+    path: Path, declared: dict[str, Any], *, timeout_s: float, limits: SandboxLimits | None = None
+) -> dict[str, Any]:
+    """`python -m service.probing.exported` on the CPU, sandboxed in its own process group; JSON in/out."""
     with tempfile.TemporaryFile() as stderr:
-        # On the CPU: the GPU is left to the probes.
-        process = start_module("service.probing.exported", stderr, {"CUDA_VISIBLE_DEVICES": ""})
         try:
-            output = _communicate(process, json.dumps({"path": str(path), "declared": declared}), timeout_s)
-        finally:
-            if process.poll() is None:
-                kill_group(process)
+            # On the CPU (the GPU is left to the probes), at low priority: it must not starve the API.
+            with sandboxed_module(
+                "service.probing.exported",
+                stderr,
+                {"CUDA_VISIBLE_DEVICES": ""},
+                limits=limits,
+                niceness=DRY_RUN_NICENESS,
+            ) as process:
+                request = json.dumps({"path": str(path), "declared": declared})
+                output = _communicate(process, request, timeout_s)
+        except ProbeError as exc:  # the sandbox could not be set up: a fault of this host, not the upload
+            raise ServiceError(exc.message, code=exc.code) from exc
         final = None
         for line in output.splitlines():
             with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):

@@ -38,6 +38,27 @@ class Settings(BaseSettings):
         gt=0,
         description="Limit for the dry run (training steps at batch 2, 3, 1) of an uploaded model.",
     )
+    artifact_check_concurrency: int = Field(
+        2,
+        gt=0,
+        description="Uploads checked at once (a model's dry run is a training subprocess); more wait in a "
+        "queue off the event loop.",
+    )
+    probe_max_address_space_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="RLIMIT_AS of CPU probe and dry-run processes. Default: 3/4 of physical memory, at "
+        "least 8 GiB; 0: off. Never set for CUDA probes (the driver maps far more than it uses).",
+    )
+    probe_max_file_bytes: int = Field(
+        1024**3, ge=0, description="RLIMIT_FSIZE of probe and dry-run processes (0: off)."
+    )
+    probe_max_processes: int = Field(
+        4096,
+        ge=0,
+        description="RLIMIT_NPROC of probe and dry-run processes: threads and processes of the service's "
+        "user (0: off; the kernel does not apply it to root).",
+    )
     sqlite_busy_timeout_ms: int = 5000
     api_key: str | None = Field(None, description="When set, every /v1 route requires it (X-API-Key header).")
     log_format: Literal["json", "text"] = Field(

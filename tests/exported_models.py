@@ -166,3 +166,54 @@ def zip_without_export_layout(target: Path) -> Path:
         archive.writestr("model/readme.txt", "not an exported program")
         archive.writestr("model/weights.bin", b"\0" * 64)
     return target
+
+
+def _program_json(source: Path) -> dict:
+    with zipfile.ZipFile(source) as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        return json.loads(archive.read(f"{root}/models/model.json"))
+
+
+def rewritten_program_archive(target: Path, mutate, source: Path | None = None) -> Path:  # noqa: ANN001
+    """The CNN archive (or `source`) with `mutate(program_json_dict)` applied to models/model.json."""
+    source = source or cnn_archive()
+    program = _program_json(source)
+    mutate(program)
+    return _rewrite(source, target, {"models/model.json": json.dumps(program).encode()})
+
+
+def sympy_payload(marker: Path) -> str:
+    """Python that creates `marker` when evaluated: what sympy.sympify would run."""
+    return f"0*__import__('os').system('touch {marker}')"
+
+
+def sympy_injection_archive(marker: Path, target: Path) -> Path:
+    """The CNN archive (dynamic batch) whose first symbolic size evaluates `touch marker` in sympify."""
+    text = json.dumps(_program_json(cnn_archive()))
+    symbol = "Symbol('s77', positive=True, integer=True)"
+    if symbol not in text:  # another torch names its batch symbol differently
+        start = text.index("Symbol('s")
+        symbol = text[start : text.index(")", start) + 1]
+    injected = text.replace(symbol, f"{symbol} + {sympy_payload(marker)}", 1)
+    assert injected != text
+    return _rewrite(cnn_archive(), target, {"models/model.json": injected.encode()})
+
+
+class Reshaper(nn.Module):
+    """Reshapes by a dynamic size: its program holds compound symbolic expressions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        return self.fc(x.reshape(b * 2, 6)).reshape(b, 12)[:, ::2] + (b // 2)
+
+
+@functools.cache
+def reshaping_archive() -> Path:
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=2, max=1024)
+    program = torch.export.export(Reshaper().train(), (torch.randn(4, 12),), dynamic_shapes={"x": {0: batch}})
+    return _save("reshaper", program)

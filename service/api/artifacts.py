@@ -53,7 +53,10 @@ shaped like the output; `model_returns_loss`: `forward(x, target)` returns the l
 token ids; needed only where the program cannot tell, e.g. dynamic sequence lengths) and `num_classes`.
 
 The archive is inspected as a zip (weights or objects stored as pickles are refused: nothing uploaded is
-ever unpickled), then trained for one step at batch sizes 2, 3 and 1 on the CPU in a separate process.
+ever unpickled; symbolic-shape expressions, operator names and every other string in the program are
+checked so that nothing in it is ever evaluated: `unsafe_archive_content`), then trained for one step
+at batch sizes 2, 3 and 1 on the CPU in a separate, resource-limited process. Uploads are checked a
+few at a time; the rest wait in a queue.
 
 **kind=sample**: an `.npz` (loaded without pickle) or `.safetensors` file with arrays `x` (inputs,
 `[N, ...]`) and `y` (integer labels `[N]` or `[N, ...]`), used for the gradient noise scale.
@@ -73,7 +76,7 @@ Answers `201` with a new artifact, `200` with the stored one when the same file 
         **error_responses(401, 409, 413, 422),
     },
 )
-def upload_artifact(
+async def upload_artifact(
     state: State,
     response: Response,
     file: Annotated[UploadFile, File(description="The .pt2 archive or the data sample.")],
@@ -96,7 +99,8 @@ def upload_artifact(
 ) -> dict:
     check_form_json(input=input, target=target)
     declared = {"loss": loss, "input": input, "target": target, "num_classes": num_classes}
-    artifact, created = use_cases.upload(
+    # Checked on the artifact-check pool (bounded, queued): this event loop stays free meanwhile.
+    artifact, created = await use_cases.upload_queued(
         state.reads,
         state.writes,
         settings=state.settings,

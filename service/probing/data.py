@@ -16,7 +16,6 @@ numpy/sklearn are imported lazily inside the loaders only: the probe engine's im
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import struct
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from service.probing import untrusted
 
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_SAMPLES = 100_000
@@ -189,30 +190,65 @@ def load_client_sample(
     return Sample(x, y, "client", f"client sample {path.name}, {len(x)} examples")
 
 
-def _read_npz(path: Path) -> dict[str, torch.Tensor]:
-    """Arrays of an .npz as tensors, never unpickling: object arrays are refused by numpy itself."""
-    import zipfile
+MAX_SAMPLE_ARRAYS = 64
+MAX_SAMPLE_DIMS = 16
+MAX_SAFETENSORS_HEADER_BYTES = 1024**2
+MAX_SAFETENSORS_HEADER_DEPTH = 8
 
+
+def _read_npz(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[str, torch.Tensor]:
+    """Arrays of an .npz as tensors, read member by member without numpy's loader, never unpickling.
+
+    The zip's end record is checked before its directory is parsed; each member's `.npy` header is read
+    first and the array refused by its declared shape x itemsize (object dtypes: refused, they are
+    pickles) before a byte of data is decompressed; the data is then read in chunks into an array of
+    exactly the declared size, so a member that lies about its size cannot inflate past it.
+    """
     import numpy as np  # lazy: only the loader needs it
 
-    if not zipfile.is_zipfile(path):  # else np.load would try the file as .npy / pickle
-        raise ValueError("cannot read .npz data sample: not a zip archive")
-    raw: dict[str, Any] = {}
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            for key in npz.files:
-                raw[key] = npz[key]
-    except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise ValueError("data sample holds pickled (object) arrays, which are refused") from None
-        raise ValueError(f"cannot read .npz data sample: {exc}") from None
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise ValueError(f"cannot read .npz data sample: {exc}") from None
     arrays: dict[str, torch.Tensor] = {}
-    for key, arr in raw.items():
-        if arr.dtype.kind not in "biuf":
-            raise ValueError(f"array {key!r} must be numeric, got dtype {arr.dtype}")
-        arrays[key] = torch.from_numpy(np.ascontiguousarray(arr))
+    total = 0
+    try:
+        with untrusted.open_zip(
+            path, max_entries=MAX_SAMPLE_ARRAYS, max_directory_bytes=64 * 1024, what=".npz data sample"
+        ) as archive:
+            for info in archive.infolist():
+                if info.is_dir():
+                    continue
+                key = info.filename.removesuffix(".npy")  # the names np.load gives them
+                what = f"array {key!r}"
+                with archive.open(info) as member:
+                    dtype, shape, fortran = untrusted.read_npy_header(member, what=what)
+                    if dtype.kind not in "biuf":
+                        raise untrusted.InputRefused(
+                            "sample_refused", f"array {key!r} must be numeric, got dtype {dtype}"
+                        )
+                    if len(shape) > MAX_SAMPLE_DIMS:
+                        raise untrusted.InputRefused(
+                            "sample_refused", f"{what} has {len(shape)} dimensions, over {MAX_SAMPLE_DIMS}"
+                        )
+                    nbytes = untrusted.declared_bytes(shape, dtype.itemsize)
+                    total += nbytes
+                    if total > max_bytes:
+                        raise untrusted.InputRefused(
+                            "sample_refused",
+                            f"{what} declares shape {list(shape)} of {dtype} ({nbytes} bytes): the data "
+                            f"sample would unpack to more than the limit of {max_bytes} bytes",
+                        )
+                    flat = np.empty(nbytes // dtype.itemsize if dtype.itemsize else 0, dtype=dtype)
+                    untrusted.read_member_into(member, memoryview(flat).cast("B"), what=what)
+                array = flat.reshape(shape, order="F" if fortran else "C")
+                if not dtype.isnative:
+                    array = array.astype(dtype.newbyteorder("="))
+                arrays[key] = torch.from_numpy(np.ascontiguousarray(array))
+    except untrusted.InputRefused as exc:
+        if exc.code == "pickled_content":
+            raise ValueError("data sample holds pickled (object) arrays, which are refused") from None
+        if exc.code == "sample_refused":
+            raise ValueError(exc.message) from None
+        raise ValueError(f"cannot read .npz data sample: {exc.message}") from None
+    except untrusted.ZIP_ERRORS as exc:  # opening a member: bad header, encrypted, unknown method
+        raise ValueError(f"cannot read .npz data sample: {exc}") from None
     return arrays
 
 
@@ -227,19 +263,27 @@ def read_safetensors(blob: bytes) -> dict[str, torch.Tensor]:
     """Parse a safetensors file (8-byte header length, JSON header, raw little-endian data).
 
     A small parser of our own rather than the `safetensors` package: the format holds no code, and
-    every offset is checked against the buffer so a truncated or hostile file is a ValueError.
+    every offset is checked against the buffer so a truncated or hostile file is a ValueError. The
+    header is bounded in size and JSON nesting depth before it is parsed.
     """
     if len(blob) < 8:
         raise ValueError("cannot read .safetensors data sample: file too short")
     (header_len,) = struct.unpack("<Q", blob[:8])
-    if header_len > len(blob) - 8 or header_len > 100_000_000:
-        raise ValueError("cannot read .safetensors data sample: bad header length")
+    if header_len > len(blob) - 8 or header_len > MAX_SAFETENSORS_HEADER_BYTES:
+        raise ValueError(
+            f"cannot read .safetensors data sample: bad header length {header_len} (at most "
+            f"{MAX_SAFETENSORS_HEADER_BYTES} bytes and within the file)"
+        )
     try:
-        header = json.loads(blob[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read .safetensors data sample: bad header ({exc})") from None
+        header = untrusted.loads_json(
+            blob[8 : 8 + header_len], max_depth=MAX_SAFETENSORS_HEADER_DEPTH, what="the header"
+        )
+    except untrusted.InputRefused as exc:
+        raise ValueError(f"cannot read .safetensors data sample: {exc.message}") from None
     if not isinstance(header, dict):
         raise ValueError("cannot read .safetensors data sample: header is not an object")
+    if len(header) > MAX_SAMPLE_ARRAYS + 1:
+        raise ValueError(f"cannot read .safetensors data sample: more than {MAX_SAMPLE_ARRAYS} arrays")
     data = memoryview(blob)[8 + header_len :]
     out: dict[str, torch.Tensor] = {}
     for name, info in header.items():
@@ -250,10 +294,12 @@ def read_safetensors(blob: bytes) -> dict[str, torch.Tensor]:
             shape = [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"array {name!r}: unsupported or malformed entry {info!r}") from None
+            raise ValueError(f"array {name[:80]!r}: unsupported or malformed entry") from None
+        if len(shape) > MAX_SAMPLE_DIMS:
+            raise ValueError(f"array {name[:80]!r} has {len(shape)} dimensions, over {MAX_SAMPLE_DIMS}")
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if any(s < 0 for s in shape) or not 0 <= begin <= end <= len(data) or end - begin != nbytes:
-            raise ValueError(f"array {name!r}: offsets do not match its shape and dtype")
+            raise ValueError(f"array {name[:80]!r}: offsets do not match its shape and dtype")
         flat = (
             torch.frombuffer(bytearray(data[begin:end]), dtype=dtype)
             if nbytes

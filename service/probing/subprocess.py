@@ -9,6 +9,17 @@ as JSON only (never pickle), and every way it can end maps to a result or a Prob
     deadline passed              -> ProbeError("timeout", ...)   (process group killed)
     should_cancel() turned true  -> ProbeError("cancelled", ...) (process group killed)
     anything else                -> ProbeError("crashed", "probe process exited with signal 9 ...")
+
+This module is the one place probe and dry-run processes are started (`sandboxed_module`). The child
+reads untrusted files (uploaded archives and samples), so it also gets the operating system's cheap
+protections, applied with `prlimit` after it starts and before it is sent its request:
+
+- `RLIMIT_AS` (address space; off for CUDA probes, whose driver maps far more than it uses),
+  `RLIMIT_FSIZE` (largest file it may write, its stderr included) and `RLIMIT_NPROC` (processes and
+  threads of its user; the kernel ignores it for root);
+- a private temporary directory (TMPDIR/TMP/TEMP, mode 0700), removed when the child is done;
+- an environment scrubbed of secrets: variables whose names contain KEY, TOKEN, SECRET, PASSWORD,
+  PASSWD, CREDENTIAL or AUTH, the database URL, and any value holding a URL with a password.
 """
 
 from __future__ import annotations
@@ -16,13 +27,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +50,62 @@ POLL_INTERVAL_S = 0.1
 EXIT_GRACE_S = 10.0
 
 
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
+_URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:[^/@\s]*@")
+_DATABASE_URLS = frozenset({"BATCHSIZE_DATABASE_URL", "DATABASE_URL"})
+
+
+def _gib(n: float) -> int:
+    return int(n * 1024**3)
+
+
+def default_address_space_bytes() -> int:
+    """Three quarters of physical memory, at least 8 GiB (torch reserves GBs of address space idle)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 0
+    return max(_gib(8), physical * 3 // 4)
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Operating-system limits for a probe or dry-run child. None or 0: that limit is not set."""
+
+    address_space_bytes: int | None = None  # None: default_address_space_bytes(); 0: off
+    file_bytes: int | None = _gib(1)
+    processes: int | None = 4096
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> SandboxLimits:
+        """From the service's settings (`probe_max_address_space_bytes`, `probe_max_file_bytes`,
+        `probe_max_processes`); read by name so that this engine module stays free of the app."""
+        return cls(
+            address_space_bytes=settings.probe_max_address_space_bytes,
+            file_bytes=settings.probe_max_file_bytes,
+            processes=settings.probe_max_processes,
+        )
+
+    def resolved_address_space(self, *, cuda: bool) -> int | None:
+        if cuda:
+            return None  # the CUDA driver maps far more address space than memory: it would fail
+        if self.address_space_bytes is None:
+            return default_address_space_bytes()
+        return self.address_space_bytes or None
+
+
+def scrubbed_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without secrets: names with KEY/TOKEN/SECRET/PASSWORD/..., the database URL, and any
+    variable whose value holds a URL with a password."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if not _SECRET_NAME.search(name)
+        and name.upper() not in _DATABASE_URLS
+        and not _URL_WITH_PASSWORD.search(value)
+    }
+
+
 def run_probe_subprocess(
     spec: ProbeSpec,
     on_event: Callable[[dict[str, Any]], None] | None = None,
@@ -43,17 +113,23 @@ def run_probe_subprocess(
     should_cancel: Callable[[], bool] = lambda: False,
     *,
     env: Mapping[str, str] | None = None,
+    limits: SandboxLimits | None = None,
 ) -> dict[str, Any]:
     """Run the probe for `spec` in a child process and return its result dict.
 
     `on_event(event)` is called, in this thread, for every event line as it arrives (not for the final
     result or error). `timeout_s` bounds the whole run (None: no limit). `should_cancel` is polled
     about every POLL_INTERVAL_S. `env` adds or overrides environment variables for the child.
+    `limits`: the child's operating-system limits (default: SandboxLimits()).
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    with tempfile.TemporaryFile(mode="w+b") as stderr_file:
-        process = _start(spec, stderr_file, env)
+    cuda = spec.device == "cuda"
+    with (
+        tempfile.TemporaryFile(mode="w+b") as stderr_file,
+        sandboxed_module("service.probing.runner", stderr_file, env, limits=limits, cuda=cuda) as process,
+    ):
         try:
+            _send(process, json.dumps(spec.to_json_dict()))
             final = _read_protocol(process, on_event, deadline, should_cancel, timeout_s)
             return_code = _wait_for_exit(process)
         finally:
@@ -67,14 +143,12 @@ def run_probe_subprocess(
         raise ProbeError("crashed", _crash_message(return_code, final, _tail(stderr_file)))
 
 
-def _start(spec: ProbeSpec, stderr_file: IO[bytes], env: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
-    process = start_module("service.probing.runner", stderr_file, env)
+def _send(process: subprocess.Popen[bytes], request: str) -> None:
     try:
-        process.stdin.write(json.dumps(spec.to_json_dict()).encode())
+        process.stdin.write(request.encode())
         process.stdin.close()
     except BrokenPipeError:
         pass  # the child died at once; its exit status tells why
-    return process
 
 
 def _read_protocol(
@@ -136,19 +210,87 @@ def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:
         return process.wait()
 
 
+@contextlib.contextmanager
+def sandboxed_module(
+    module: str,
+    stderr_file: IO[bytes],
+    env: Mapping[str, str] | None = None,
+    *,
+    limits: SandboxLimits | None = None,
+    cuda: bool = False,
+    niceness: int = 0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m module` under the protections in this module's docstring; yields the process.
+
+    The limits are in place before the caller writes the child's request (the child reads no
+    untrusted file before that). `niceness` > 0 lowers its CPU priority (threads it starts inherit
+    it), for work that must not starve the service. On exit the process group is killed if still
+    running and the private temporary directory removed.
+    """
+    limits = limits or SandboxLimits()
+    private_tmp = tempfile.mkdtemp(prefix="batchsize-probe-")
+    try:
+        child_env = scrubbed_environment(os.environ)
+        child_env.update(TMPDIR=private_tmp, TMP=private_tmp, TEMP=private_tmp)
+        child_env.update(env or {})
+        process = start_module(module, stderr_file, child_env, inherit=False)
+        try:
+            apply_limits(process.pid, limits, cuda=cuda)
+            if niceness > 0 and hasattr(os, "setpriority"):
+                with contextlib.suppress(OSError):  # exited already, or not permitted: priority only
+                    os.setpriority(os.PRIO_PROCESS, process.pid, niceness)
+            yield process
+        finally:
+            if process.poll() is None:
+                kill_group(process)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # anything it left behind in its group
+    finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
+
+
+def apply_limits(pid: int, limits: SandboxLimits, *, cuda: bool) -> None:
+    """Set the child's resource limits (soft and hard) with prlimit; a no-op where it is unsupported."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX host
+        return
+    prlimit = getattr(resource, "prlimit", None)
+    if prlimit is None:  # not Linux
+        return
+    for name, value in (
+        ("RLIMIT_AS", limits.resolved_address_space(cuda=cuda)),
+        ("RLIMIT_FSIZE", limits.file_bytes),
+        ("RLIMIT_NPROC", limits.processes),
+    ):
+        number = getattr(resource, name, None)
+        if not value or number is None:
+            continue
+        try:
+            _, hard = prlimit(pid, number)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            prlimit(pid, number, (value, value))
+        except ProcessLookupError:
+            return  # it exited already: its exit status tells why
+        except OSError as exc:  # fail closed: no untrusted input goes to an unprotected child
+            raise ProbeError("sandbox_failed", f"cannot set {name} on the probe process: {exc}") from exc
+
+
 def start_module(
-    module: str, stderr_file: IO[bytes], env: Mapping[str, str] | None = None
+    module: str, stderr_file: IO[bytes], env: Mapping[str, str] | None = None, *, inherit: bool = True
 ) -> subprocess.Popen[bytes]:
     """`python -m module` from the project root, pipes for stdin/stdout, in its own process group.
 
-    The child sees this environment plus the project on PYTHONPATH, unbuffered output, and `env`.
+    The child sees `env` on top of this process's environment (`inherit=False`: `env` alone), plus
+    the project on PYTHONPATH and unbuffered output. Untrusted work goes through `sandboxed_module`.
     """
-    child_env = dict(os.environ)
+    child_env = dict(os.environ) if inherit else {}
+    child_env.update(env or {})
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PROJECT_ROOT), child_env.get("PYTHONPATH", "")) if p
     )
     child_env["PYTHONUNBUFFERED"] = "1"
-    child_env.update(env or {})
     return subprocess.Popen(
         [sys.executable, "-m", module],
         stdin=subprocess.PIPE,

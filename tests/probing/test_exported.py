@@ -168,3 +168,150 @@ def test_the_probe_engine_trains_an_exported_model_in_process() -> None:
     fresh = exported.load_program.__wrapped__(str(em.transformer_archive()))
     for (name, a), (_, b) in zip(program.state_dict.items(), fresh.state_dict.items(), strict=True):
         assert torch.equal(a, b), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing in the program's JSON is evaluated
+
+
+def test_the_sympy_payload_is_live_sympify_would_run_it(tmp_path: Path) -> None:
+    """Sanity check of the marker mechanism: torch's deserializer hands expr_str to sympy.sympify."""
+    import sympy
+
+    marker = tmp_path / "sympified.marker"
+    sympy.sympify(f"Symbol('s77', positive=True, integer=True) + {em.sympy_payload(marker)}")
+    assert marker.exists()
+
+
+def test_a_symbolic_size_carrying_python_is_refused_before_torch_reads_it(tmp_path: Path) -> None:
+    marker = tmp_path / "sympified.marker"
+    archive = em.sympy_injection_archive(marker, tmp_path / "evil.pt2")
+    with pytest.raises(ArchiveError) as excinfo:
+        inspect_archive(archive)
+    assert _code(excinfo) == "unsafe_archive_content"
+    assert "models/model.json" in excinfo.value.message and "__import__" in excinfo.value.message
+    with pytest.raises(ArchiveError) as excinfo:
+        load_program.__wrapped__(str(archive))  # the probe-side loader checks the same bytes again
+    assert _code(excinfo) == "unsafe_archive_content"
+    with pytest.raises(ArchiveError):
+        dry_run(str(archive), {"loss": "cross_entropy"})
+    assert not marker.exists()
+
+
+def _first_node(program: dict) -> dict:
+    return program["graph_module"]["graph"]["nodes"][0]
+
+
+def _set_spec(program: dict, spec: list) -> None:
+    program["graph_module"]["module_call_graph"][0]["signature"]["in_spec"] = json.dumps(spec)
+
+
+ENUM_CONTEXT = json.dumps([{"__enum__": True, "fqn": "os:environ", "name": "PATH"}])
+HOSTILE_PROGRAMS = {
+    # node targets are looked up on torch (torch.os is the os module) and called
+    "target": lambda p: _first_node(p).update(target="torch.os.system"),
+    "custom op": lambda p: _first_node(p).update(target="torch.ops.mylib.evil.default"),
+    "file op": lambda p: _first_node(p).update(target="torch.ops.aten.from_file.default"),
+    # names end up in generated Python source
+    "name": lambda p: _first_node(p).update(name="x'); __import__('os').system('true'); ('"),
+    "kwarg name": lambda p: _first_node(p)["inputs"][0].update(name='a=__import__("os")'),
+    "key": lambda p: p["graph_module"]["graph"]["tensor_values"].update({"a b": {}}),
+    "stack trace": lambda p: _first_node(p)["metadata"].update(stack_trace='File "x\rimport os", line 1'),
+    "range": lambda p: p["range_constraints"].update({"s0) or (1": {"min_val": 2, "max_val": 4}}),
+    # tree specs: only the containers torch.export writes, contexts without objects
+    "spec type": lambda p: _set_spec(p, [1, {"type": "os.system", "context": "null", "children_spec": []}]),
+    "spec enum": lambda p: _set_spec(
+        p, [1, {"type": "builtins.dict", "context": ENUM_CONTEXT, "children_spec": []}]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PROGRAMS))
+def test_strings_that_would_reach_an_evaluator_are_refused(case: str, tmp_path: Path) -> None:
+    archive = em.rewritten_program_archive(tmp_path / "hostile.pt2", HOSTILE_PROGRAMS[case])
+    with pytest.raises(ArchiveError) as excinfo:
+        inspect_archive(archive)
+    assert _code(excinfo) == "unsafe_archive_content", excinfo.value.message
+    assert excinfo.value.message.startswith("models/model.json: ")
+
+
+EXPRESSIONS_TORCH_WRITES = [
+    "Symbol('s77', positive=True, integer=True)",
+    "Mul(Integer(16), Symbol('s95', positive=True, integer=True))",
+    "FloorDiv(Add(Symbol('s0', positive=True, integer=True), Integer(3)), Integer(4))",
+    "Max(Integer(2), Symbol('s0', positive=True, integer=True))",
+    "ModularIndexing(Symbol('s0', positive=True, integer=True), Integer(2), Integer(4))",
+    "Equality(Symbol('s0', positive=True, integer=True), Integer(2))",
+    "And(StrictGreaterThan(Symbol('s1'), Integer(2)), StrictLessThan(Symbol('s0'), Integer(5)))",
+    "Mul(Float('1.5', precision=53), Symbol('zf0', real=True))",
+    "Pow(ToFloat(Symbol('s0', positive=True, integer=True)), Rational(1, 2))",
+    "PowByNatural(Integer(2), Symbol('s0', positive=True, integer=True))",
+    "Where(StrictGreaterThan(Symbol('s0'), Integer(1)), Symbol('s0'), Integer(1))",
+    "-int_oo",
+    "true",
+    "s0 + 2*s1 - (s2//4)",  # the str() form older torch versions wrote
+]
+EXPRESSIONS_REFUSED = [
+    "Symbol('s0') + 0*__import__('os').system('true')",
+    "s0.__class__",
+    "Symbol('s0')[0]",
+    "exec('1')",
+    "Mul('s0 + 1', Integer(2))",  # strings are sympified again by sympy
+    "Symbol('a b')",
+    "lambda: 1",
+    "Pow(Integer(10), Integer(10**9))",
+    "Pow(Integer(10), Integer(1000000000))",
+    "2 ** (16*16)",
+    "Pow(Pow(Pow(Pow(Integer(2), Integer(2)), Integer(2)), Integer(2)), Integer(2))",
+    "Integer(" + "9" * 100 + ")",
+    "(" * 200 + "s0" + ")" * 200,
+]
+
+
+def test_the_expression_grammar_takes_what_torch_writes_and_nothing_that_runs() -> None:
+    import sympy
+
+    for text in EXPRESSIONS_TORCH_WRITES:
+        exported.check_sympy_expression(text)
+        sympy.sympify(text, locals={"int_oo": sympy.oo})  # and it is valid sympy
+    for text in EXPRESSIONS_REFUSED:
+        with pytest.raises(exported._Unsafe):
+            exported.check_sympy_expression(text)
+
+
+def test_every_expression_in_real_exports_passes_the_grammar() -> None:
+    for archive in (em.cnn_archive(), em.transformer_archive(), em.reshaping_archive()):
+        with zipfile.ZipFile(archive) as zf:
+            raw = next(zf.read(n) for n in zf.namelist() if n.endswith("models/model.json"))
+        exported.check_program_json(raw, "models/model.json")
+        assert b"expr_str" in raw
+    program = load_program(str(em.reshaping_archive()))
+    assert program.module()(torch.randn(3, 12)).shape == (3, 6)
+
+
+def test_deeply_nested_json_in_an_archive_is_refused_not_a_recursion_error(tmp_path: Path) -> None:
+    nested = "[" * 100_000 + "]" * 100_000
+    config = f'{{"config": {{}}, "extra": {nested}}}'.encode()
+    archive = em._rewrite(
+        em.cnn_archive(), tmp_path / "deep.pt2", {"data/weights/model_weights_config.json": config}
+    )
+    with pytest.raises(ArchiveError) as excinfo:
+        inspect_archive(archive)
+    assert _code(excinfo) == "not_an_export_archive" and "deeper" in excinfo.value.message
+
+
+def test_strings_in_the_weights_config_are_checked_too(tmp_path: Path) -> None:
+    with zipfile.ZipFile(em.cnn_archive()) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("model_weights_config.json"))
+        config = json.loads(archive.read(name))
+    first = next(iter(config["config"]))
+    config["config"]['x"); __import__("os").system("true"); ("'] = config["config"].pop(first)
+    hostile = em._rewrite(
+        em.cnn_archive(),
+        tmp_path / "weights.pt2",
+        {"data/weights/model_weights_config.json": json.dumps(config).encode()},
+    )
+    with pytest.raises(ArchiveError) as excinfo:
+        inspect_archive(hostile)
+    assert _code(excinfo) == "unsafe_archive_content"
+    assert excinfo.value.message.startswith("data/weights/model_weights_config.json: ")

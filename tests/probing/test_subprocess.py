@@ -6,15 +6,27 @@ writes one event, then crashes, kills itself, hangs, or writes a non-JSON line a
 
 from __future__ import annotations
 
+import json
+import os
+import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from service.probing.runner import TEST_FAULT_ENV
 from service.probing.spec import ProbeError, ProbeSpec
-from service.probing.subprocess import PROJECT_ROOT, run_probe_subprocess
+from service.probing.subprocess import (
+    PROJECT_ROOT,
+    SandboxLimits,
+    default_address_space_bytes,
+    run_probe_subprocess,
+    sandboxed_module,
+    scrubbed_environment,
+)
 
 SPEC = ProbeSpec(
     model_name="mlp",
@@ -93,3 +105,89 @@ def test_prints_in_the_child_do_not_reach_the_protocol() -> None:
     )
     assert done.stdout == '{"event": "x"}\n'
     assert "python print" in done.stderr and "raw fd write" in done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The sandbox: limits, a private TMPDIR, no secrets
+
+
+def _in_sandbox(
+    request: dict, limits: SandboxLimits | None = None, *, cuda: bool = False, niceness: int = 0
+) -> dict:
+    with (
+        tempfile.TemporaryFile() as stderr,
+        sandboxed_module(
+            "tests.probing.sandbox_child", stderr, limits=limits, cuda=cuda, niceness=niceness
+        ) as process,
+    ):
+        output, _ = process.communicate(json.dumps(request).encode(), timeout=60)
+        stderr.seek(0)
+        assert process.returncode == 0, stderr.read().decode()
+    return json.loads(output)
+
+
+def test_the_child_environment_holds_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets = {
+        "BATCHSIZE_API_KEY": "k",
+        "MY_SERVICE_TOKEN": "t",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "PGPASSWORD": "p",
+        "BATCHSIZE_DATABASE_URL": "sqlite:///x.db",
+        "CACHE_URL": "redis://user:hunter2@cache:6379/0",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BATCHSIZE_KEEP_THIS", "1")
+    names = set(_in_sandbox({"action": "report"})["env"])
+    assert not names & set(secrets)
+    assert {"BATCHSIZE_KEEP_THIS", "PATH", "PYTHONPATH", "TMPDIR"} <= names
+
+
+def test_the_child_gets_a_private_temporary_directory_removed_afterwards() -> None:
+    report = _in_sandbox({"action": "report"})
+    tmp = Path(report["tmp"])
+    assert tmp != Path(tempfile.gettempdir()) and tmp.name.startswith("batchsize-probe-")
+    assert report["tmp_mode"] == 0o700
+    assert not tmp.exists()  # removed, with the file the child left in it
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="prlimit is Linux-only")
+def test_the_child_runs_under_the_requested_limits() -> None:
+    limits = SandboxLimits(address_space_bytes=3 * 2**30, file_bytes=2**20, processes=1000)
+    report = _in_sandbox({"action": "report"}, limits)["limits"]
+    assert report == {"RLIMIT_AS": 3 * 2**30, "RLIMIT_FSIZE": 2**20, "RLIMIT_NPROC": 1000}
+    # CUDA children keep the address space: the driver maps far more than it uses.
+    cuda = _in_sandbox({"action": "report"}, limits, cuda=True)["limits"]
+    assert cuda["RLIMIT_AS"] == resource.getrlimit(resource.RLIMIT_AS)[0]
+    # The default: a generous address-space limit, the documented file and process limits.
+    default = _in_sandbox({"action": "report"})["limits"]
+    assert default["RLIMIT_AS"] == default_address_space_bytes() >= 8 * 2**30
+    assert default["RLIMIT_FSIZE"] == 2**30 and default["RLIMIT_NPROC"] == 4096
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="prlimit is Linux-only")
+def test_the_limits_hold_writes_and_allocations_past_them_fail() -> None:
+    limits = SandboxLimits(address_space_bytes=2**30, file_bytes=2**20)
+    assert _in_sandbox({"action": "write", "bytes": 2**20 + 1}, limits)["outcome"] == "OSError errno 27"
+    assert _in_sandbox({"action": "write", "bytes": 2**19}, limits)["outcome"] == "ok"
+    assert _in_sandbox({"action": "allocate", "bytes": 2 * 2**30}, limits)["outcome"] == "MemoryError"
+    assert _in_sandbox({"action": "allocate", "bytes": 2**20}, limits)["outcome"] == "ok"
+
+
+def test_secret_names_and_urls_with_passwords_are_scrubbed() -> None:
+    environ = {
+        "PATH": "/bin",
+        "HF_TOKEN": "x",
+        "private_key_file": "x",
+        "DATABASE_URL": "postgresql://db/x",
+        "UPSTREAM": "https://u:pw@example.invalid/",
+        "DOCS": "https://example.invalid/a:b",
+    }
+    assert scrubbed_environment(environ) == {"PATH": "/bin", "DOCS": "https://example.invalid/a:b"}
+
+
+def test_a_niceness_lowers_the_child_priority() -> None:
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert _in_sandbox({"action": "report"})["nice"] == own
+    if own < 10:
+        assert _in_sandbox({"action": "report"}, niceness=10)["nice"] == 10
