@@ -495,7 +495,7 @@ def time_to_target_curve(result: dict[str, Any]) -> tuple[list[tuple[float, floa
     """The result's time_to_target_curve, or one derived from throughput and the noise scale.
 
     Returns (points, derived). Wall time to target ∝ (B + B_noise) / throughput(B), normalised to 1 at
-    its minimum (DESIGN.md, "Recommendation").
+    its minimum (docs/design.md, "The recommendation").
     """
     given = _points(result.get("time_to_target_curve"), "batch_size", "relative_time")
     if given:

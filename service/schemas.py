@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (pydantic v2). Field names follow DESIGN.md's contract."""
+"""Request and response bodies of the HTTP API (pydantic v2). Field names follow docs/design.md."""
 
 from __future__ import annotations
 

@@ -460,7 +460,7 @@ def _assemble_result(
     warnings: list[str],
     duration_s: float,
 ) -> dict[str, Any]:
-    """The result dict (field names are a client contract, see DESIGN.md): recipe.recommend's training
+    """The result dict (field names are a client contract, see docs/design.md): recipe.recommend's training
     recipe, plus the memory limit, curves and measurements it was derived from."""
     max_batch = extrapolation["max_batch_size"] if extrapolation else search.max_batch_size
     recommendation = recommend(
