@@ -1,6 +1,5 @@
 """The probe engine: real training steps that measure memory and throughput (docs/design.md).
 
-
 Imports torch, the standard library and `models` only, so it runs on a bare GPU box. This package's
 top level imports nothing heavy: the service process uses only `spec` and `subprocess` (torch-free),
 while the probe itself runs in a child process (`python -m service.probing.runner`).
