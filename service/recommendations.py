@@ -19,6 +19,7 @@ from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.probing.spec import PROBE_VERSION, ProbeSpec
 from service.schemas import RecommendationCreate
+from service.status import JobStatus
 
 # Bytes per parameter that must fit before any activation: weights + gradients + optimizer state.
 _STATE_COPIES = {"sgd": 3, "adam": 4, "adamw": 4}
@@ -103,9 +104,9 @@ def get_recommendation(session: Session, recommendation_id: str) -> Recommendati
 def cancel_recommendation(session: Session, recommendation_id: str) -> Recommendation:
     """Cancel a queued job at once; ask the worker to stop a running one. Finished jobs can't be cancelled."""
     recommendation = get_recommendation(session, recommendation_id)
-    if recommendation.status == "queued":
+    if recommendation.status == JobStatus.QUEUED:
         accepted = repository.cancel_queued(session, recommendation_id)
-    elif recommendation.status == "running":
+    elif recommendation.status == JobStatus.RUNNING:
         accepted = repository.request_cancel(session, recommendation_id)
     else:
         accepted = False

@@ -19,10 +19,10 @@ from typing import Any
 from markupsafe import Markup
 
 from service.db.models import Recommendation, Trial
+from service.status import ACTIVE
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("queued", "running")
 REFRESH_SECONDS = 2
 
 # Colours (Okabe-Ito, readable for colour-blind people).

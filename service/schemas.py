@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from service.status import JobStatus
 
 
 class _Strict(BaseModel):
@@ -108,7 +108,7 @@ class JobError(BaseModel):
 
 class RecommendationOut(BaseModel):
     id: str
-    status: Status
+    status: JobStatus
     fingerprint: str
     progress: Progress
     request: dict[str, Any]

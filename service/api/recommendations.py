@@ -14,12 +14,12 @@ from service.api.deps import ReadSession, State, WriteSession
 from service.api.polling import BODY_DIGEST
 from service.db.session import session_scope
 from service.errors import error_responses
-from service.schemas import RecommendationCreate, RecommendationOut, RecommendationPage, Status, TrialOut
+from service.schemas import RecommendationCreate, RecommendationOut, RecommendationPage, TrialOut
 from service.state import AppState
+from service.status import FINISHED, JobStatus
 
 router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"])
 
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")  # terminal: the stored job never changes
 ANSWER_MEMO_TTL_S = 10.0  # a repeated POST may miss a newer (forced) answer for at most this long
 
 JOB_PATH = "/v1/recommendations/{recommendation_id}"
@@ -60,7 +60,7 @@ async def create_recommendation(payload: RecommendationCreate, state: State, req
         settings=state.settings,
     )
     body = RecommendationOut.model_validate(job).model_dump_json().encode()
-    if job["status"] == "succeeded" and not created:
+    if job["status"] == JobStatus.SUCCEEDED and not created:
         state.finished_jobs.put(job["id"], body)
         if key is not None:
             state.answered_requests.put(key, (job["id"], time.monotonic() + ANSWER_MEMO_TTL_S))
@@ -92,7 +92,7 @@ def _job_response(body: bytes, recommendation_id: str, status_code: int) -> Resp
 )
 def list_recommendations(
     session: ReadSession,
-    status_filter: Annotated[Status | None, Query(alias="status")] = None,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     model: Annotated[str | None, Query(max_length=128, description="Zoo model name.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
@@ -129,7 +129,7 @@ def _read_job_json(state: AppState, recommendation_id: str) -> bytes:
             use_cases.to_public(use_cases.get_recommendation(session, recommendation_id))
         )
     body = job.model_dump_json().encode()
-    if job.status in FINISHED_STATUSES:
+    if job.status in FINISHED:  # the stored job never changes
         state.finished_jobs.put(recommendation_id, body)
     return body
 
