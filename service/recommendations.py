@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository
 from service.config import Settings
-from service.db.models import Recommendation
+from service.db.models import Recommendation, Trial
 from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.probing.spec import PROBE_VERSION, ProbeSpec
@@ -365,4 +365,25 @@ def to_public(recommendation: Recommendation) -> dict[str, Any]:
         "created_at": recommendation.created_at,
         "started_at": recommendation.started_at,
         "finished_at": recommendation.finished_at,
+    }
+
+
+def list_trials(session: Session, recommendation_id: str) -> list[dict[str, Any]]:
+    """A job's trials as the API shows them (TrialOut), in order; NotFound for an unknown job."""
+    get_recommendation(session, recommendation_id)
+    return [trial_public(trial) for trial in repository.list_trials(session, recommendation_id)]
+
+
+def trial_public(trial: Trial) -> dict[str, Any]:
+    """The API's view of one trial (TrialOut)."""
+    return {
+        "index": trial.index,
+        "phase": trial.phase,
+        "batch_size": trial.batch_size,
+        "outcome": trial.outcome,
+        "peak_bytes": trial.peak_bytes,
+        "step_time_s": trial.step_time_s,
+        "samples_per_second": trial.samples_per_second,
+        "detail": trial.detail,
+        "created_at": trial.created_at,
     }

@@ -62,9 +62,8 @@ _REPORT_EXAMPLE = (
     },
 )
 def get_report(recommendation_id: RecommendationId, request: Request, session: ReadSession) -> HTMLResponse:
-    recommendation = use_cases.get_recommendation(session, recommendation_id)
-    trials = repository.list_trials(session, recommendation_id)
-    report = build_report(recommendation, use_cases.to_public(recommendation), trials)
+    public = use_cases.to_public(use_cases.get_recommendation(session, recommendation_id))
+    report = build_report(public, use_cases.list_trials(session, recommendation_id))
     return templates.TemplateResponse(request, "report.html", {"report": report, "static": STATIC_URL})
 
 
