@@ -6,11 +6,12 @@ labels every example's gradient is pure noise and the noise scale means nothing.
 - A client sample: an `.npz` (loaded with `allow_pickle=False`) or `.safetensors` file holding arrays
   `x` (inputs, `[N, *input_shape]`) and `y` (integer labels, `[N]`, or `[N, T]` next-token targets).
   Every problem is a `ValueError` whose message the service can hand to the client as a 4xx.
-- A built-in sample, flagged `measured_on="builtin:..."`: sklearn's `digits` (1797 8x8 grey images,
-  10 classes) for flat 64-feature models and, resized with `interpolate`, for small image models; a
+- A built-in sample, flagged `measured_on="builtin:..."`: the UCI handwritten `digits` (1797 8x8 grey
+  images, 10 classes; shipped as `builtin/digits.npz`, see `builtin/README.md` for its source and
+  licence) for flat 64-feature models and, resized with `interpolate`, for small image models; a
   byte-level text corpus made of the Python standard library's own source for byte language models.
 
-numpy/sklearn are imported lazily inside the loaders only: the probe engine's import stays torch-only.
+numpy is imported lazily inside the loaders only: the probe engine's import stays torch-only.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_SAMPLES = 100_000
 BUILTIN_MAX_BYTES = 128 * 1024 * 1024  # cap on the tensor bytes of a built-in sample (large images)
-MAX_BUILTIN_IMAGE_SIZE = 64  # digits are 8x8: blowing them up further says little about real images
+DIGITS_PATH = Path(__file__).resolve().parent / "builtin" / "digits.npz"
 
 # Standard-library modules whose source makes the built-in text corpus: prose-heavy docstrings and
 # ordinary code, a few hundred KB, present in every CPython install (sorted for reproducibility).
@@ -81,7 +82,7 @@ def builtin_sample(
                 x.reshape(-1, 64).clone(),
                 y.clone(),
                 "builtin:digits",
-                "sklearn digits, 1797 8x8 images in [0, 1]",
+                "digits, 1797 8x8 images in [0, 1]",
             )
         if len(shape) == 3 and shape[0] in (1, 3) and shape[1] == shape[2] and 8 <= shape[1] <= 64:
             return _digits_images(shape[0], shape[1], max_bytes)
@@ -92,12 +93,13 @@ def builtin_sample(
 
 @functools.cache
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn's digits as `[1797, 8, 8]` float32 in [0, 1] and int64 labels (loaded once; do not modify)."""
-    from sklearn.datasets import load_digits  # lazy: sklearn ships the data, no download
+    """The digits as `[1797, 8, 8]` float32 in [0, 1] and int64 labels (loaded once; do not modify)."""
+    import numpy as np  # lazy: only the loaders need it
 
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0
-    return x, torch.as_tensor(digits.target, dtype=torch.int64)
+    with np.load(DIGITS_PATH, allow_pickle=False) as digits:
+        images, labels = digits["images"], digits["labels"]
+    x = torch.as_tensor(images, dtype=torch.float32) / 16.0
+    return x, torch.as_tensor(labels, dtype=torch.int64)
 
 
 def _digits_images(channels: int, size: int, max_bytes: int) -> Sample:
@@ -109,7 +111,7 @@ def _digits_images(channels: int, size: int, max_bytes: int) -> Sample:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = x.expand(-1, channels, -1, -1).contiguous()
     return Sample(
-        x, y[:n], "builtin:digits", f"sklearn digits, {n} images resized 8x8 -> {size}x{size}, {channels} ch"
+        x, y[:n], "builtin:digits", f"digits, {n} images resized 8x8 -> {size}x{size}, {channels} ch"
     )
 
 
