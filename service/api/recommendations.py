@@ -10,8 +10,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service import recommendations as use_cases
 from service import repository
+from service.api.cached_reads import BODY_DIGEST
 from service.api.deps import ReadSession, State, WriteSession
-from service.api.polling import BODY_DIGEST
 from service.db.session import session_scope
 from service.errors import error_responses
 from service.schemas import RecommendationCreate, RecommendationOut, RecommendationPage, TrialOut
@@ -43,7 +43,7 @@ RecommendationId = Annotated[str, Path(min_length=1, max_length=64, description=
 )
 async def create_recommendation(payload: RecommendationCreate, state: State, request: Request) -> Response:
     # A repeated request that already succeeded is answered from memory (the same bytes again even before
-    # routing: api.polling); the rest validates and queries in a thread.
+    # routing: api.cached_reads); the rest validates and queries in a thread.
     key = use_cases.answer_key(payload)
     digest = None if payload.force else request.scope.get(BODY_DIGEST)
     if key is not None and payload.force:
@@ -70,7 +70,7 @@ async def create_recommendation(payload: RecommendationCreate, state: State, req
 
 
 def _remember_body(state: AppState, digest: str | None, key: str) -> None:
-    """These body bytes validate to request `key`: api.polling may answer them again without parsing."""
+    """These body bytes validate to request `key`: api.cached_reads may answer them again without parsing."""
     if digest is not None:
         state.request_keys.put(digest, key)
 
@@ -109,7 +109,7 @@ def list_recommendations(
 
 
 @router.get(
-    "/{recommendation_id}",  # JOB_PATH; service.api.polling answers cached reads of it before routing
+    "/{recommendation_id}",  # JOB_PATH; service.api.cached_reads answers cached reads of it before routing
     response_model=RecommendationOut,
     summary="Get a recommendation: status, live progress, result or error",
     responses=error_responses(401, 404, 422),

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import recommendations as use_cases
-from service.api import polling
+from service.api import cached_reads
 from service.api import recommendations as routes
 from service.app import create_app
 from service.config import Settings
@@ -96,8 +96,8 @@ def test_a_repeated_request_body_is_answered_before_routing(
     assert again.status_code == 200 and again.content == routed.content
     assert again.headers["location"] == routed.headers["location"] == f"/v1/recommendations/{job_id}"
     assert again.headers["x-request-id"] == "post-1"
-    assert f'route="{polling.COLLECTION}",status="200"' in client.get("/metrics").text
-    assert polling.COLLECTION in client.app.openapi()["paths"]  # the constant names the real route
+    assert f'route="{cached_reads.COLLECTION}",status="200"' in client.get("/metrics").text
+    assert cached_reads.COLLECTION in client.app.openapi()["paths"]  # the constant names the real route
 
 
 def test_other_bytes_force_and_expired_answers_go_through_the_app(
@@ -122,7 +122,7 @@ def test_other_bytes_force_and_expired_answers_go_through_the_app(
 def test_a_body_read_for_the_memo_reaches_the_app_whole(client: TestClient) -> None:
     job_id = _finished_job(client)
     headers = {"content-type": "application/json"}
-    padded = (json.dumps(MLP) + " " * polling.MEMO_BODY_LIMIT).encode()  # too big to memoise: passed on
+    padded = (json.dumps(MLP) + " " * cached_reads.MEMO_BODY_LIMIT).encode()  # too big to memoise: passed on
     for _ in range(2):
         answer = client.post("/v1/recommendations", content=padded, headers=headers)
         assert answer.status_code == 200 and answer.json()["id"] == job_id
