@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import io
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
 from tests import exported_models as em
+from tests.helpers import wait_for_job
 
 
 def _upload(client: TestClient, path: Path, kind: str = "model", **fields: str):  # noqa: ANN202
@@ -28,16 +27,6 @@ def _upload(client: TestClient, path: Path, kind: str = "model", **fields: str):
 def _error(response) -> dict:  # noqa: ANN001
     assert 400 <= response.status_code < 500, response.text
     return response.json()["error"]
-
-
-def _wait(client: TestClient, job_id: str, timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/recommendations/{job_id}").json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        time.sleep(0.2)
-    pytest.fail(f"job {job_id} did not finish in {timeout_s} s")
 
 
 def test_an_exported_transformer_goes_from_upload_to_a_recommendation(settings: Settings) -> None:
@@ -76,7 +65,7 @@ def test_an_exported_transformer_goes_from_upload_to_a_recommendation(settings: 
         assert job.status_code == 202, job.text
         assert "_internal" not in job.json()["request"]  # the archive's path on disk stays private
         assert job.json()["request"]["model"]["config"]["loss"] == "model_returns_loss"
-        done = _wait(client, job.json()["id"])
+        done = wait_for_job(client, job.json()["id"])
         assert done["status"] == "succeeded", done["error"]
         result = done["result"]
         assert 1 <= result["max_feasible_batch_size"] <= 2048

@@ -16,14 +16,15 @@ from service.api import recommendations as routes
 from service.app import create_app
 from service.config import Settings
 from service.schemas import RecommendationCreate
-from tests.api.test_recommendations import MLP, _finish
+from tests.helpers import finish_job
 
-KEY = "polling-key-0123456789"
+MLP = {"model": {"name": "mlp"}}
+KEY = "cached-reads-key-0123456789"
 
 
 def _finished_job(client: TestClient, headers: dict | None = None) -> str:
     job_id = client.post("/v1/recommendations", json=MLP, headers=headers).json()["id"]
-    _finish(client, job_id, {"max_feasible_batch_size": 7})
+    finish_job(client, job_id, {"max_feasible_batch_size": 7})
     return job_id
 
 
