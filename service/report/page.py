@@ -97,7 +97,8 @@ def build_report(public: Mapping[str, Any], trials: Sequence[Mapping[str, Any]])
     progress = as_dict(public.get("progress"))
     done, planned = number(progress.get("trials_done")) or 0, number(progress.get("trials_planned")) or 0
     percent = min(100, round(100 * done / planned)) if active and planned else None
-    warnings = result.get("warnings") if isinstance(result.get("warnings"), list) else []
+    warnings = result.get("warnings")
+    warnings = warnings if isinstance(warnings, list) else []
     return Report(
         recommendation=dict(public),
         recipe=recipe_items(result),

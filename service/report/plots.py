@@ -86,7 +86,7 @@ def memory_plot(result: dict[str, Any], trials: Sequence[Mapping[str, Any]], bud
         series.insert(0, Series("model: max(optimizer peak, fixed + per-sample × B)", model, color=GREEN))
         ys += [p[1] for p in model if p[0] <= max(xs or [x_hi]) * 1.05]
     y_max = max([*ys, budget or 0.0, 1.0]) * 1.08
-    log_y = bool(budget) and 0 < max(ys, default=0.0) < budget / TINY_AGAINST_BUDGET
+    log_y = budget is not None and 0 < max(ys, default=0.0) < budget / TINY_AGAINST_BUDGET
     if log_y:  # on a linear axis every point would sit on the floor
         positive = [y for y in ys if y > 0]
         y_range = (2.0 ** math.floor(math.log2(min(positive))), 2.0 ** math.ceil(math.log2(y_max)))

@@ -249,7 +249,8 @@ def svg_plot(
                 )
     vertical = 0
     for ref in refs:
-        line = {"stroke": ref.color, "stroke_width": 1.5, "stroke_dasharray": "5 4" if ref.dashed else None}
+        dash = "5 4" if ref.dashed else None
+        line: dict[str, Any] = {"stroke": ref.color, "stroke_width": 1.5, "stroke_dasharray": dash}
         if ref.x is not None and xa.contains(ref.x):
             px = xa(ref.x)
             out.append(_tag("line", x1=px, x2=px, y1=top, y2=bottom, class_="ref", **line))
