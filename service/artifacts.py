@@ -388,3 +388,8 @@ def sample_problem(
     if input_dtype.startswith("int") and "min" in x and (x["min"] < 0 or x["max"] >= high):
         return f"the sample's token ids lie in [{x['min']}, {x['max']}], outside [0, {high})"
     return None
+
+
+def list_public(session: Session, *, kind: str | None = None) -> list[dict[str, Any]]:
+    """Uploaded artifacts, newest first, as the API shows them."""
+    return [to_public(a) for a in repository.list_artifacts(session, kind=kind)]

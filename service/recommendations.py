@@ -387,3 +387,18 @@ def trial_public(trial: Trial) -> dict[str, Any]:
         "detail": trial.detail,
         "created_at": trial.created_at,
     }
+
+
+def list_recommendations(
+    session: Session,
+    *,
+    status: str | None = None,
+    model_name: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """A page of jobs, newest first, as the API shows them, and how many match in all."""
+    items, total = repository.list_recommendations(
+        session, status=status, model_name=model_name, limit=limit, offset=offset
+    )
+    return [to_public(r) for r in items], total

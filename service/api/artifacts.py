@@ -9,7 +9,6 @@ from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, st
 from pydantic import BaseModel, Field
 
 from service import artifacts as use_cases
-from service import repository
 from service.api.deps import ReadSession, State, WriteSession
 from service.errors import error_responses
 
@@ -115,7 +114,7 @@ def upload_artifact(
     responses=error_responses(401, 422),
 )
 def list_artifacts(session: ReadSession, kind: Annotated[Kind | None, Query()] = None) -> list[dict]:
-    return [use_cases.to_public(a) for a in repository.list_artifacts(session, kind=kind)]
+    return use_cases.list_public(session, kind=kind)
 
 
 @router.get(

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from service import recommendations as use_cases
-from service import repository
 from service.api.cached_reads import BODY_DIGEST
 from service.api.deps import ReadSession, State, WriteSession
 from service.db.session import session_scope
@@ -97,11 +96,11 @@ def list_recommendations(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> dict:
-    items, total = repository.list_recommendations(
+    items, total = use_cases.list_recommendations(
         session, status=status_filter, model_name=model, limit=limit, offset=offset
     )
     return {
-        "items": [use_cases.to_public(r) for r in items],
+        "items": items,
         "total": total,
         "limit": limit,
         "offset": offset,
@@ -141,8 +140,7 @@ def _read_job_json(state: AppState, recommendation_id: str) -> bytes:
     responses=error_responses(401, 404, 422),
 )
 def list_trials(recommendation_id: RecommendationId, session: ReadSession) -> list:
-    use_cases.get_recommendation(session, recommendation_id)
-    return list(repository.list_trials(session, recommendation_id))
+    return use_cases.list_trials(session, recommendation_id)
 
 
 @router.delete(
