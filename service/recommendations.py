@@ -206,14 +206,13 @@ def _resolve_artifact_request(
         raise InvalidRequest(
             "uploaded models do not support gradient checkpointing", code="unsupported_option"
         )
-    integer_targets = str(config.get("target_dtype", "")).startswith(("int", "uint"))
     _check_sample(
         session,
         payload,
         input_shape=expected_shape,
         input_dtype=str(config.get("input_dtype", "float32")),
-        num_classes=int(config.get("target_high") or 0) if integer_targets else 0,
-        input_high=config.get("input_high"),
+        num_classes=0,
+        config=config,
     )
     request["model"]["config"] = config
     request["input"]["shape"] = expected_shape
@@ -233,10 +232,11 @@ def _check_sample(
     input_shape: list[int],
     input_dtype: str,
     num_classes: int,
-    input_high: int | None = None,
+    config: Any = None,
 ) -> None:
-    """dataset.sample_id names an uploaded sample whose stored shapes and labels fit the model."""
-    from service.artifacts import sample_problem
+    """dataset.sample_id names an uploaded sample whose stored description fits the model's task
+    (`sample_check.problem`: the loss's needs, not dtype rules; the probe then runs a step on it)."""
+    from service.probing import sample_check
 
     if payload.dataset.sample_id is None:
         return
@@ -246,13 +246,10 @@ def _check_sample(
             f"dataset.sample_id {payload.dataset.sample_id!r} is not an uploaded data sample",
             code="unknown_sample",
         )
-    problem = sample_problem(
-        sample.meta or {},
-        input_shape=input_shape,
-        input_dtype=input_dtype,
-        num_classes=num_classes,
-        input_high=input_high,
+    task = sample_check.Task.for_model(
+        config, input_shape=input_shape, input_dtype=input_dtype, num_classes=num_classes
     )
+    problem = sample_check.problem(sample.meta or {}, task)
     if problem:
         raise InvalidRequest(f"dataset.sample_id: {problem}", code="sample_mismatch")
 

@@ -4,7 +4,8 @@ The gradient noise scale and the training races need real examples: on random in
 labels every example's gradient is pure noise and the noise scale means nothing. Two sources:
 
 - A client sample: an `.npz` (loaded with `allow_pickle=False`) or `.safetensors` file holding arrays
-  `x` (inputs, `[N, *input_shape]`) and `y` (integer labels, `[N]`, or `[N, T]` next-token targets).
+  `x` (inputs, `[N, *input_shape]`) and `y` (targets: what the model's loss needs, checked by
+  `sample_check`: class ids for cross_entropy, float targets shaped like the output for mse, ...).
   Every problem is a `ValueError` whose message the service can hand to the client as a 4xx.
 - A built-in sample, flagged `measured_on="builtin:..."`: the UCI handwritten `digits` (1797 8x8 grey
   images, 10 classes; shipped as `builtin/digits.npz`, see `builtin/README.md` for its source and
@@ -28,8 +29,11 @@ from typing import Any
 
 import torch
 
+from service.probing import sample_check
+from service.probing.sample_check import Task
+
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
-DEFAULT_MAX_SAMPLES = 100_000
+DEFAULT_MAX_SAMPLES = sample_check.DEFAULT_MAX_SAMPLES
 BUILTIN_MAX_BYTES = 128 * 1024 * 1024  # cap on the tensor bytes of a built-in sample (large images)
 DIGITS_PATH = Path(__file__).resolve().parent / "builtin" / "digits.npz"
 
@@ -162,11 +166,11 @@ def load_client_sample(
     *,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_samples: int = DEFAULT_MAX_SAMPLES,
+    task: Task | None = None,
 ) -> Sample:
-    """Load `x` and `y` from an `.npz` or `.safetensors` file and check them against the model.
-
-    Raises ValueError with a message meant for the client on any problem (see `validate_sample`).
-    """
+    """Load `x` and `y` from an `.npz` or `.safetensors` file and check them against the model's task
+    (default: a zoo classifier's). Raises ValueError with a message meant for the client on any
+    problem (`sample_check`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data sample {path.name!r} not found")
@@ -180,14 +184,10 @@ def load_client_sample(
         arrays = read_safetensors(path.read_bytes())
     else:
         raise ValueError(f"data sample must be .npz or .safetensors, got {suffix or 'no extension'!r}")
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise ValueError(
-            f"data sample must hold arrays 'x' and 'y'; missing {missing}, found {sorted(arrays)}"
-        )
-    x, y = validate_sample(
-        arrays["x"], arrays["y"], input_shape, input_dtype, num_classes, max_samples=max_samples
-    )
+    if task is None:
+        task = Task.for_model(None, input_shape=input_shape, input_dtype=input_dtype, num_classes=num_classes)
+    sample_check.check_arrays(arrays, max_samples=max_samples)  # x and y present, usable at all
+    x, y = sample_check.prepare(arrays["x"], arrays["y"], task, max_samples=max_samples)
     return Sample(x, y, "client", f"client sample {path.name}, {len(x)} examples")
 
 
@@ -265,68 +265,21 @@ def read_safetensors(blob: bytes) -> dict[str, torch.Tensor]:
     return out
 
 
-def validate_sample(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    input_shape: list[int],
-    input_dtype: str,
-    num_classes: int,
-    *,
-    max_samples: int = DEFAULT_MAX_SAMPLES,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check a sample against the model and return it cast to the model's dtypes (x) and int64 (y).
-
-    Rules: non-empty and at most `max_samples` examples; `x` is `[N, *input_shape]` and numeric with no
-    NaN/inf (token ids: integers in [0, num_classes)); `y` is `[N]` or `[N, ...]` of integers in
-    [0, num_classes).
-    """
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise ValueError("x and y must be arrays")
-    for name, arr in (("x", x), ("y", y)):
-        if arr.dtype == torch.bool or arr.is_complex():
-            raise ValueError(f"array {name!r} must be numeric, got {arr.dtype}")
-        if arr.ndim == 0 or arr.shape[0] == 0:
-            raise ValueError(f"data sample is empty ({name} has shape {list(arr.shape)})")
-    n = x.shape[0]
-    if y.shape[0] != n:
-        raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
-    if n > max_samples:
-        raise ValueError(f"data sample has {n} examples, over the limit of {max_samples}")
-    if list(x.shape[1:]) != list(input_shape):
-        raise ValueError(
-            f"x has per-example shape {list(x.shape[1:])}, the model expects {list(input_shape)}"
-        )
-    if y.is_floating_point():
-        raise ValueError(f"labels y must be integers, got {y.dtype}")
-    y = y.to(torch.int64)
-    if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise ValueError(f"labels y must lie in [0, {num_classes}); found [{int(y.min())}, {int(y.max())}]")
-    if input_dtype.startswith("int"):
-        if x.is_floating_point():
-            raise ValueError(f"x must hold integer token ids, got {x.dtype}")
-        x = x.to(torch.int64)
-        if int(x.min()) < 0 or int(x.max()) >= num_classes:
-            raise ValueError(
-                f"token ids in x must lie in [0, {num_classes}); found [{int(x.min())}, {int(x.max())}]"
-            )
-    else:
-        x = x.to(getattr(torch, input_dtype))
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or infinite values")
-    return x, y
-
-
 def sample_for_model(
     input_shape: list[int],
     input_dtype: str,
     num_classes: int,
     sample_path: str | os.PathLike[str] | None = None,
+    task: Task | None = None,
     **limits: int,
 ) -> Sample | None:
-    """The client's sample when a path is given (validated, ValueError on problems), else a built-in one.
+    """The client's sample when a path is given (checked against `task`, default a zoo classifier's;
+    ValueError on problems), else a built-in one (built-ins are class ids: classifiers only).
 
     None means no real data fits this model: the statistics phases must be skipped and the answer says so.
     """
     if sample_path is not None:
-        return load_client_sample(sample_path, input_shape, input_dtype, num_classes, **limits)
+        return load_client_sample(sample_path, input_shape, input_dtype, num_classes, task=task, **limits)
+    if task is not None and task.loss not in sample_check.CLASSIFICATION_LOSSES:
+        return None
     return builtin_sample(input_shape, input_dtype, num_classes)
