@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 MODEL_SUFFIX = ".pt2"
 SAMPLE_SUFFIXES = (".npz", ".safetensors")
 CHUNK_BYTES = 1024 * 1024
-LOSSES = ("cross_entropy", "mse", "model_returns_loss")
+LOSSES = ("cross_entropy", "mse", "l1", "huber", "model_returns_loss")
 # Dry runs load a whole model and train it: run few at a time.
 _DRY_RUNS = threading.BoundedSemaphore(2)
 

@@ -320,3 +320,20 @@ def test_samples_that_do_not_fit_the_loss_are_refused_naming_the_arrays(
     assert mismatch["code"] == "sample_mismatch"
     assert "y has per-example shape [1] and dtype float32" in mismatch["message"]
     assert "loss cross_entropy expects integer class ids in [0, 10)" in mismatch["message"]
+
+
+def test_l1_and_huber_are_regression_losses_too(client: TestClient, tmp_path: Path) -> None:
+    archive = _regression_archive(tmp_path)
+    x, y = _friedman1(64)
+    sample = tmp_path / "friedman.npz"
+    sample.write_bytes(_npz(x=x, y=y[:, 0]))  # [N] for a model with one output
+    sample_id = _upload(client, sample, kind="sample").json()["id"]
+    for loss in ("l1", "huber"):
+        model = _upload(client, archive, loss=loss)
+        assert model.status_code in (200, 201), model.text
+        config = model.json()["meta"]["config"]
+        assert (config["loss"], config["target_shape"], config["target_dtype"]) == (loss, [1], "float32")
+        assert model.json()["meta"]["losses"]["2"] >= 0
+        body = {"model": {"artifact_id": model.json()["id"]}, "dataset": {"sample_id": sample_id}}
+        assert client.post("/v1/recommendations", json=body).status_code == 202
+        client.delete(f"/v1/artifacts/{model.json()['id']}")  # the same bytes, declared with the next loss

@@ -45,8 +45,9 @@ program = torch.export.export(model.train(), (example,), dynamic_shapes={"x": {0
 torch.export.save(program, "model.pt2")
 ```
 
-Form fields: `loss` (`cross_entropy`: the model returns logits `[batch, ..., classes]`; `mse`: targets are
-shaped like the output; `model_returns_loss`: `forward(x, target)` returns the loss), and optionally
+Form fields: `loss` (`cross_entropy`: the model returns logits `[batch, ..., classes]`; `mse`, `l1`,
+`huber` (delta 1): targets are shaped like the output; `model_returns_loss`: `forward(x, target)`
+returns the loss), and optionally
 `input` / `target` (JSON: per-sample `shape`, `dtype`, `high` = exclusive bound of integer values such as
 token ids; needed only where the program cannot tell, e.g. dynamic sequence lengths) and `num_classes`.
 
@@ -77,7 +78,8 @@ def upload_artifact(
     file: Annotated[UploadFile, File(description="The .pt2 archive or the data sample.")],
     kind: Annotated[Kind, Form(description="model or sample")],
     loss: Annotated[
-        Literal["cross_entropy", "mse", "model_returns_loss"] | None, Form(description="Models only.")
+        Literal["cross_entropy", "mse", "l1", "huber", "model_returns_loss"] | None,
+        Form(description="Models only."),
     ] = None,
     input: Annotated[
         str | None,

@@ -6,8 +6,8 @@ the declared loss, not from dtype rules of its own:
 - `cross_entropy`: integer class ids in `[0, classes)`, shaped like the logits without their last
   dimension (`[N]` for a classifier, `[N, T]` per position for a sequence model); the value -100 is
   PyTorch's default `ignore_index` and is accepted (that target is left out of the loss).
-- `mse`: float targets shaped like the model's output (`[N, 1]` or `[N]` for one output, `[N, K]` for
-  K outputs).
+- `mse`, `l1`, `huber`: float targets shaped like the model's output (`[N, 1]` or `[N]` for one
+  output, `[N, K]` for K outputs).
 - `model_returns_loss`: whatever `forward(x, y)` accepts: the dtype family and per-example shape of
   the target the program was exported with.
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 CLASSIFICATION_LOSSES = ("cross_entropy",)
-REGRESSION_LOSSES = ("mse",)
+REGRESSION_LOSSES = ("mse", "l1", "huber")
 IGNORE_INDEX = -100  # F.cross_entropy's default: such targets do not count
 DEFAULT_MAX_SAMPLES = 100_000
 DRY_STEP_ROWS = 4
