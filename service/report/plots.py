@@ -104,9 +104,18 @@ def memory_plot(result: dict[str, Any], trials: Sequence[Mapping[str, Any]], bud
         refs.append(RefLine(f"max feasible {format_number(maximum)}", x=maximum, color=ORANGE))
     y_label = "peak memory (log2)" if log_y else "peak memory"
     return svg_plot(
-        name="memory", title=title, x_label="batch size (log2)", y_label=y_label, x=(x_lo, x_hi), y=y_range,
-        series=series, refs=refs, y_log2=log_y, y_format=format_byte_tick, y_unit=unit,
-    )  # fmt: skip
+        name="memory",
+        title=title,
+        x_label="batch size (log2)",
+        y_label=y_label,
+        x=(x_lo, x_hi),
+        y=y_range,
+        series=series,
+        refs=refs,
+        y_log2=log_y,
+        y_format=format_byte_tick,
+        y_unit=unit,
+    )
 
 
 def throughput_plot(result: dict[str, Any], trials: Sequence[Mapping[str, Any]]) -> Markup:
@@ -128,10 +137,15 @@ def throughput_plot(result: dict[str, Any], trials: Sequence[Mapping[str, Any]])
     if micro and micro != recommended:  # throughput is measured per device, at the micro-batch
         refs.append(RefLine(f"micro-batch {format_number(micro)}", x=micro, color=GREEN))
     return svg_plot(
-        name="throughput", title=title, x_label="batch size (log2)", y_label="samples / s",
-        x=(x_lo, x_hi), y=(0.0, nice_upper(max(p[1] for p in points) * 1.08)),
-        series=[Series("measured (median of timed steps)", points, color=BLUE, marker="circle")], refs=refs,
-    )  # fmt: skip
+        name="throughput",
+        title=title,
+        x_label="batch size (log2)",
+        y_label="samples / s",
+        x=(x_lo, x_hi),
+        y=(0.0, nice_upper(max(p[1] for p in points) * 1.08)),
+        series=[Series("measured (median of timed steps)", points, color=BLUE, marker="circle")],
+        refs=refs,
+    )
 
 
 def time_to_target_curve(result: dict[str, Any]) -> tuple[list[tuple[float, float]], bool]:
@@ -175,9 +189,16 @@ def time_plot(result: dict[str, Any]) -> Markup:
     caption = "derived here from throughput × noise scale: (B + B_noise) / throughput(B)" if derived else None
     y_top = max(p[1] for p in points)
     return svg_plot(
-        name="time_to_target", title=title, x_label="batch size (log2)", y_label="time ÷ best time",
-        x=(x_lo, x_hi), y=(0.0, nice_upper(y_top * 1.08)), series=series, refs=refs, caption=caption,
-    )  # fmt: skip
+        name="time_to_target",
+        title=title,
+        x_label="batch size (log2)",
+        y_label="time ÷ best time",
+        x=(x_lo, x_hi),
+        y=(0.0, nice_upper(y_top * 1.08)),
+        series=series,
+        refs=refs,
+        caption=caption,
+    )
 
 
 def noise_plot(result: dict[str, Any]) -> Markup:
@@ -211,10 +232,18 @@ def noise_plot(result: dict[str, Any]) -> Markup:
         f"; noise scale measured on {measured_on}" if measured_on else ""
     )
     return svg_plot(
-        name="noise_scale", title=title, x_label="batch size (log2)", y_label="steps ÷ minimum steps (log2)",
-        x=(x_lo, x_hi), y=(1.0, 2 ** math.ceil(math.log2(max(y_hi, 2.0)))), y_log2=True,
-        series=series, refs=refs, bands=bands, caption=caption,
-    )  # fmt: skip
+        name="noise_scale",
+        title=title,
+        x_label="batch size (log2)",
+        y_label="steps ÷ minimum steps (log2)",
+        x=(x_lo, x_hi),
+        y=(1.0, 2 ** math.ceil(math.log2(max(y_hi, 2.0)))),
+        y_log2=True,
+        series=series,
+        refs=refs,
+        bands=bands,
+        caption=caption,
+    )
 
 
 def safe(build: Callable[[], Markup], *, name: str, title: str) -> Markup:

@@ -218,7 +218,7 @@ def svg_plot(
                     fill=band.color,
                     fill_opacity=0.15,
                     class_="band",
-                )  # fmt: skip
+                )
             )
     for s in series:
         inside = [(px, py) for px, py in s.points if xa.contains(px) and ya.contains(py)]
@@ -234,7 +234,7 @@ def svg_plot(
                     stroke_width=2,
                     stroke_dasharray=dash,
                     class_="series",
-                )  # fmt: skip
+                )
             )
         for px, py in inside if s.marker else ():
             sx, sy = xa(px), ya(py)
@@ -265,7 +265,7 @@ def svg_plot(
                     text_anchor=anchor,
                     font_size=11,
                     fill=ref.color,
-                )  # fmt: skip
+                )
             )
             vertical += 1
         if ref.y is not None and ya.contains(ref.y):
@@ -337,7 +337,7 @@ def not_measured(*, name: str, title: str, reason: str) -> Markup:
             fill="#fafafa",
             stroke="#ccc",
             stroke_dasharray="4 4",
-        ),  # fmt: skip
+        ),
         _tag(
             "text",
             f"not measured — {escape(reason)}",
@@ -346,7 +346,7 @@ def not_measured(*, name: str, title: str, reason: str) -> Markup:
             text_anchor="middle",
             font_size=14,
             fill="#666",
-        ),  # fmt: skip
+        ),
     ]
     head = (
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height}" class="plot not-measured" '
