@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
 REQUEST = {
     "model": {"name": "mlp", "config": {"hidden_dims": [64]}},
     "dataset": {"size": 50000},
@@ -75,7 +74,6 @@ def bare_app(document: dict[str, Any]) -> Any:
 def serve(kind: str, port: int, document_path: str | None) -> None:
     import uvicorn
 
-    sys.path.insert(0, str(ROOT))
     from service.observability import configure_logging
 
     configure_logging("json", "info")
@@ -132,7 +130,6 @@ def _seed(url: str, data_dir: Path) -> str:
     """Queue the benchmark request and store a result for it the way a worker would. Returns its id."""
     import httpx
 
-    sys.path.insert(0, str(ROOT))
     from service import repository
     from service.config import Settings
     from service.db.session import make_engine, make_session_factories, session_scope
@@ -266,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="batchsize-load-"))
     data_dir = workdir / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSIZE_")}
-    env.update(BATCHSIZE_DATA_DIR=str(data_dir), BATCHSIZE_RUN_WORKER="false", BATCHSIZE_PROBE_DEVICE="cpu",
-               PYTHONPATH=str(ROOT))  # fmt: skip
+    env.update(BATCHSIZE_DATA_DIR=str(data_dir), BATCHSIZE_RUN_WORKER="false", BATCHSIZE_PROBE_DEVICE="cpu")
     processes = []
     try:
         service, service_url = _start("service", env, workdir / "service.log")

@@ -1,5 +1,5 @@
 # Sourced by scripts/serve and scripts/test: make .venv with everything the project needs.
-# torch is pinned to 2.13.0 here (a CPU wheel this kind of machine carries) and installed first, so the
+# torch is pinned to 2.13.0 (the release the tests use) and installed first, so the
 # package's own `torch>=2.6` range is already met and pip never downloads a multi-GB CUDA build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

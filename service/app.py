@@ -14,8 +14,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service import __version__
 from service.api import artifacts, catalog, health, recommendations, ui
 from service.api import metrics as metrics_api
+from service.api.cached_reads import CachedAnswers
 from service.api.deps import require_api_key
-from service.api.polling import CachedAnswers
 from service.config import Settings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factories, session_scope

@@ -54,12 +54,12 @@ log = logging.getLogger(__name__)
 MODEL_SUFFIX = ".pt2"
 SAMPLE_SUFFIXES = (".npz", ".safetensors")
 CHUNK_BYTES = 1024 * 1024
-LOSSES = ("cross_entropy", "mse", "model_returns_loss")
 DRY_RUN_NICENESS = 10
 # Upload checks (hashing, parsing, dry runs) run on pools of their own, made on first use, one per
 # concurrency setting: a queue that never occupies the event loop or the request thread pool.
 _CHECK_POOLS: dict[int, ThreadPoolExecutor] = {}
 _CHECK_POOLS_LOCK = threading.Lock()
+LOSSES = ("cross_entropy", "mse", "l1", "huber", "model_returns_loss")
 
 
 class ArtifactRejected(InvalidRequest):
@@ -371,79 +371,25 @@ def _communicate(process: subprocess.Popen[bytes], request: str, timeout_s: floa
 
 
 def check_sample(path: Path, filename: str) -> tuple[dict[str, Any], str]:
-    """Read x and y without unpickling; check they are numeric, finite and non-empty. (meta, suffix)."""
+    """Read x and y without unpickling and check they make a sample (`sample_check.check_arrays`):
+    numeric, finite, non-empty. Returns (meta, suffix); meta describes the arrays, so that a
+    recommendation can check them against a model without reading the file again."""
     import zipfile
 
-    import torch
-
-    from service.probing.data import DEFAULT_MAX_SAMPLES, _read_npz, read_safetensors
+    from service.probing import sample_check
+    from service.probing.data import _read_npz, read_safetensors
 
     suffix = Path(filename or "").suffix.lower()
     if suffix not in SAMPLE_SUFFIXES:
         suffix = ".npz" if zipfile.is_zipfile(path) else ".safetensors"
     try:
         arrays = _read_npz(path) if suffix == ".npz" else read_safetensors(path.read_bytes())
+        description = sample_check.check_arrays(arrays)
     except ValueError as exc:
         raise ArtifactRejected(str(exc), code="invalid_sample") from None
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise ArtifactRejected(
-            f"a data sample must hold arrays 'x' (inputs) and 'y' (targets); missing {missing}, "
-            f"found {sorted(arrays)}",
-            code="invalid_sample",
-        )
-    x, y = arrays["x"], arrays["y"]
-    meta: dict[str, Any] = {"format": suffix.lstrip(".")}
-    for name, array in (("x", x), ("y", y)):
-        if array.dtype == torch.bool or array.is_complex():
-            raise ArtifactRejected(
-                f"array {name!r} must be numeric, got {array.dtype}", code="invalid_sample"
-            )
-        if array.ndim == 0 or array.shape[0] == 0:
-            raise ArtifactRejected(
-                f"the data sample is empty ({name} has shape {list(array.shape)})", code="invalid_sample"
-            )
-        if array.is_floating_point() and not bool(torch.isfinite(array).all()):
-            raise ArtifactRejected(f"array {name!r} contains NaN or infinite values", code="invalid_sample")
-        info: dict[str, Any] = {
-            "shape": list(array.shape[1:]),
-            "dtype": str(array.dtype).removeprefix("torch."),
-        }
-        if not array.is_floating_point():
-            info["min"], info["max"] = int(array.min()), int(array.max())
-        meta[name] = info
-    if x.shape[0] != y.shape[0]:
-        raise ArtifactRejected(f"x has {x.shape[0]} examples but y has {y.shape[0]}", code="invalid_sample")
-    if x.shape[0] > DEFAULT_MAX_SAMPLES:
-        raise ArtifactRejected(
-            f"the data sample has {x.shape[0]} examples, over the limit of {DEFAULT_MAX_SAMPLES}",
-            code="invalid_sample",
-        )
-    meta["examples"] = int(x.shape[0])
-    return meta, suffix
+    return {"format": suffix.lstrip("."), **description}, suffix
 
 
-def sample_problem(
-    sample_meta: dict[str, Any],
-    *,
-    input_shape: list[int],
-    input_dtype: str,
-    num_classes: int,
-    input_high: int | None = None,
-) -> str | None:
-    """Why an uploaded sample cannot feed this model (checked from its stored meta), or None."""
-    x, y = sample_meta.get("x"), sample_meta.get("y")
-    if not x or not y:
-        return None  # no meta to check against: the probe checks the data itself
-    if list(x["shape"]) != list(input_shape):
-        return f"the sample's per-example x shape {x['shape']} is not the model's input shape {input_shape}"
-    if "min" not in y:
-        return "the sample's labels y must be integers (class ids or next-token ids)"
-    if num_classes <= 0:
-        return "this model has no integer targets, so a data sample cannot be used for its statistics"
-    if y["min"] < 0 or y["max"] >= num_classes:
-        return f"the sample's labels lie in [{y['min']}, {y['max']}], the model has {num_classes} classes"
-    high = input_high or num_classes
-    if input_dtype.startswith("int") and "min" in x and (x["min"] < 0 or x["max"] >= high):
-        return f"the sample's token ids lie in [{x['min']}, {x['max']}], outside [0, {high})"
-    return None
+def list_public(session: Session, *, kind: str | None = None) -> list[dict[str, Any]]:
+    """Uploaded artifacts, newest first, as the API shows them."""
+    return [to_public(a) for a in repository.list_artifacts(session, kind=kind)]

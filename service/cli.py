@@ -206,64 +206,13 @@ class _ProgressBar:
 def _recipe_table(result: dict, title: str = "Recommended training recipe"):  # noqa: ANN202
     from rich.table import Table
 
-    def fmt_bytes(value: object) -> str:
-        if not isinstance(value, int | float):
-            return "—"
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if abs(value) < 1024 or unit == "TiB":
-                return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-            value /= 1024
-        return "—"
+    from service.recipe_text import recipe_items
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("", style="bold")
     table.add_column("")
-    rows = [
-        ("Global batch size", result.get("recommended_batch_size")),
-        ("Micro-batch per device", result.get("micro_batch_size")),
-        ("Gradient accumulation steps", result.get("gradient_accumulation_steps")),
-        ("Devices", result.get("devices")),
-        ("Learning rate", f"{result.get('learning_rate', 0):.6g} ({result.get('learning_rate_rule')} rule)"),
-        ("Warm-up steps", result.get("warmup_steps")),
-        ("Steps per epoch", result.get("steps_per_epoch")),
-        (
-            "Largest batch that fits",
-            f"{result.get('max_feasible_batch_size')} "
-            f"(aligned: {result.get('max_feasible_batch_size_aligned')})",
-        ),
-    ]
-    noise = result.get("gradient_noise_scale")
-    if isinstance(noise, dict) and noise.get("value") is not None:
-        rows.append(
-            (
-                "Gradient noise scale",
-                f"{noise['value']:.4g} [{noise.get('low') or 0:.3g}, {noise.get('high') or 0:.3g}] "
-                f"on {noise.get('measured_on')}",
-            )
-        )
-    throughput = result.get("throughput") or []
-    if throughput:
-        best = max(throughput, key=lambda p: p.get("samples_per_second") or 0)
-        rows.append(
-            ("Peak throughput", f"{best['samples_per_second']:.4g} samples/s at batch {best['batch_size']}")
-        )
-    memory = result.get("memory") or {}
-    if memory:
-        rows.append(
-            (
-                "Memory model",
-                f"fixed {fmt_bytes(memory.get('fixed_bytes'))} + {fmt_bytes(memory.get('per_sample_bytes'))}"
-                f"/sample, budget {fmt_bytes(memory.get('budget_bytes'))}",
-            )
-        )
-    device = result.get("device") or {}
-    if device:
-        rows.append(("Measured on", f"{device.get('type')} {device.get('name') or ''}".strip()))
-    rows.append(("Confidence", result.get("confidence")))
-    if result.get("extrapolated"):
-        rows.append(("Extrapolated", "yes: memory limit predicted for the target device"))
-    for label, value in rows:
-        table.add_row(label, "—" if value is None else str(value))
+    for item in recipe_items(result, details=True):
+        table.add_row(item.label, f"{item.text} ({item.hint})" if item.hint else item.text)
     return table
 
 

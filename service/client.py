@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 import httpx
 
-ACTIVE = ("queued", "running")
+from service.status import ACTIVE, JobStatus
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -211,7 +212,7 @@ class BatchsizeClient:
             job = self.get(recommendation_id)
             if on_progress is not None:
                 on_progress(job)
-            if job["status"] == "succeeded":
+            if job["status"] == JobStatus.SUCCEEDED:
                 return job
             if job["status"] not in ACTIVE:
                 raise RecommendationFailed(job)

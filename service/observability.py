@@ -26,9 +26,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.status import JobStatus
+
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 request_id_var: ContextVar[str | None] = ContextVar("batchsize_request_id", default=None)
 
@@ -132,7 +133,7 @@ class JobsByStatus(Collector):
         except Exception:  # a scrape must not fail because the database is away for a moment
             logging.getLogger(__name__).warning("could not count jobs for /metrics", exc_info=True)
             return []
-        for status in sorted({*JOB_STATUSES, *counts}):
+        for status in sorted({*(status.value for status in JobStatus), *counts}):
             family.add_metric([status], counts.get(status, 0))
         return [family]
 

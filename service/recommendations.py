@@ -14,11 +14,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import repository
 from service.config import Settings
-from service.db.models import Recommendation
+from service.db.models import Recommendation, Trial
 from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.probing.spec import PROBE_VERSION, ProbeSpec
 from service.schemas import RecommendationCreate
+from service.status import JobStatus
 
 # Bytes per parameter that must fit before any activation: weights + gradients + optimizer state.
 _STATE_COPIES = {"sgd": 3, "adam": 4, "adamw": 4}
@@ -103,9 +104,9 @@ def get_recommendation(session: Session, recommendation_id: str) -> Recommendati
 def cancel_recommendation(session: Session, recommendation_id: str) -> Recommendation:
     """Cancel a queued job at once; ask the worker to stop a running one. Finished jobs can't be cancelled."""
     recommendation = get_recommendation(session, recommendation_id)
-    if recommendation.status == "queued":
+    if recommendation.status == JobStatus.QUEUED:
         accepted = repository.cancel_queued(session, recommendation_id)
-    elif recommendation.status == "running":
+    elif recommendation.status == JobStatus.RUNNING:
         accepted = repository.request_cancel(session, recommendation_id)
     else:
         accepted = False
@@ -205,14 +206,13 @@ def _resolve_artifact_request(
         raise InvalidRequest(
             "uploaded models do not support gradient checkpointing", code="unsupported_option"
         )
-    integer_targets = str(config.get("target_dtype", "")).startswith(("int", "uint"))
     _check_sample(
         session,
         payload,
         input_shape=expected_shape,
         input_dtype=str(config.get("input_dtype", "float32")),
-        num_classes=int(config.get("target_high") or 0) if integer_targets else 0,
-        input_high=config.get("input_high"),
+        num_classes=0,
+        config=config,
     )
     request["model"]["config"] = config
     request["input"]["shape"] = expected_shape
@@ -232,10 +232,11 @@ def _check_sample(
     input_shape: list[int],
     input_dtype: str,
     num_classes: int,
-    input_high: int | None = None,
+    config: Any = None,
 ) -> None:
-    """dataset.sample_id names an uploaded sample whose stored shapes and labels fit the model."""
-    from service.artifacts import sample_problem
+    """dataset.sample_id names an uploaded sample whose stored description fits the model's task
+    (`sample_check.problem`: the loss's needs, not dtype rules; the probe then runs a step on it)."""
+    from service.probing import sample_check
 
     if payload.dataset.sample_id is None:
         return
@@ -245,13 +246,10 @@ def _check_sample(
             f"dataset.sample_id {payload.dataset.sample_id!r} is not an uploaded data sample",
             code="unknown_sample",
         )
-    problem = sample_problem(
-        sample.meta or {},
-        input_shape=input_shape,
-        input_dtype=input_dtype,
-        num_classes=num_classes,
-        input_high=input_high,
+    task = sample_check.Task.for_model(
+        config, input_shape=input_shape, input_dtype=input_dtype, num_classes=num_classes
     )
+    problem = sample_check.problem(sample.meta or {}, task)
     if problem:
         raise InvalidRequest(f"dataset.sample_id: {problem}", code="sample_mismatch")
 
@@ -375,3 +373,39 @@ def to_public(recommendation: Recommendation) -> dict[str, Any]:
         "started_at": recommendation.started_at,
         "finished_at": recommendation.finished_at,
     }
+
+
+def list_trials(session: Session, recommendation_id: str) -> list[dict[str, Any]]:
+    """A job's trials as the API shows them (TrialOut), in order; NotFound for an unknown job."""
+    get_recommendation(session, recommendation_id)
+    return [trial_public(trial) for trial in repository.list_trials(session, recommendation_id)]
+
+
+def trial_public(trial: Trial) -> dict[str, Any]:
+    """The API's view of one trial (TrialOut)."""
+    return {
+        "index": trial.index,
+        "phase": trial.phase,
+        "batch_size": trial.batch_size,
+        "outcome": trial.outcome,
+        "peak_bytes": trial.peak_bytes,
+        "step_time_s": trial.step_time_s,
+        "samples_per_second": trial.samples_per_second,
+        "detail": trial.detail,
+        "created_at": trial.created_at,
+    }
+
+
+def list_recommendations(
+    session: Session,
+    *,
+    status: str | None = None,
+    model_name: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """A page of jobs, newest first, as the API shows them, and how many match in all."""
+    items, total = repository.list_recommendations(
+        session, status=status, model_name=model_name, limit=limit, offset=offset
+    )
+    return [to_public(r) for r in items], total

@@ -10,6 +10,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Artifact, Recommendation, Trial, utcnow
+from service.status import ACTIVE, JobStatus
 
 # --- recommendations ---------------------------------------------------------------------------
 
@@ -22,7 +23,7 @@ def find_succeeded(session: Session, fingerprint: str) -> Recommendation | None:
     """The newest successful recommendation for this fingerprint, if any."""
     query = (
         select(Recommendation)
-        .where(Recommendation.fingerprint == fingerprint, Recommendation.status == "succeeded")
+        .where(Recommendation.fingerprint == fingerprint, Recommendation.status == JobStatus.SUCCEEDED)
         .order_by(Recommendation.finished_at.desc())
         .limit(1)
     )
@@ -32,7 +33,7 @@ def find_succeeded(session: Session, fingerprint: str) -> Recommendation | None:
 def find_active(session: Session, fingerprint: str) -> Recommendation | None:
     """The queued or running job for this fingerprint (at most one exists: a partial unique index)."""
     query = select(Recommendation).where(
-        Recommendation.fingerprint == fingerprint, Recommendation.status.in_(("queued", "running"))
+        Recommendation.fingerprint == fingerprint, Recommendation.status.in_(ACTIVE)
     )
     return session.scalars(query).first()
 
@@ -43,7 +44,7 @@ def add_recommendation(
     recommendation = Recommendation(
         id=recommendation_id,
         fingerprint=fingerprint,
-        status="queued",
+        status=JobStatus.QUEUED,
         model_name=model_name,
         request=request,
         trials_done=0,
@@ -86,8 +87,8 @@ def cancel_queued(session: Session, recommendation_id: str) -> bool:
     """Cancel a job that no worker has claimed yet. False if it was no longer queued."""
     result = session.execute(
         update(Recommendation)
-        .where(Recommendation.id == recommendation_id, Recommendation.status == "queued")
-        .values(status="cancelled", finished_at=utcnow(), phase=None)
+        .where(Recommendation.id == recommendation_id, Recommendation.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), phase=None)
     )
     return result.rowcount == 1
 
@@ -96,7 +97,7 @@ def request_cancel(session: Session, recommendation_id: str) -> bool:
     """Ask the worker running this job to stop it. False if it was no longer running."""
     result = session.execute(
         update(Recommendation)
-        .where(Recommendation.id == recommendation_id, Recommendation.status == "running")
+        .where(Recommendation.id == recommendation_id, Recommendation.status == JobStatus.RUNNING)
         .values(cancel_requested=True)
     )
     return result.rowcount == 1
@@ -113,7 +114,7 @@ def claim_next_queued(session: Session, *, worker_id: str) -> Recommendation | N
     """
     candidates = session.scalars(
         select(Recommendation.id)
-        .where(Recommendation.status == "queued")
+        .where(Recommendation.status == JobStatus.QUEUED)
         .order_by(Recommendation.created_at, Recommendation.id)
         .limit(5)
     ).all()
@@ -121,9 +122,9 @@ def claim_next_queued(session: Session, *, worker_id: str) -> Recommendation | N
     for candidate in candidates:
         claimed = session.execute(
             update(Recommendation)
-            .where(Recommendation.id == candidate, Recommendation.status == "queued")
+            .where(Recommendation.id == candidate, Recommendation.status == JobStatus.QUEUED)
             .values(
-                status="running",
+                status=JobStatus.RUNNING,
                 worker_id=worker_id,
                 started_at=now,
                 heartbeat_at=now,
@@ -200,14 +201,14 @@ def finish(
 ) -> None:
     session.execute(
         update(Recommendation)
-        .where(Recommendation.id == recommendation_id, Recommendation.status == "running")
+        .where(Recommendation.id == recommendation_id, Recommendation.status == JobStatus.RUNNING)
         .values(
             status=status,
             result=result,
             error_code=error_code,
             error_message=error_message,
             finished_at=utcnow(),
-            phase="done" if status == "succeeded" else None,
+            phase="done" if status == JobStatus.SUCCEEDED else None,
         )
     )
 
@@ -216,18 +217,18 @@ def requeue(session: Session, recommendation_id: str) -> None:
     """Put a running job back in the queue (its worker stopped before finishing it)."""
     session.execute(
         update(Recommendation)
-        .where(Recommendation.id == recommendation_id, Recommendation.status == "running")
-        .values(status="queued", worker_id=None, phase=None, started_at=None, heartbeat_at=None)
+        .where(Recommendation.id == recommendation_id, Recommendation.status == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, worker_id=None, phase=None, started_at=None, heartbeat_at=None)
     )
 
 
 def running_jobs(session: Session) -> Sequence[Recommendation]:
-    return session.scalars(select(Recommendation).where(Recommendation.status == "running")).all()
+    return session.scalars(select(Recommendation).where(Recommendation.status == JobStatus.RUNNING)).all()
 
 
 def stale_running_jobs(session: Session, *, older_than: datetime) -> Sequence[Recommendation]:
     query = select(Recommendation).where(
-        Recommendation.status == "running", Recommendation.heartbeat_at < older_than
+        Recommendation.status == JobStatus.RUNNING, Recommendation.heartbeat_at < older_than
     )
     return session.scalars(query).all()
 

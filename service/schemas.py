@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (pydantic v2). Field names follow DESIGN.md's contract."""
+"""Request and response bodies of the HTTP API (pydantic v2). Field names follow docs/design.md."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.security import MAX_JSON_DEPTH, json_depth
+from service.status import JobStatus
 
 MIN_TIME_BUDGET_S = 1.0  # less cannot run even one probe trial
-
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class _Strict(BaseModel):
@@ -127,7 +126,7 @@ class JobError(BaseModel):
 
 class RecommendationOut(BaseModel):
     id: str
-    status: Status
+    status: JobStatus
     fingerprint: str
     progress: Progress
     request: dict[str, Any]

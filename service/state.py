@@ -62,7 +62,7 @@ class AppState:
     # to trust that): a repeated POST skips validation, the model's meta build and the lookup. The expiry
     # bounds how long a newer answer (a `force`d re-probe finishing) can go unseen.
     answered_requests: LruCache[tuple[str, float]] = field(default_factory=LruCache)
-    # Digest of a request body (api.polling.body_digest) -> its request key, for bodies that validated to a
+    # Digest of a request body (cached_reads.body_digest) -> its request key, for bodies that validated to a
     # memoisable, unforced request: the same bytes are answered before routing, without parsing them again.
     request_keys: LruCache[str] = field(default_factory=LruCache)
 

@@ -25,6 +25,7 @@ from service.db.session import session_scope
 from service.errors import client_message
 from service.probing.spec import ProbeError
 from service.recommendations import HostDevice, probe_spec_from_request
+from service.status import JobStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -160,14 +161,14 @@ class Worker:
             timeout_s = min(self.settings.probe_timeout_s, spec.time_budget_s * _GRACE_FACTOR + _GRACE_S)
             probe_started = time.monotonic()
             result = self._probe(spec, job_id=job_id, timeout_s=timeout_s)
-            self._observe_probe("succeeded", probe_started)
+            self._observe_probe(JobStatus.SUCCEEDED, probe_started)
         except ProbeError as exc:
             self._observe_probe(exc.code, probe_started)
             if self.stop_event.is_set() and exc.code == "cancelled":
                 self._write(repository.requeue, job_id)
                 log.info("job %s re-queued at shutdown", job_id)
                 return
-            status = "cancelled" if exc.code == "cancelled" else "failed"
+            status = JobStatus.CANCELLED if exc.code == "cancelled" else JobStatus.FAILED
             message = client_message(exc.message)  # the full text goes to the log below and the trials
             self._write(repository.finish, job_id, status=status, error_code=exc.code, error_message=message)
             log.info("job %s %s: %s", job_id, status, exc.message)
@@ -178,12 +179,12 @@ class Worker:
             self._write(
                 repository.finish,
                 job_id,
-                status="failed",
+                status=JobStatus.FAILED,
                 error_code="internal_error",
                 error_message=client_message(repr(exc)),
             )
             return
-        self._write(repository.finish, job_id, status="succeeded", result=result)
+        self._write(repository.finish, job_id, status=JobStatus.SUCCEEDED, result=result)
         log.info("job %s succeeded", job_id)
 
     def _observe_probe(self, outcome: str, started: float | None) -> None:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import io
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
 from tests import exported_models as em
+from tests.helpers import wait_for_job
 
 
 def _upload(client: TestClient, path: Path, kind: str = "model", **fields: str):  # noqa: ANN202
@@ -28,16 +27,6 @@ def _upload(client: TestClient, path: Path, kind: str = "model", **fields: str):
 def _error(response) -> dict:  # noqa: ANN001
     assert 400 <= response.status_code < 500, response.text
     return response.json()["error"]
-
-
-def _wait(client: TestClient, job_id: str, timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/recommendations/{job_id}").json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        time.sleep(0.2)
-    pytest.fail(f"job {job_id} did not finish in {timeout_s} s")
 
 
 def test_an_exported_transformer_goes_from_upload_to_a_recommendation(settings: Settings) -> None:
@@ -76,7 +65,7 @@ def test_an_exported_transformer_goes_from_upload_to_a_recommendation(settings: 
         assert job.status_code == 202, job.text
         assert "_internal" not in job.json()["request"]  # the archive's path on disk stays private
         assert job.json()["request"]["model"]["config"]["loss"] == "model_returns_loss"
-        done = _wait(client, job.json()["id"])
+        done = wait_for_job(client, job.json()["id"])
         assert done["status"] == "succeeded", done["error"]
         result = done["result"]
         assert 1 <= result["max_feasible_batch_size"] <= 2048
@@ -238,3 +227,113 @@ def test_data_samples_are_checked_and_stored(client: TestClient, tmp_path: Path)
         _error(few_classes)["code"] == "sample_mismatch"
         and "classes" in few_classes.json()["error"]["message"]
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Regression: an uploaded model with loss=mse and a sample of float targets (Friedman #1)
+
+
+def _friedman1(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Friedman's first regression problem, 10 features (5 of them noise), targets standardised."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, 10)).astype(np.float32)
+    y = 10 * np.sin(np.pi * x[:, 0] * x[:, 1]) + 20 * (x[:, 2] - 0.5) ** 2 + 10 * x[:, 3] + 5 * x[:, 4]
+    y = y + rng.standard_normal(n)
+    return x, ((y - y.mean()) / y.std()).astype(np.float32)[:, None]
+
+
+def _regression_archive(tmp_path: Path) -> Path:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model.train(), (torch.randn(4, 10),), dynamic_shapes={"input": {0: batch}})
+    path = tmp_path / "friedman.pt2"
+    torch.export.save(program, path)
+    return path
+
+
+def test_a_regression_model_is_probed_on_its_float_targets(settings: Settings, tmp_path: Path) -> None:
+    x, y = _friedman1(4000)
+    sample = tmp_path / "friedman.npz"
+    sample.write_bytes(_npz(x=x, y=y))
+    with TestClient(create_app(settings, run_worker=True)) as client:
+        model = _upload(client, _regression_archive(tmp_path), loss="mse")
+        assert model.status_code == 201, model.text
+        config = model.json()["meta"]["config"]
+        assert (config["loss"], config["target_shape"], config["target_dtype"]) == ("mse", [1], "float32")
+        uploaded = _upload(client, sample, kind="sample")
+        assert uploaded.status_code == 201, uploaded.text
+        assert uploaded.json()["meta"]["y"] == {"shape": [1], "dtype": "float32"}
+        request = {
+            "model": {"artifact_id": model.json()["id"]},
+            "dataset": {"size": 20_000, "sample_id": uploaded.json()["id"]},
+            "training": {"optimizer": "adam", "learning_rate": 0.001, "reference_batch_size": 32},
+            "objective": "time_to_target",
+            "memory_budget_bytes": 64 * 2**20,
+            "time_budget_s": 30,
+        }
+        job = client.post("/v1/recommendations", json=request)
+        assert job.status_code == 202, job.text
+        done = wait_for_job(client, job.json()["id"])
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    noise = result["gradient_noise_scale"]
+    assert noise["measured_on"] == "client" and noise["value"] is not None and noise["value"] > 0
+    assert result["data_sample"]["measured_on"] == "client"
+    assert result["noise_scale_source"] in ("races", "gradient_noise_scale", "combined")
+    assert result["time_to_target_curve"]
+    assert result["micro_batch_size"] <= result["max_feasible_batch_size"]
+
+
+def test_samples_that_do_not_fit_the_loss_are_refused_naming_the_arrays(
+    client: TestClient, tmp_path: Path
+) -> None:
+    model = _upload(client, _regression_archive(tmp_path), loss="mse")
+    assert model.status_code == 201, model.text
+    x, y = _friedman1(64)
+
+    def submit(name: str, **arrays: np.ndarray) -> dict:
+        path = tmp_path / name
+        path.write_bytes(_npz(**arrays))
+        sample = _upload(client, path, kind="sample")
+        assert sample.status_code == 201, sample.text
+        body = {"model": {"artifact_id": model.json()["id"]}, "dataset": {"sample_id": sample.json()["id"]}}
+        return _error(client.post("/v1/recommendations", json=body))
+
+    two_targets = submit("two.npz", x=x, y=np.concatenate([y, y], axis=1))
+    assert two_targets["code"] == "sample_mismatch"
+    assert "y has per-example shape [2] and dtype float32" in two_targets["message"]
+    assert "loss mse expects float targets shaped like the model's output: [1]" in two_targets["message"]
+    wrong_inputs = submit("narrow.npz", x=x[:, :8], y=y)
+    assert "x has per-example shape [8] and dtype float32" in wrong_inputs["message"]
+    assert "the model takes per-example shape [10]" in wrong_inputs["message"]
+
+    # A classifier (the zoo mlp) and float targets: the loss needs class ids.
+    labels = tmp_path / "floats64.npz"
+    labels.write_bytes(_npz(x=np.zeros((64, 64), dtype=np.float32), y=y))
+    sample_id = _upload(client, labels, kind="sample").json()["id"]
+    body = {"model": {"name": "mlp"}, "dataset": {"sample_id": sample_id}}
+    mismatch = _error(client.post("/v1/recommendations", json=body))
+    assert mismatch["code"] == "sample_mismatch"
+    assert "y has per-example shape [1] and dtype float32" in mismatch["message"]
+    assert "loss cross_entropy expects integer class ids in [0, 10)" in mismatch["message"]
+
+
+def test_l1_and_huber_are_regression_losses_too(client: TestClient, tmp_path: Path) -> None:
+    archive = _regression_archive(tmp_path)
+    x, y = _friedman1(64)
+    sample = tmp_path / "friedman.npz"
+    sample.write_bytes(_npz(x=x, y=y[:, 0]))  # [N] for a model with one output
+    sample_id = _upload(client, sample, kind="sample").json()["id"]
+    for loss in ("l1", "huber"):
+        model = _upload(client, archive, loss=loss)
+        assert model.status_code in (200, 201), model.text
+        config = model.json()["meta"]["config"]
+        assert (config["loss"], config["target_shape"], config["target_dtype"]) == (loss, [1], "float32")
+        assert model.json()["meta"]["losses"]["2"] >= 0
+        body = {"model": {"artifact_id": model.json()["id"]}, "dataset": {"sample_id": sample_id}}
+        assert client.post("/v1/recommendations", json=body).status_code == 202
+        client.delete(f"/v1/artifacts/{model.json()['id']}")  # the same bytes, declared with the next loss

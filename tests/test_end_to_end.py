@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
-import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
+from tests.helpers import wait_for_job
 
 TINY_MLP = {
     "model": {"name": "mlp", "config": {"hidden_dims": [32]}},
@@ -20,20 +18,10 @@ TINY_MLP = {
 }
 
 
-def _wait(client: TestClient, job_id: str, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/recommendations/{job_id}").json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        time.sleep(0.2)
-    pytest.fail(f"job {job_id} did not finish in {timeout_s} s")
-
-
 def test_a_real_probe_finds_a_verified_maximum_and_stores_every_trial(settings: Settings) -> None:
     with TestClient(create_app(settings, run_worker=True)) as client:
         job = client.post("/v1/recommendations", json=TINY_MLP).json()
-        done = _wait(client, job["id"])
+        done = wait_for_job(client, job["id"])
         assert done["status"] == "succeeded", done["error"]
         result = done["result"]
         maximum = result["max_feasible_batch_size"]
@@ -72,7 +60,7 @@ def test_a_batch_of_one_that_does_not_fit_fails_the_job_with_a_reason(settings: 
     with TestClient(create_app(settings, run_worker=True)) as client:
         response = client.post("/v1/recommendations", json=request)
         assert response.status_code == 202, response.text
-        failed = _wait(client, response.json()["id"])
+        failed = wait_for_job(client, response.json()["id"])
         assert failed["status"] == "failed"
         assert failed["error"]["code"] in {"oom_at_min_batch", "budget_below_model"}
         assert "batch" in failed["error"]["message"] or "budget" in failed["error"]["message"]

@@ -33,6 +33,7 @@ from service.config import Settings
 from service.probing.spec import ProbeSpec
 from service.probing.subprocess import run_probe_subprocess
 from service.worker import Worker
+from tests.helpers import make_worker
 from tests.live_server import live_server
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
@@ -51,12 +52,6 @@ TINY = {
 def _variant(**changes: Any) -> dict[str, Any]:
     """TINY with other fields, so each job has its own fingerprint."""
     return {**TINY, **changes}
-
-
-def _worker(client: TestClient, **settings_changes: Any) -> Worker:
-    state = client.app.state.batchsize
-    settings = state.settings.model_copy(update=settings_changes)
-    return Worker(settings=settings, sessions=state.writes, host=state.host)
 
 
 def _probe_children(parent_pid: int) -> list[int]:
@@ -142,7 +137,7 @@ def test_a_probe_that_dies_fails_the_job_with_a_readable_reason(
 ) -> None:
     monkeypatch.setenv(FAULT_ENV, fault)
     job = client.post("/v1/recommendations", json=TINY).json()
-    assert _worker(client).run_next()
+    assert make_worker(client.app).run_next()
     failed = _job(client, job["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == code
     assert message in failed["error"]["message"]
@@ -155,7 +150,7 @@ def test_a_probe_that_hangs_is_killed_at_its_time_limit(
     monkeypatch.setenv(FAULT_ENV, "hang")
     job = client.post("/v1/recommendations", json=TINY).json()
     started = time.monotonic()
-    assert _worker(client, probe_timeout_s=2.0).run_next()
+    assert make_worker(client.app, probe_timeout_s=2.0).run_next()
     elapsed = time.monotonic() - started
     failed = _job(client, job["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "timeout"
@@ -169,7 +164,7 @@ def test_oom_at_the_smallest_batch_size_fails_the_job(client: TestClient) -> Non
     # size 1 cannot fit its activations.
     response = client.post("/v1/recommendations", json=_variant(memory_budget_bytes=14_800))
     assert response.status_code == 202, response.text
-    assert _worker(client).run_next()
+    assert make_worker(client.app).run_next()
     failed = _job(client, response.json()["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "oom_at_min_batch"
     assert "batch size 1 does not fit the memory budget of 14800 bytes" in failed["error"]["message"]
@@ -189,7 +184,7 @@ def test_a_model_that_raises_fails_the_job_with_its_error(
     )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), str(ROOT)]))
     job = client.post("/v1/recommendations", json=TINY).json()
-    assert _worker(client).run_next()
+    assert make_worker(client.app).run_next()
     failed = _job(client, job["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "model_error"
     assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied (injected)" in failed["error"]["message"]

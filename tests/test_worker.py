@@ -12,14 +12,9 @@ from fastapi.testclient import TestClient
 from service import repository
 from service.db.session import session_scope
 from service.probing.spec import ProbeError, ProbeSpec
-from service.worker import Worker
+from tests.helpers import make_worker
 
 MLP = {"model": {"name": "mlp"}, "time_budget_s": 30}
-
-
-def _worker(client: TestClient, run_probe: Any) -> Worker:
-    state = client.app.state.batchsize
-    return Worker(settings=state.settings, sessions=state.writes, host=state.host, run_probe=run_probe)
 
 
 def _fake_probe(spec: ProbeSpec, *, on_event: Any, timeout_s: float, should_cancel: Any) -> dict:
@@ -34,7 +29,7 @@ def _fake_probe(spec: ProbeSpec, *, on_event: Any, timeout_s: float, should_canc
 
 def test_worker_runs_a_job_and_records_trials_and_result(client: TestClient) -> None:
     job = client.post("/v1/recommendations", json=MLP).json()
-    assert _worker(client, _fake_probe).run_next() is True
+    assert make_worker(client.app, _fake_probe).run_next() is True
 
     done = client.get(f"/v1/recommendations/{job['id']}").json()
     assert done["status"] == "succeeded"
@@ -43,7 +38,7 @@ def test_worker_runs_a_job_and_records_trials_and_result(client: TestClient) -> 
     assert done["started_at"] and done["finished_at"]
     trials = client.get(f"/v1/recommendations/{job['id']}/trials").json()
     assert [(t["index"], t["batch_size"], t["outcome"]) for t in trials] == [(0, 64, "ok"), (1, 512, "oom")]
-    assert _worker(client, _fake_probe).run_next() is False  # queue empty
+    assert make_worker(client.app, _fake_probe).run_next() is False  # queue empty
 
 
 def test_a_failing_probe_fails_the_job_with_its_reason(client: TestClient) -> None:
@@ -51,7 +46,7 @@ def test_a_failing_probe_fails_the_job_with_its_reason(client: TestClient) -> No
         raise ProbeError("oom_at_min_batch", "batch size 1 needs 3 GiB, over the 1 GiB budget")
 
     job = client.post("/v1/recommendations", json=MLP).json()
-    _worker(client, failing).run_next()
+    make_worker(client.app, failing).run_next()
     failed = client.get(f"/v1/recommendations/{job['id']}").json()
     assert failed["status"] == "failed"
     assert failed["error"] == {
@@ -66,7 +61,7 @@ def test_an_unexpected_exception_fails_the_job_and_the_worker_goes_on(client: Te
 
     first = client.post("/v1/recommendations", json=MLP).json()
     second = client.post("/v1/recommendations", json={**MLP, "time_budget_s": 31}).json()
-    worker = _worker(client, broken)
+    worker = make_worker(client.app, broken)
     worker.run_next()
     worker.run_next()
     for job in (first, second):
@@ -87,7 +82,7 @@ def test_cancelling_a_running_job_stops_its_probe(client: TestClient) -> None:
         raise AssertionError("the probe was never told to stop")
 
     job = client.post("/v1/recommendations", json=MLP).json()
-    thread = threading.Thread(target=_worker(client, slow).run_next)
+    thread = threading.Thread(target=make_worker(client.app, slow).run_next)
     thread.start()
     assert started.wait(5)
     assert client.get(f"/v1/recommendations/{job['id']}").json()["status"] == "running"
@@ -108,7 +103,7 @@ def test_a_job_left_running_by_a_dead_worker_is_requeued_and_finished(client: Te
         repository.add_trial(session, job["id"], {"phase": "memory", "batch_size": 8, "outcome": "ok"})
     assert client.get(f"/v1/recommendations/{job['id']}").json()["status"] == "running"
 
-    worker = _worker(client, _fake_probe)  # "restart": a new worker process on the same host
+    worker = make_worker(client.app, _fake_probe)  # "restart": a new worker process on the same host
     assert worker.recover_orphans() == [job["id"]]
     assert client.get(f"/v1/recommendations/{job['id']}").json()["status"] == "queued"
     worker.run_next()
@@ -128,7 +123,7 @@ def test_a_live_worker_elsewhere_keeps_its_job_until_its_heartbeat_goes_stale(cl
     job = client.post("/v1/recommendations", json=MLP).json()
     with session_scope(state.writes) as session:
         repository.claim_next_queued(session, worker_id="other-host:1:abc")
-    worker = _worker(client, _fake_probe)
+    worker = make_worker(client.app, _fake_probe)
     assert worker.recover_orphans() == []
     worker.settings = worker.settings.model_copy(update={"stale_after_s": 0.001})
     time.sleep(0.01)
@@ -141,5 +136,5 @@ def test_probe_process_failures_end_as_failed(client: TestClient, code: str) -> 
         raise ProbeError(code, f"probe {code}")
 
     job = client.post("/v1/recommendations", json=MLP).json()
-    _worker(client, dies).run_next()
+    make_worker(client.app, dies).run_next()
     assert client.get(f"/v1/recommendations/{job['id']}").json()["error"]["code"] == code

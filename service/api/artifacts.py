@@ -9,7 +9,6 @@ from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, st
 from pydantic import BaseModel, Field
 
 from service import artifacts as use_cases
-from service import repository
 from service.api.deps import ReadSession, State, WriteSession
 from service.errors import error_responses
 from service.security import check_form_json
@@ -47,8 +46,9 @@ program = torch.export.export(model.train(), (example,), dynamic_shapes={"x": {0
 torch.export.save(program, "model.pt2")
 ```
 
-Form fields: `loss` (`cross_entropy`: the model returns logits `[batch, ..., classes]`; `mse`: targets are
-shaped like the output; `model_returns_loss`: `forward(x, target)` returns the loss), and optionally
+Form fields: `loss` (`cross_entropy`: the model returns logits `[batch, ..., classes]`; `mse`, `l1`,
+`huber` (delta 1): targets are shaped like the output; `model_returns_loss`: `forward(x, target)`
+returns the loss), and optionally
 `input` / `target` (JSON: per-sample `shape`, `dtype`, `high` = exclusive bound of integer values such as
 token ids; needed only where the program cannot tell, e.g. dynamic sequence lengths) and `num_classes`.
 
@@ -82,7 +82,8 @@ async def upload_artifact(
     file: Annotated[UploadFile, File(description="The .pt2 archive or the data sample.")],
     kind: Annotated[Kind, Form(description="model or sample")],
     loss: Annotated[
-        Literal["cross_entropy", "mse", "model_returns_loss"] | None, Form(description="Models only.")
+        Literal["cross_entropy", "mse", "l1", "huber", "model_returns_loss"] | None,
+        Form(description="Models only."),
     ] = None,
     input: Annotated[
         str | None,
@@ -121,7 +122,7 @@ async def upload_artifact(
     responses=error_responses(401, 422),
 )
 def list_artifacts(session: ReadSession, kind: Annotated[Kind | None, Query()] = None) -> list[dict]:
-    return [use_cases.to_public(a) for a in repository.list_artifacts(session, kind=kind)]
+    return use_cases.list_public(session, kind=kind)
 
 
 @router.get(

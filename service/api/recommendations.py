@@ -9,17 +9,16 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from service import recommendations as use_cases
-from service import repository
+from service.api.cached_reads import BODY_DIGEST
 from service.api.deps import ReadSession, State, WriteSession
-from service.api.polling import BODY_DIGEST
 from service.db.session import session_scope
 from service.errors import error_responses
-from service.schemas import RecommendationCreate, RecommendationOut, RecommendationPage, Status, TrialOut
+from service.schemas import RecommendationCreate, RecommendationOut, RecommendationPage, TrialOut
 from service.state import AppState
+from service.status import FINISHED, JobStatus
 
 router = APIRouter(prefix="/v1/recommendations", tags=["recommendations"])
 
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")  # terminal: the stored job never changes
 ANSWER_MEMO_TTL_S = 10.0  # a repeated POST may miss a newer (forced) answer for at most this long
 
 JOB_PATH = "/v1/recommendations/{recommendation_id}"
@@ -43,7 +42,7 @@ RecommendationId = Annotated[str, Path(min_length=1, max_length=64, description=
 )
 async def create_recommendation(payload: RecommendationCreate, state: State, request: Request) -> Response:
     # A repeated request that already succeeded is answered from memory (the same bytes again even before
-    # routing: api.polling); the rest validates and queries in a thread.
+    # routing: api.cached_reads); the rest validates and queries in a thread.
     key = use_cases.answer_key(payload)
     digest = None if payload.force else request.scope.get(BODY_DIGEST)
     if key is not None and payload.force:
@@ -60,7 +59,7 @@ async def create_recommendation(payload: RecommendationCreate, state: State, req
         settings=state.settings,
     )
     body = RecommendationOut.model_validate(job).model_dump_json().encode()
-    if job["status"] == "succeeded" and not created:
+    if job["status"] == JobStatus.SUCCEEDED and not created:
         state.finished_jobs.put(job["id"], body)
         if key is not None:
             state.answered_requests.put(key, (job["id"], time.monotonic() + ANSWER_MEMO_TTL_S))
@@ -70,7 +69,7 @@ async def create_recommendation(payload: RecommendationCreate, state: State, req
 
 
 def _remember_body(state: AppState, digest: str | None, key: str) -> None:
-    """These body bytes validate to request `key`: api.polling may answer them again without parsing."""
+    """These body bytes validate to request `key`: api.cached_reads may answer them again without parsing."""
     if digest is not None:
         state.request_keys.put(digest, key)
 
@@ -92,16 +91,16 @@ def _job_response(body: bytes, recommendation_id: str, status_code: int) -> Resp
 )
 def list_recommendations(
     session: ReadSession,
-    status_filter: Annotated[Status | None, Query(alias="status")] = None,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     model: Annotated[str | None, Query(max_length=128, description="Zoo model name.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> dict:
-    items, total = repository.list_recommendations(
+    items, total = use_cases.list_recommendations(
         session, status=status_filter, model_name=model, limit=limit, offset=offset
     )
     return {
-        "items": [use_cases.to_public(r) for r in items],
+        "items": items,
         "total": total,
         "limit": limit,
         "offset": offset,
@@ -109,7 +108,7 @@ def list_recommendations(
 
 
 @router.get(
-    "/{recommendation_id}",  # JOB_PATH; service.api.polling answers cached reads of it before routing
+    "/{recommendation_id}",  # JOB_PATH; service.api.cached_reads answers cached reads of it before routing
     response_model=RecommendationOut,
     summary="Get a recommendation: status, live progress, result or error",
     responses=error_responses(401, 404, 422),
@@ -129,7 +128,7 @@ def _read_job_json(state: AppState, recommendation_id: str) -> bytes:
             use_cases.to_public(use_cases.get_recommendation(session, recommendation_id))
         )
     body = job.model_dump_json().encode()
-    if job.status in FINISHED_STATUSES:
+    if job.status in FINISHED:  # the stored job never changes
         state.finished_jobs.put(recommendation_id, body)
     return body
 
@@ -141,8 +140,7 @@ def _read_job_json(state: AppState, recommendation_id: str) -> bytes:
     responses=error_responses(401, 404, 422),
 )
 def list_trials(recommendation_id: RecommendationId, session: ReadSession) -> list:
-    use_cases.get_recommendation(session, recommendation_id)
-    return list(repository.list_trials(session, recommendation_id))
+    return use_cases.list_trials(session, recommendation_id)
 
 
 @router.delete(

@@ -16,7 +16,6 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from service import recommendations as use_cases
-from service import repository
 from service.api.deps import ReadSession
 from service.errors import error_responses
 from service.report import build_report, index_row
@@ -62,16 +61,15 @@ _REPORT_EXAMPLE = (
     },
 )
 def get_report(recommendation_id: RecommendationId, request: Request, session: ReadSession) -> HTMLResponse:
-    recommendation = use_cases.get_recommendation(session, recommendation_id)
-    trials = repository.list_trials(session, recommendation_id)
-    report = build_report(recommendation, use_cases.to_public(recommendation), trials)
+    public = use_cases.to_public(use_cases.get_recommendation(session, recommendation_id))
+    report = build_report(public, use_cases.list_trials(session, recommendation_id))
     return templates.TemplateResponse(request, "report.html", {"report": report, "static": STATIC_URL})
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 def index(request: Request, session: ReadSession) -> HTMLResponse:
-    items, total = repository.list_recommendations(session, status=None, model_name=None, limit=25, offset=0)
-    rows = [index_row(use_cases.to_public(r)) for r in items]
+    items, total = use_cases.list_recommendations(session, limit=25)
+    rows = [index_row(public) for public in items]
     context = {"rows": rows, "total": total, "zoo": describe_zoo(), "static": STATIC_URL}
     return templates.TemplateResponse(request, "index.html", context)
 

@@ -23,9 +23,6 @@ from sqlalchemy.types import TypeDecorator
 
 from service.db.base import Base
 
-ACTIVE_STATUSES = ("queued", "running")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -55,7 +52,7 @@ class Recommendation(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64), index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # a service.status.JobStatus
     model_name: Mapped[str] = mapped_column(String(128), index=True)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

@@ -4,13 +4,15 @@ The gradient noise scale and the training races need real examples: on random in
 labels every example's gradient is pure noise and the noise scale means nothing. Two sources:
 
 - A client sample: an `.npz` (loaded with `allow_pickle=False`) or `.safetensors` file holding arrays
-  `x` (inputs, `[N, *input_shape]`) and `y` (integer labels, `[N]`, or `[N, T]` next-token targets).
+  `x` (inputs, `[N, *input_shape]`) and `y` (targets: what the model's loss needs, checked by
+  `sample_check`: class ids for cross_entropy, float targets shaped like the output for mse, ...).
   Every problem is a `ValueError` whose message the service can hand to the client as a 4xx.
-- A built-in sample, flagged `measured_on="builtin:..."`: sklearn's `digits` (1797 8x8 grey images,
-  10 classes) for flat 64-feature models and, resized with `interpolate`, for small image models; a
+- A built-in sample, flagged `measured_on="builtin:..."`: the UCI handwritten `digits` (1797 8x8 grey
+  images, 10 classes; shipped as `builtin/digits.npz`, see `builtin/README.md` for its source and
+  licence) for flat 64-feature models and, resized with `interpolate`, for small image models; a
   byte-level text corpus made of the Python standard library's own source for byte language models.
 
-numpy/sklearn are imported lazily inside the loaders only: the probe engine's import stays torch-only.
+numpy is imported lazily inside the loaders only: the probe engine's import stays torch-only.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from typing import Any
 
 import torch
 
-from service.probing import untrusted
+from service.probing import sample_check, untrusted
+from service.probing.sample_check import Task
 
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
-DEFAULT_MAX_SAMPLES = 100_000
+DEFAULT_MAX_SAMPLES = sample_check.DEFAULT_MAX_SAMPLES
 BUILTIN_MAX_BYTES = 128 * 1024 * 1024  # cap on the tensor bytes of a built-in sample (large images)
-MAX_BUILTIN_IMAGE_SIZE = 64  # digits are 8x8: blowing them up further says little about real images
+DIGITS_PATH = Path(__file__).resolve().parent / "builtin" / "digits.npz"
 
 # Standard-library modules whose source makes the built-in text corpus: prose-heavy docstrings and
 # ordinary code, a few hundred KB, present in every CPython install (sorted for reproducibility).
@@ -82,7 +85,7 @@ def builtin_sample(
                 x.reshape(-1, 64).clone(),
                 y.clone(),
                 "builtin:digits",
-                "sklearn digits, 1797 8x8 images in [0, 1]",
+                "digits, 1797 8x8 images in [0, 1]",
             )
         if len(shape) == 3 and shape[0] in (1, 3) and shape[1] == shape[2] and 8 <= shape[1] <= 64:
             return _digits_images(shape[0], shape[1], max_bytes)
@@ -93,12 +96,13 @@ def builtin_sample(
 
 @functools.cache
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn's digits as `[1797, 8, 8]` float32 in [0, 1] and int64 labels (loaded once; do not modify)."""
-    from sklearn.datasets import load_digits  # lazy: sklearn ships the data, no download
+    """The digits as `[1797, 8, 8]` float32 in [0, 1] and int64 labels (loaded once; do not modify)."""
+    import numpy as np  # lazy: only the loaders need it
 
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0
-    return x, torch.as_tensor(digits.target, dtype=torch.int64)
+    with np.load(DIGITS_PATH, allow_pickle=False) as digits:
+        images, labels = digits["images"], digits["labels"]
+    x = torch.as_tensor(images, dtype=torch.float32) / 16.0
+    return x, torch.as_tensor(labels, dtype=torch.int64)
 
 
 def _digits_images(channels: int, size: int, max_bytes: int) -> Sample:
@@ -110,7 +114,7 @@ def _digits_images(channels: int, size: int, max_bytes: int) -> Sample:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = x.expand(-1, channels, -1, -1).contiguous()
     return Sample(
-        x, y[:n], "builtin:digits", f"sklearn digits, {n} images resized 8x8 -> {size}x{size}, {channels} ch"
+        x, y[:n], "builtin:digits", f"digits, {n} images resized 8x8 -> {size}x{size}, {channels} ch"
     )
 
 
@@ -161,11 +165,11 @@ def load_client_sample(
     *,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_samples: int = DEFAULT_MAX_SAMPLES,
+    task: Task | None = None,
 ) -> Sample:
-    """Load `x` and `y` from an `.npz` or `.safetensors` file and check them against the model.
-
-    Raises ValueError with a message meant for the client on any problem (see `validate_sample`).
-    """
+    """Load `x` and `y` from an `.npz` or `.safetensors` file and check them against the model's task
+    (default: a zoo classifier's). Raises ValueError with a message meant for the client on any
+    problem (`sample_check`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data sample {path.name!r} not found")
@@ -179,14 +183,10 @@ def load_client_sample(
         arrays = read_safetensors(path.read_bytes())
     else:
         raise ValueError(f"data sample must be .npz or .safetensors, got {suffix or 'no extension'!r}")
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise ValueError(
-            f"data sample must hold arrays 'x' and 'y'; missing {missing}, found {sorted(arrays)}"
-        )
-    x, y = validate_sample(
-        arrays["x"], arrays["y"], input_shape, input_dtype, num_classes, max_samples=max_samples
-    )
+    if task is None:
+        task = Task.for_model(None, input_shape=input_shape, input_dtype=input_dtype, num_classes=num_classes)
+    sample_check.check_arrays(arrays, max_samples=max_samples)  # x and y present, usable at all
+    x, y = sample_check.prepare(arrays["x"], arrays["y"], task, max_samples=max_samples)
     return Sample(x, y, "client", f"client sample {path.name}, {len(x)} examples")
 
 
@@ -236,7 +236,8 @@ def _read_npz(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[st
                             f"sample would unpack to more than the limit of {max_bytes} bytes",
                         )
                     flat = np.empty(nbytes // dtype.itemsize if dtype.itemsize else 0, dtype=dtype)
-                    untrusted.read_member_into(member, memoryview(flat).cast("B"), what=what)
+                    buffer = memoryview(flat).cast("B")  # type: ignore[arg-type]  # ndarray implements the buffer protocol
+                    untrusted.read_member_into(member, buffer, what=what)
                 array = flat.reshape(shape, order="F" if fortran else "C")
                 if not dtype.isnative:
                     array = array.astype(dtype.newbyteorder("="))
@@ -309,68 +310,21 @@ def read_safetensors(blob: bytes) -> dict[str, torch.Tensor]:
     return out
 
 
-def validate_sample(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    input_shape: list[int],
-    input_dtype: str,
-    num_classes: int,
-    *,
-    max_samples: int = DEFAULT_MAX_SAMPLES,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check a sample against the model and return it cast to the model's dtypes (x) and int64 (y).
-
-    Rules: non-empty and at most `max_samples` examples; `x` is `[N, *input_shape]` and numeric with no
-    NaN/inf (token ids: integers in [0, num_classes)); `y` is `[N]` or `[N, ...]` of integers in
-    [0, num_classes).
-    """
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise ValueError("x and y must be arrays")
-    for name, arr in (("x", x), ("y", y)):
-        if arr.dtype == torch.bool or arr.is_complex():
-            raise ValueError(f"array {name!r} must be numeric, got {arr.dtype}")
-        if arr.ndim == 0 or arr.shape[0] == 0:
-            raise ValueError(f"data sample is empty ({name} has shape {list(arr.shape)})")
-    n = x.shape[0]
-    if y.shape[0] != n:
-        raise ValueError(f"x has {n} examples but y has {y.shape[0]}")
-    if n > max_samples:
-        raise ValueError(f"data sample has {n} examples, over the limit of {max_samples}")
-    if list(x.shape[1:]) != list(input_shape):
-        raise ValueError(
-            f"x has per-example shape {list(x.shape[1:])}, the model expects {list(input_shape)}"
-        )
-    if y.is_floating_point():
-        raise ValueError(f"labels y must be integers, got {y.dtype}")
-    y = y.to(torch.int64)
-    if int(y.min()) < 0 or int(y.max()) >= num_classes:
-        raise ValueError(f"labels y must lie in [0, {num_classes}); found [{int(y.min())}, {int(y.max())}]")
-    if input_dtype.startswith("int"):
-        if x.is_floating_point():
-            raise ValueError(f"x must hold integer token ids, got {x.dtype}")
-        x = x.to(torch.int64)
-        if int(x.min()) < 0 or int(x.max()) >= num_classes:
-            raise ValueError(
-                f"token ids in x must lie in [0, {num_classes}); found [{int(x.min())}, {int(x.max())}]"
-            )
-    else:
-        x = x.to(getattr(torch, input_dtype))
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or infinite values")
-    return x, y
-
-
 def sample_for_model(
     input_shape: list[int],
     input_dtype: str,
     num_classes: int,
     sample_path: str | os.PathLike[str] | None = None,
+    task: Task | None = None,
     **limits: int,
 ) -> Sample | None:
-    """The client's sample when a path is given (validated, ValueError on problems), else a built-in one.
+    """The client's sample when a path is given (checked against `task`, default a zoo classifier's;
+    ValueError on problems), else a built-in one (built-ins are class ids: classifiers only).
 
     None means no real data fits this model: the statistics phases must be skipped and the answer says so.
     """
     if sample_path is not None:
-        return load_client_sample(sample_path, input_shape, input_dtype, num_classes, **limits)
+        return load_client_sample(sample_path, input_shape, input_dtype, num_classes, task=task, **limits)
+    if task is not None and task.loss not in sample_check.CLASSIFICATION_LOSSES:
+        return None
     return builtin_sample(input_shape, input_dtype, num_classes)

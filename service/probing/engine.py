@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from models.registry import get_model, make_config
+from service.probing import sample_check
 from service.probing.data import sample_for_model
 from service.probing.memory import (
     check_budget_covers_model,
@@ -308,15 +309,20 @@ def _statistics_phase(
     Returns run_statistics' dict ({"gradient_noise_scale", "races", "cut_short"}), with only
     "cut_short" filled when no real data fits the model or no time is left.
     """
+    shape, dtype = list(model_spec.input_shape(config)), model_spec.input_dtype
+    classes = int(model_spec.num_classes(config))
+    task = sample_check.Task.for_model(config, input_shape=shape, input_dtype=dtype, num_classes=classes)
     try:
-        sample = sample_for_model(
-            list(model_spec.input_shape(config)),
-            model_spec.input_dtype,
-            int(model_spec.num_classes(config)),
-            spec.sample_path,
-        )
+        sample = sample_for_model(shape, dtype, classes, spec.sample_path, task=task)
     except ValueError as exc:
         raise ProbeError("invalid_sample", f"the data sample does not fit the model: {exc}") from exc
+    if sample is not None and not sample.builtin:  # one step on a slice settles whether it fits
+        try:
+            checked = model_spec.build(config, spec.gradient_checkpointing).to(device)
+            sample_check.dry_step(checked, model_spec.loss, sample.x.to(device), sample.y.to(device), task)
+        except ValueError as exc:
+            raise ProbeError("invalid_sample", f"the data sample does not fit the model: {exc}") from exc
+        del checked
     skipped = {"gradient_noise_scale": None, "races": None}
     if sample is None:
         return {
@@ -460,7 +466,7 @@ def _assemble_result(
     warnings: list[str],
     duration_s: float,
 ) -> dict[str, Any]:
-    """The result dict (field names are a client contract, see DESIGN.md): recipe.recommend's training
+    """The result dict (field names are a client contract, see docs/design.md): recipe.recommend's training
     recipe, plus the memory limit, curves and measurements it was derived from."""
     max_batch = extrapolation["max_batch_size"] if extrapolation else search.max_batch_size
     recommendation = recommend(

@@ -24,10 +24,11 @@ inputs (with a `weights_only=False` fallback). So:
   `pickle.load(s)` and torch's object unpickler are replaced by a function that refuses while it runs.
 
 The training task comes with the upload: `loss` is `cross_entropy` (logits `[B, ..., C]`, integer
-targets `[B, ...]`), `mse` (targets shaped like the output) or `model_returns_loss` (`forward(x, target)`
-returns the scalar loss, or a tuple/dict whose first item/"loss" is). Inputs and targets are
-synthesised from the program's own input specs (`input`/`target`: per-sample `shape`, `dtype`, and
-`high`, the exclusive bound of integer values such as token ids).
+targets `[B, ...]`), `mse`, `l1` or `huber` (float targets shaped like the output) or
+`model_returns_loss` (`forward(x, target)` returns the scalar loss, or a tuple/dict whose first
+item/"loss" is). Inputs and targets are synthesised from the program's own input specs
+(`input`/`target`: per-sample `shape`, `dtype`, and `high`, the exclusive bound of integer values such
+as token ids).
 
 `python -m service.probing.exported` is the dry run's entry point: a JSON request on stdin
 (`{"path", "declared"}`), JSON lines out (`{"event": "result", ...}` or `{"event": "error", ...}`),
@@ -61,7 +62,8 @@ from models.base import ModelSpec, randint, randn
 from service.probing import untrusted
 from service.probing.spec import ProbeError, ProbeSpec
 
-LOSSES = ("cross_entropy", "mse", "model_returns_loss")
+LOSSES = ("cross_entropy", "mse", "l1", "huber", "model_returns_loss")
+REGRESSION_LOSSES = ("mse", "l1", "huber")  # float targets shaped like the output
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 MODEL_NAME = "model"  # torch.export.save stores its one program under this name
 DEFAULT_MAX_UNCOMPRESSED_BYTES = 1024**3
@@ -864,6 +866,18 @@ def _loss_mse(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(outputs.float(), targets.float())
 
 
+def _loss_l1(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    if not isinstance(outputs, torch.Tensor):
+        raise ValueError(f"loss l1 needs the model to return a tensor, got {type(outputs).__name__}")
+    return F.l1_loss(outputs.float(), targets.float())
+
+
+def _loss_huber(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    if not isinstance(outputs, torch.Tensor):
+        raise ValueError(f"loss huber needs the model to return a tensor, got {type(outputs).__name__}")
+    return F.huber_loss(outputs.float(), targets.float())  # delta 1.0
+
+
 def _loss_returned(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     return _scalar(outputs(targets) if isinstance(outputs, _DeferredLoss) else outputs)
 
@@ -871,6 +885,8 @@ def _loss_returned(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
 _LOSS_FUNCTIONS = {
     "cross_entropy": _loss_cross_entropy,
     "mse": _loss_mse,
+    "l1": _loss_l1,
+    "huber": _loss_huber,
     "model_returns_loss": _loss_returned,
 }
 
@@ -1049,7 +1065,7 @@ def infer_config(program: torch.export.ExportedProgram, declared: dict[str, Any]
             "size 2 (a model that computes its own loss: loss=model_returns_loss)",
         )
     per_sample = tuple(int(d) for d in out.shape[1:])
-    if loss == "mse":
+    if loss in REGRESSION_LOSSES:
         return _config({**base, "input_high": high, "target_shape": per_sample, "target_dtype": "float32"})
     if not per_sample or not out.is_floating_point():
         raise ArchiveError(

@@ -27,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from service.probing.search import Trial
+from service.probing.search import Outcome, Trial
 from service.probing.spec import ProbeError
 
 FORWARD_BACKWARD = "forward_backward"
@@ -134,18 +134,18 @@ class CPUMemoryBudget(TorchDispatchMode):
                 tracker._resized(storage)
             return result
 
-        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign,assignment]
         try:
             return super().__enter__()
         except BaseException:
-            torch.UntypedStorage.resize_ = original  # type: ignore[method-assign]
+            torch.UntypedStorage.resize_ = original  # type: ignore[method-assign,assignment]
             raise
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
             super().__exit__(*exc_info)
         finally:
-            torch.UntypedStorage.resize_ = self._original_resize  # type: ignore[method-assign]
+            torch.UntypedStorage.resize_ = self._original_resize  # type: ignore[method-assign,assignment]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -277,7 +277,7 @@ def _measure_cpu_step(
     except Exception as exc:
         if not is_oom(exc):
             raise
-        outcome = "over_budget" if isinstance(exc, CPUBudgetExceeded) else "oom"
+        outcome: Outcome = "over_budget" if isinstance(exc, CPUBudgetExceeded) else "oom"
         message = str(exc)
     else:
         elapsed = time.perf_counter() - started

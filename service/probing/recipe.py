@@ -435,7 +435,7 @@ def recommend(
     step_overhead_s: float = 0.0,
     cut_short: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The full training recipe (the result fields of DESIGN.md plus the estimates behind them).
+    """The full training recipe (the result fields of docs/design.md plus the estimates behind them).
 
     `throughput`: [{"batch_size", "samples_per_second"}] per device, measured; `max_feasible_batch_size`:
     the largest micro-batch that fits; `gradient_noise_scale`: noise.measure_noise_scale's result (its

@@ -3,7 +3,7 @@
 Pure Python on purpose (no torch): the search only sees a `measure(batch_size) -> Trial` callable, so
 it is tested against simulated memory curves and reused on CPU and CUDA alike.
 
-The method (DESIGN.md, "The probe engine"):
+The method (docs/design.md, "The probe engine"):
 
 1. Calibrate at a small size, then at the largest size a worst-case bound still guarantees: with
    everything above the step's baseline (parameters + optimizer state) counted as per-sample memory,

@@ -21,6 +21,7 @@ import ast
 import json
 import lzma
 import math
+import os
 import re
 import struct
 import zipfile
@@ -64,7 +65,7 @@ class InputRefused(ValueError):
 # Zip archives
 
 
-def zip_directory(path: str | Path) -> tuple[int, int]:
+def zip_directory(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(entries, central directory bytes) from the end record, as `zipfile` will read them.
 
     Raises InputRefused("not_a_zip") when the file has no end record.
@@ -79,7 +80,7 @@ def zip_directory(path: str | Path) -> tuple[int, int]:
 
 
 def open_zip(
-    path: str | Path,
+    path: str | os.PathLike[str],
     *,
     max_entries: int,
     max_directory_bytes: int = DEFAULT_MAX_DIRECTORY_BYTES,

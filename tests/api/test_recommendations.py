@@ -5,21 +5,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from service import repository
-from service.db.session import session_scope
 from service.schemas import RecommendationCreate
+from tests.helpers import finish_job
 
 MLP = {"model": {"name": "mlp"}}
-
-
-def _finish(client: TestClient, recommendation_id: str, result: dict) -> None:
-    """Mark a job succeeded the way a worker would."""
-    state = client.app.state.batchsize
-    with session_scope(state.writes) as session:
-        job = repository.claim_next_queued(session, worker_id="test:1:x")
-        assert job is not None and job.id == recommendation_id
-    with session_scope(state.writes) as session:
-        repository.finish(session, recommendation_id, status="succeeded", result=result)
 
 
 def test_post_queues_a_job_with_the_contract_fields(client: TestClient) -> None:
@@ -57,7 +46,7 @@ def test_identical_requests_share_one_job_and_cached_results_come_back_200(clien
     again = client.post("/v1/recommendations", json={**MLP, "dataset": {"size": 50000}})
     assert again.status_code == 202 and again.json()["id"] == first["id"]
 
-    _finish(client, first["id"], {"max_feasible_batch_size": 123})
+    finish_job(client, first["id"], {"max_feasible_batch_size": 123})
     cached = client.post("/v1/recommendations", json=MLP)
     assert cached.status_code == 200
     assert cached.json()["id"] == first["id"]
@@ -73,7 +62,7 @@ def test_a_repeated_succeeded_request_is_answered_from_memory(client: TestClient
     from service import recommendations as use_cases
 
     first = client.post("/v1/recommendations", json=MLP).json()
-    _finish(client, first["id"], {"max_feasible_batch_size": 123})
+    finish_job(client, first["id"], {"max_feasible_batch_size": 123})
     from_database = client.post("/v1/recommendations", json=MLP)
     assert from_database.status_code == 200
 

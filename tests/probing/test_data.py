@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,25 @@ def test_digits_for_a_flat_64_feature_model():
     assert s.x.shape == (1797, 64) and s.x.dtype == torch.float32
     assert float(s.x.min()) >= 0.0 and float(s.x.max()) <= 1.0
     assert s.y.dtype == torch.int64 and set(s.y.tolist()) == set(range(10))
+
+
+
+def test_digits_load_without_scikit_learn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # any import of it now fails
+    data._digits.cache_clear()
+    try:
+        x, y = data._digits()
+    finally:
+        data._digits.cache_clear()
+    assert x.shape == (1797, 8, 8) and y.shape == (1797,)
+
+
+def test_shipped_digits_are_scikit_learns():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x, y = data._digits()
+    assert np.array_equal(x.numpy() * 16, digits.images) and np.array_equal(y.numpy(), digits.target)
+    assert (ROOT / "service" / "probing" / "builtin" / "README.md").read_text().count("CC BY 4.0") == 1
 
 
 @pytest.mark.parametrize("shape", [[1, 8, 8], [3, 32, 32], [1, 16, 16]])
@@ -71,7 +91,7 @@ def test_corpus_is_a_few_hundred_kb_of_text():
 
 
 def test_probing_modules_stay_free_of_numpy_sklearn_and_the_web_stack():
-    """numpy/sklearn/safetensors only inside functions; never fastapi, pydantic or sqlalchemy."""
+    """numpy/safetensors only inside functions; never sklearn, fastapi, pydantic or sqlalchemy."""
     banned = {"numpy", "sklearn", "fastapi", "pydantic", "sqlalchemy", "safetensors"}
     for name in ("data", "noise", "races", "recipe"):
         tree = ast.parse((ROOT / "service" / "probing" / f"{name}.py").read_text())
@@ -83,6 +103,11 @@ def test_probing_modules_stay_free_of_numpy_sklearn_and_the_web_stack():
             else:
                 continue
             assert not {n.split(".")[0] for n in names} & banned, (name, names)
+    for path in [*(ROOT / "service" / "probing").glob("*.py"), *(ROOT / "models").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):  # anywhere, lazily or not
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert "sklearn" not in {n.split(".")[0] for n in names}, path
 
 
 # ------------------------------------------------------------------------------------- client sample

@@ -107,7 +107,7 @@ def test_tracker_matches_the_profiler_on_an_mlp_training_step() -> None:
         _train_step(model, optimizer, 512)
     assert tracker.current_bytes == baseline  # everything the step made is gone again
     profiled = _profiler_peak_delta(lambda: _train_step(model, optimizer, 512))
-    assert tracker.peak_bytes - baseline == profiled  # exact on an MLP (DESIGN.md: 1.000)
+    assert tracker.peak_bytes - baseline == profiled  # exact on an MLP (docs/design.md: 1.000)
 
 
 def test_phase_peaks_are_recorded_separately() -> None:

@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +19,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 
 from service.app import create_app
 from service.config import Settings
 from service.state import AppState
+from tests.live_server import live_server
 from tests.ui import seed
 
 sync_api = pytest.importorskip(
@@ -74,22 +71,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     data = tmp_path_factory.mktemp("ui-data")
     settings = Settings(data_dir=data, probe_device="cpu", poll_interval_s=0.05, _env_file=None)
     app = create_app(settings, run_worker=False)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield Live(url=f"http://127.0.0.1:{port}", state=app.state.batchsize)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
+    with live_server(app) as url:
+        yield Live(url=url, state=app.state.batchsize)
 
 
 @pytest.fixture(scope="module")

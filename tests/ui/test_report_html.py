@@ -6,7 +6,8 @@ import re
 
 from fastapi.testclient import TestClient
 
-from service.report import Axis, format_bytes, log2_range, svg_plot
+from service.recipe_text import format_bytes
+from service.report.svg import Axis, log2_range, svg_plot
 from tests.ui import seed
 
 

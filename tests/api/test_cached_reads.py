@@ -11,19 +11,20 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import recommendations as use_cases
-from service.api import polling
+from service.api import cached_reads
 from service.api import recommendations as routes
 from service.app import create_app
 from service.config import Settings
 from service.schemas import RecommendationCreate
-from tests.api.test_recommendations import MLP, _finish
+from tests.helpers import finish_job
 
-KEY = "polling-key-0123456789"
+MLP = {"model": {"name": "mlp"}}
+KEY = "cached-reads-key-0123456789"
 
 
 def _finished_job(client: TestClient, headers: dict | None = None) -> str:
     job_id = client.post("/v1/recommendations", json=MLP, headers=headers).json()["id"]
-    _finish(client, job_id, {"max_feasible_batch_size": 7})
+    finish_job(client, job_id, {"max_feasible_batch_size": 7})
     return job_id
 
 
@@ -96,8 +97,8 @@ def test_a_repeated_request_body_is_answered_before_routing(
     assert again.status_code == 200 and again.content == routed.content
     assert again.headers["location"] == routed.headers["location"] == f"/v1/recommendations/{job_id}"
     assert again.headers["x-request-id"] == "post-1"
-    assert f'route="{polling.COLLECTION}",status="200"' in client.get("/metrics").text
-    assert polling.COLLECTION in client.app.openapi()["paths"]  # the constant names the real route
+    assert f'route="{cached_reads.COLLECTION}",status="200"' in client.get("/metrics").text
+    assert cached_reads.COLLECTION in client.app.openapi()["paths"]  # the constant names the real route
 
 
 def test_other_bytes_force_and_expired_answers_go_through_the_app(
@@ -122,7 +123,7 @@ def test_other_bytes_force_and_expired_answers_go_through_the_app(
 def test_a_body_read_for_the_memo_reaches_the_app_whole(client: TestClient) -> None:
     job_id = _finished_job(client)
     headers = {"content-type": "application/json"}
-    padded = (json.dumps(MLP) + " " * polling.MEMO_BODY_LIMIT).encode()  # too big to memoise: passed on
+    padded = (json.dumps(MLP) + " " * cached_reads.MEMO_BODY_LIMIT).encode()  # too big to memoise: passed on
     for _ in range(2):
         answer = client.post("/v1/recommendations", content=padded, headers=headers)
         assert answer.status_code == 200 and answer.json()["id"] == job_id
