@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from service.api.polling import CachedAnswers
+from service.api.cached_reads import CachedAnswers
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
