@@ -27,7 +27,9 @@ def postgres_server_url() -> str:
     """The URL of a PostgreSQL server the tests may create databases on (skips when there is none)."""
     url = os.environ.get(POSTGRES_URL_VARIABLE)
     if not url:
-        pytest.skip(f"no PostgreSQL server: set {POSTGRES_URL_VARIABLE} (scripts/postgres start DIR prints one)")
+        pytest.skip(
+            f"no PostgreSQL server: set {POSTGRES_URL_VARIABLE} (scripts/postgres start DIR prints one)"
+        )
     try:
         import psycopg  # noqa: F401
     except ImportError:
