@@ -127,7 +127,7 @@ def claim_next_queued(
     worker that has it, or allows extrapolation and no worker alive since `live_after` has it.
     PostgreSQL locks the chosen row with `FOR UPDATE SKIP LOCKED`, so concurrent workers pick different jobs
     without waiting on each other. SQLite (one writer at a time) uses the conditional UPDATE
-    (`status = 'queued'`): only one worker sees rowcount 1 for a given job.
+    (`status = 'queued'`): only one worker gets the row back for a given job.
     """
     query = (
         select(Recommendation.id)
@@ -142,7 +142,7 @@ def claim_next_queued(
         candidates = session.scalars(query.limit(5)).all()
     now = utcnow()
     for candidate in candidates:
-        claimed = session.execute(
+        attempts = session.scalar(
             update(Recommendation)
             .where(Recommendation.id == candidate, Recommendation.status == "queued")
             .values(
@@ -157,14 +157,12 @@ def claim_next_queued(
                 cancel_requested=False,
                 waiting_reason=None,
             )
+            .returning(Recommendation.attempts)
         )
-        if claimed.rowcount == 1:
-            # A re-queued job starts over: drop the trials of the attempt that died.
-            session.execute(delete(Trial).where(Trial.recommendation_id == candidate))
-            session.flush()
-            recommendation = session.get(Recommendation, candidate)
-            session.refresh(recommendation)
-            return recommendation
+        if attempts is not None:
+            if attempts > 1:  # a re-queued job starts over: drop the trials of the attempt that died
+                session.execute(delete(Trial).where(Trial.recommendation_id == candidate))
+            return session.get(Recommendation, candidate, populate_existing=True)
     return None
 
 

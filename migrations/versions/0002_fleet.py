@@ -1,4 +1,5 @@
-"""Fleet: JSONB on PostgreSQL, device routing columns on recommendations, the workers table.
+"""Fleet: JSONB on PostgreSQL, device routing columns and a queued-jobs index on
+recommendations, the workers table.
 
 Revision ID: 0002
 Revises: 0001
@@ -18,6 +19,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+QUEUED = sa.text("status = 'queued'")
 # (table, column, nullable) of every JSON column: JSONB on PostgreSQL, unchanged (JSON text) on SQLite.
 JSON_COLUMNS = [
     ("recommendations", "request", False),
@@ -52,6 +54,12 @@ def upgrade() -> None:
             sa.Column("allow_extrapolation", sa.Boolean(), nullable=False, server_default=sa.false())
         )
         batch.add_column(sa.Column("waiting_reason", sa.Text(), nullable=True))
+        batch.create_index(
+            "ix_recommendations_queued",
+            ["created_at", "id"],
+            sqlite_where=QUEUED,
+            postgresql_where=QUEUED,
+        )
 
     op.create_table(
         "workers",
@@ -73,6 +81,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("workers")
     with op.batch_alter_table("recommendations") as batch:
+        batch.drop_index("ix_recommendations_queued")
         batch.drop_column("waiting_reason")
         batch.drop_column("allow_extrapolation")
         batch.drop_column("device_memory_bytes")

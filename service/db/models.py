@@ -99,6 +99,14 @@ class Recommendation(Base):
             sqlite_where=text("status IN ('queued', 'running')"),
             postgresql_where=text("status IN ('queued', 'running')"),
         ),
+        # The claim's scan: the oldest queued jobs, without walking past every finished one.
+        Index(
+            "ix_recommendations_queued",
+            "created_at",
+            "id",
+            sqlite_where=text("status = 'queued'"),
+            postgresql_where=text("status = 'queued'"),
+        ),
     )
 
 
