@@ -13,7 +13,8 @@ the stale heartbeat after --stale-after seconds). Checked from the workers' logs
 - double claims: a job claimed by a worker while the worker that claimed it before was neither killed
   nor done with it (nor had lost it to the stale-heartbeat re-queue, counted separately);
 - double completions: a job whose outcome was stored by two workers;
-- lost jobs: jobs not `succeeded` at the end.
+- lost jobs: jobs not `succeeded` at the end (kills stop at --timeout; the fleet then gets a grace
+  period to re-queue and finish what is left).
 
 Needs PostgreSQL: --url of a server it may create databases on, else it starts a throwaway cluster with
 scripts/postgres (the `postgresql` Debian package). Loopback only.
@@ -184,17 +185,15 @@ def run_fleet(
     started = time.monotonic()
     processes = [spawn() for _ in range(workers)]
     next_kill = started + rng.expovariate(1 / kill_every) if kill_every else float("inf")
+    # Kills stop at the deadline; the fleet then gets a grace period to re-queue and finish what is left.
     deadline = started + args.timeout
-    first_done = None
+    give_up = deadline + 3 * args.stale_after + 60
     while True:
         time.sleep(0.25)
         counts = job_counts(url)
-        done = counts.get("succeeded", 0) + counts.get("failed", 0)
-        if first_done is None and done:
-            first_done = time.monotonic()
-        if done >= jobs or time.monotonic() > deadline:
+        if counts.get("succeeded", 0) + counts.get("failed", 0) >= jobs or time.monotonic() > give_up:
             break
-        if time.monotonic() >= next_kill:
+        if time.monotonic() >= next_kill and time.monotonic() < deadline:
             victim = rng.randrange(len(processes))
             processes[victim].kill()
             kills.append({"pid": processes[victim].pid, "t": time.time()})
@@ -277,14 +276,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", help="a PostgreSQL server URL (default: start a throwaway cluster)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--jobs", type=int, default=1000, help="jobs per worker count")
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4, 8])
+    parser.add_argument("--jobs", type=int, default=300, help="jobs per worker count")
     parser.add_argument("--chaos-workers", type=int, default=8)
-    parser.add_argument("--chaos-jobs", type=int, default=10_000)
-    parser.add_argument("--kill-every", type=float, default=3.0, help="mean seconds between kills")
+    parser.add_argument("--chaos-jobs", type=int, default=1500)
+    parser.add_argument("--kill-every", type=float, default=4.0, help="mean seconds between kills")
     parser.add_argument("--probe-ms", type=float, default=5.0, help="the fake probe's duration")
     parser.add_argument("--stale-after", type=float, default=3.0, help="BATCHSIZE_STALE_AFTER_S")
-    parser.add_argument("--timeout", type=float, default=600.0, help="per run")
+    parser.add_argument("--timeout", type=float, default=600.0, help="per run: no kills after it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--worker", nargs=2, metavar=("URL", "LOG"), help=argparse.SUPPRESS)
