@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -293,7 +294,7 @@ def main() -> None:
         return
 
     scratch = Path(tempfile.mkdtemp(prefix="batchsize-fleet-"))
-    pg_dir = scratch / "pg"
+    pg_dir = Path(tempfile.mkdtemp(prefix="batchsize-fleet-pg-"))  # its own: the server's user must reach it
     server = args.url or start_postgres(pg_dir)
     uptime_before = Path("/proc/loadavg").read_text().split()[:3]
     runs = []
@@ -314,6 +315,8 @@ def main() -> None:
     finally:
         if not args.url:
             subprocess.run([str(ROOT / "scripts" / "postgres"), "stop", str(pg_dir)], check=False)
+            shutil.rmtree(pg_dir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     report = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["bench/fleet.py", *sys.argv[1:]]),

@@ -3,6 +3,8 @@ and on PostgreSQL."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,4 +117,19 @@ def test_active_fingerprints_are_unique_but_finished_ones_may_repeat(url: str) -
         add("d", "queued")
     with pytest.raises(IntegrityError):
         add("e", "running")
+    engine.dispose()
+
+
+def test_replicas_starting_together_migrate_once_without_errors(url: str) -> None:
+    """Replicas and workers all migrate at start-up: four processes at once must take turns."""
+    code = "import sys; from service.db import migrate; migrate.upgrade(sys.argv[1])"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    errors = [process.communicate(timeout=120)[1] for process in processes if process.wait(120) != 0]
+    assert errors == []
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
     engine.dispose()
