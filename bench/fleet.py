@@ -183,6 +183,7 @@ def run_fleet(
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(logs / "stderr.log", "a"))  # noqa: SIM115
 
     rng = random.Random(args.seed)
+    cpu_before = _cpu_seconds(args.postmaster)
     started = time.monotonic()
     processes = [spawn() for _ in range(workers)]
     next_kill = started + rng.expovariate(1 / kill_every) if kill_every else float("inf")
@@ -210,8 +211,34 @@ def run_fleet(
         except subprocess.TimeoutExpired:
             process.kill()
     counts = job_counts(url)
-    return {"workers": workers, "jobs": jobs, "elapsed_s": elapsed, "counts": counts, "kills": kills,
-            "processes_started": serial[0], **analyse(logs, kills, jobs, counts, elapsed)}  # fmt: skip
+    cpu_after = _cpu_seconds(args.postmaster)
+    cpu = {side: cpu_after[side] - cpu_before[side] for side in cpu_after}
+    succeeded = max(1, counts.get("succeeded", 0))
+    cpu_ms_per_job = {side: seconds / succeeded * 1000 for side, seconds in cpu.items()}
+    return {
+        "workers": workers,
+        "jobs": jobs,
+        "elapsed_s": elapsed,
+        "counts": counts,
+        "kills": kills,
+        "processes_started": serial[0],
+        "cpu_ms_per_job": cpu_ms_per_job,
+        **analyse(logs, kills, jobs, counts, elapsed),
+    }
+
+
+def _cpu_seconds(postmaster: int | None) -> dict[str, float]:
+    """CPU seconds used so far by this script's finished worker processes and, when this script started
+    the server, by PostgreSQL (the postmaster's own and its reaped backends', from /proc)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = {"workers": children.ru_utime + children.ru_stime}
+    if postmaster:
+        fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        out["postgres"] = sum(int(fields[i]) for i in (11, 12, 13, 14)) / ticks  # utime stime cutime cstime
+    return out
 
 
 def analyse(logs: Path, kills: list[dict], jobs: int, counts: dict[str, int], elapsed: float) -> dict:
@@ -296,6 +323,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="batchsize-fleet-"))
     pg_dir = Path(tempfile.mkdtemp(prefix="batchsize-fleet-pg-"))  # its own: the server's user must reach it
     server = args.url or start_postgres(pg_dir)
+    args.postmaster = None if args.url else int((pg_dir / "data" / "postmaster.pid").read_text().split()[0])
     uptime_before = Path("/proc/loadavg").read_text().split()[:3]
     runs = []
     version = _server_version(server)
@@ -365,7 +393,9 @@ def _line(run: dict) -> str:
         f"{run['jobs_per_minute']:.0f} jobs/min; claim p50 {run['claim_ms_p50']:.1f} ms p99 "
         f"{run['claim_ms_p99']:.1f} ms; kills {len(run['kills'])}; double claims {run['double_claims']}; "
         f"double completions {run['double_completions']}; lost {run['lost_jobs']}; "
-        f"re-claimed {run['reclaimed_jobs']}; outcomes dropped {run['outcomes_dropped_after_losing_the_job']}"
+        f"re-claimed {run['reclaimed_jobs']}; "
+        f"outcomes dropped {run['outcomes_dropped_after_losing_the_job']}; "
+        f"CPU ms per job {json.dumps({k: round(v, 1) for k, v in run['cpu_ms_per_job'].items()})}"
     )
 
 

@@ -33,7 +33,7 @@ def postgres_server_url() -> str:
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg is not installed (pip install -e '.[postgres]')")
+        pytest.skip("psycopg is not installed")
     from sqlalchemy import create_engine, text
 
     engine = create_engine(url)
