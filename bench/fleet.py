@@ -13,8 +13,8 @@ the stale heartbeat after --stale-after seconds). Checked from the workers' logs
 - double claims: a job claimed by a worker while the worker that claimed it before was neither killed
   nor done with it (nor had lost it to the stale-heartbeat re-queue, counted separately);
 - double completions: a job whose outcome was stored by two workers;
-- lost jobs: jobs not `succeeded` at the end (kills stop at --timeout; the fleet then gets a grace
-  period to re-queue and finish what is left).
+- lost jobs: jobs not `succeeded` at the end (kills stop at --timeout; the fleet then drains what is
+  left until it makes no progress for 3 x --stale-after + 30 s).
 
 Needs PostgreSQL: --url of a server it may create databases on, else it starts a throwaway cluster with
 scripts/postgres (the `postgresql` Debian package). Loopback only.
@@ -187,29 +187,38 @@ def run_fleet(
     started = time.monotonic()
     processes = [spawn() for _ in range(workers)]
     next_kill = started + rng.expovariate(1 / kill_every) if kill_every else float("inf")
-    # Kills stop at the deadline; the fleet then gets a grace period to re-queue and finish what is left.
+    # Kills stop at the deadline; then the fleet drains what is left until it stops making progress.
     deadline = started + args.timeout
-    give_up = deadline + 3 * args.stale_after + 60
-    while True:
-        time.sleep(0.25)
-        counts = job_counts(url)
-        if counts.get("succeeded", 0) + counts.get("failed", 0) >= jobs or time.monotonic() > give_up:
-            break
-        if time.monotonic() >= next_kill and time.monotonic() < deadline:
+    stalled_after = 3 * args.stale_after + 30
+    last_done, last_progress = -1, time.monotonic()
+    try:
+        while True:
+            time.sleep(0.25)
+            counts = job_counts(url)
+            done = counts.get("succeeded", 0) + counts.get("failed", 0)
+            if done != last_done:
+                last_done, last_progress = done, time.monotonic()
+            if done >= jobs or (
+                time.monotonic() > deadline and time.monotonic() - last_progress > stalled_after
+            ):
+                break
+            if time.monotonic() < next_kill or time.monotonic() >= deadline:
+                continue
             victim = rng.randrange(len(processes))
             processes[victim].kill()
             kills.append({"pid": processes[victim].pid, "t": time.time()})
             processes[victim].wait()
             processes[victim] = spawn()
             next_kill = time.monotonic() + rng.expovariate(1 / kill_every)
-    elapsed = time.monotonic() - started
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    finally:
+        elapsed = time.monotonic() - started
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
     counts = job_counts(url)
     cpu_after = _cpu_seconds(args.postmaster)
     cpu = {side: cpu_after[side] - cpu_before[side] for side in cpu_after}
@@ -305,13 +314,13 @@ def main() -> None:
     )
     parser.add_argument("--url", help="a PostgreSQL server URL (default: start a throwaway cluster)")
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4, 8])
-    parser.add_argument("--jobs", type=int, default=300, help="jobs per worker count")
+    parser.add_argument("--jobs", type=int, default=200, help="jobs per worker count")
     parser.add_argument("--chaos-workers", type=int, default=8)
-    parser.add_argument("--chaos-jobs", type=int, default=1500)
-    parser.add_argument("--kill-every", type=float, default=4.0, help="mean seconds between kills")
+    parser.add_argument("--chaos-jobs", type=int, default=1000)
+    parser.add_argument("--kill-every", type=float, default=8.0, help="mean seconds between kills")
     parser.add_argument("--probe-ms", type=float, default=5.0, help="the fake probe's duration")
     parser.add_argument("--stale-after", type=float, default=3.0, help="BATCHSIZE_STALE_AFTER_S")
-    parser.add_argument("--timeout", type=float, default=600.0, help="per run: no kills after it")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per run: no kills after it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--worker", nargs=2, metavar=("URL", "LOG"), help=argparse.SUPPRESS)
@@ -320,6 +329,7 @@ def main() -> None:
         run_worker(args.worker[0], args.worker[1], probe_ms=args.probe_ms, stale_after_s=args.stale_after)
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up (workers, the server) on SIGTERM too
     scratch = Path(tempfile.mkdtemp(prefix="batchsize-fleet-"))
     pg_dir = Path(tempfile.mkdtemp(prefix="batchsize-fleet-pg-"))  # its own: the server's user must reach it
     server = args.url or start_postgres(pg_dir)
