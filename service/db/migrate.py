@@ -41,6 +41,7 @@ def _locked(database_url: str, run: Callable[[Config], None]) -> None:
         if not database or database == ":memory:":
             run(config)
             return
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
         with open(f"{database}.migrate-lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             run(config)
