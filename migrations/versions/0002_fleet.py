@@ -1,5 +1,7 @@
-"""Fleet: JSONB on PostgreSQL, device routing columns and a queued-jobs index on
-recommendations, the workers table.
+"""Fleet: JSONB on PostgreSQL, device routing, the workers table.
+
+Recommendations get the device a request asks for (routing columns), a waiting reason, and a partial
+index over queued jobs for the claim's scan.
 
 Revision ID: 0002
 Revises: 0001
