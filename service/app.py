@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__
-from service.api import artifacts, catalog, health, recommendations, ui
+from service.api import artifacts, catalog, health, recommendations, ui, workers
 from service.api import metrics as metrics_api
 from service.api.cached_reads import CachedAnswers
 from service.api.deps import require_api_key
@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     app.include_router(recommendations.router, dependencies=v1)
     app.include_router(catalog.router, dependencies=v1)
     app.include_router(artifacts.router, dependencies=v1)
+    app.include_router(workers.router, dependencies=v1)
     app.include_router(health.router)
     app.include_router(metrics_api.router)
     app.include_router(ui.router, dependencies=v1)

@@ -25,9 +25,18 @@ class Settings(BaseSettings):
     )
     max_time_budget_s: float = Field(3600.0, gt=0, description="Largest time_budget_s a request may ask.")
     poll_interval_s: float = Field(0.5, gt=0, description="How often an idle worker looks for queued jobs.")
-    heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often a worker refreshes its own and its job's heartbeat (and sees a cancel).",
+    )
     stale_after_s: float = Field(
         60.0, gt=0, description="A running job without a heartbeat this long is re-queued."
+    )
+    device_wait_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A queued request whose device no live worker has fails (`no_device`) after this long.",
     )
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest JSON body accepted.")
     max_upload_bytes: int = Field(

@@ -17,6 +17,7 @@ from service.config import Settings
 from service.db.models import Recommendation, Trial
 from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound
+from service.fleet import device_requirement
 from service.probing.spec import PROBE_VERSION, ProbeSpec
 from service.schemas import RecommendationCreate
 from service.status import JobStatus
@@ -67,6 +68,7 @@ def create_recommendation(
                     fingerprint=fingerprint,
                     model_name=model_name,
                     request=request,
+                    device=device_requirement(payload.device),
                 )
         except IntegrityError:
             # PostgreSQL: another request with this fingerprint was queued between the check and insert.
@@ -263,12 +265,15 @@ def _resolve_target_device(payload: RecommendationCreate, host: HostDevice) -> d
             f"host's ({host.type}): the memory model is extrapolated to it",
             code="target_memory_required",
         )
-    return {
+    resolved = {
         "type": target_type,
         "name": target.name or (host.name if target_type == host.type else None),
         "memory_bytes": target.memory_bytes or host.memory_bytes,
         "count": target.count,
     }
+    if target.allow_extrapolation:  # only when set: other requests keep their fingerprints
+        resolved["allow_extrapolation"] = True
+    return resolved
 
 
 def _check_budget(
@@ -365,6 +370,7 @@ def to_public(recommendation: Recommendation) -> dict[str, Any]:
             "phase": recommendation.phase,
             "trials_done": recommendation.trials_done,
             "trials_planned": recommendation.trials_planned,
+            "reason": recommendation.waiting_reason,
         },
         "request": recommendation.request,
         "result": recommendation.result,

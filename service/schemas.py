@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from service.security import MAX_JSON_DEPTH, json_depth
 from service.status import JobStatus
@@ -71,6 +79,11 @@ class DeviceSpec(_Strict):
     name: str | None = Field(None, max_length=128)
     memory_bytes: int | None = Field(None, gt=0, le=2**50)
     count: int = Field(1, ge=1, le=4096, description="Devices for data-parallel training.")
+    allow_extrapolation: bool = Field(
+        False,
+        description="When no worker has this device, let another worker answer by extrapolating its memory "
+        "model (flagged `extrapolated`). Otherwise the request waits for a worker that has it.",
+    )
 
 
 class RecommendationCreate(_Strict):
@@ -117,6 +130,16 @@ class Progress(BaseModel):
     phase: str | None = None
     trials_done: int = 0
     trials_planned: int = 0
+    reason: str | None = Field(
+        None, description="Only while a queued job waits (phase `waiting_for_device`): why, and for what."
+    )
+
+    @model_serializer(mode="wrap")
+    def _reason_only_when_waiting(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("reason") is None:
+            data.pop("reason", None)
+        return data
 
 
 class JobError(BaseModel):
@@ -191,3 +214,20 @@ class Readiness(BaseModel):
     worker: bool | None = Field(
         None, description="Whether the in-process worker is alive (None: not run here)."
     )
+
+
+class WorkerDevice(BaseModel):
+    type: str
+    name: str
+    memory_bytes: int
+    count: int
+
+
+class WorkerOut(BaseModel):
+    id: str = Field(description="host:pid:random")
+    host: str
+    device: WorkerDevice
+    current_job: str | None = None
+    started_at: datetime
+    heartbeat_at: datetime
+    alive: bool = Field(description="Whether its heartbeat is more recent than BATCHSIZE_STALE_AFTER_S.")

@@ -3,6 +3,10 @@
 It runs as a thread inside `batchsize serve` or alone as `batchsize worker`. Several workers (on several
 hosts) may share one database: claims are atomic. Run one worker per device: a worker runs one probe at a
 time, which is what keeps two probes from fighting over one GPU's memory.
+
+Each worker registers its device in the `workers` table and takes only jobs it can serve (service.fleet).
+Its heartbeat (and its running job's) tells the others it is alive: a job whose heartbeat went stale is
+re-queued by any worker, on any host; a worker that lost its job that way can no longer write to it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository
+from service import fleet, repository
 from service.config import Settings
 from service.db.session import session_scope
 from service.errors import client_message
@@ -78,6 +82,7 @@ class Worker:
         self.metrics = metrics  # service.observability.Metrics, when the app exposes /metrics
         self._thread: threading.Thread | None = None
         self.current_job: str | None = None
+        self.device = repository.WorkerDevice(type=host.type, name=host.name, memory_bytes=host.memory_bytes)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -96,19 +101,64 @@ class Worker:
 
     def run_forever(self) -> None:
         log.info("worker %s started on %s (%s)", self.worker_id, self.host.type, self.host.name)
-        self.recover_orphans()
-        last_stale_check = time.monotonic()
+        last_beat = last_maintenance = -float("inf")
         while not self.stop_event.is_set():
             try:
-                if time.monotonic() - last_stale_check > self.settings.stale_after_s / 2:
+                if last_beat == -float("inf"):
+                    self.register()
+                    self.recover_orphans()
+                    last_beat = time.monotonic()
+                if time.monotonic() - last_beat >= self.settings.heartbeat_interval_s:
+                    self.beat()
+                    last_beat = time.monotonic()
+                if time.monotonic() - last_maintenance >= min(10.0, self.settings.stale_after_s / 2):
                     self.requeue_stale()
-                    last_stale_check = time.monotonic()
+                    self.route_waiting_jobs()
+                    last_maintenance = time.monotonic()
                 if not self.run_next():
                     self.stop_event.wait(self.settings.poll_interval_s)
             except Exception:  # the loop must survive anything, e.g. the database being away for a while
                 log.exception("worker loop error; retrying")
                 self.stop_event.wait(min(5.0, self.settings.poll_interval_s * 4))
+        try:
+            self._write(repository.unregister_worker, self.worker_id)
+        except Exception:  # the database may be gone; the row then ages out (prune_workers)
+            log.warning("worker %s could not unregister", self.worker_id)
         log.info("worker %s stopped", self.worker_id)
+
+    # --- registration ------------------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Say in the database what this worker probes on (GET /v1/workers; routing by device)."""
+        self._write(
+            repository.register_worker,
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            device_type=self.host.type,
+            device_name=self.host.name,
+            memory_bytes=self.host.memory_bytes,
+            device_count=self.host.count,
+        )
+
+    def beat(self) -> None:
+        """Refresh this worker's heartbeat (registering again if its row was pruned meanwhile)."""
+        if not self._write(repository.worker_heartbeat, self.worker_id, current_job=self.current_job):
+            self.register()
+
+    def route_waiting_jobs(self) -> tuple[list[str], list[str]]:
+        """Flag jobs no live worker can serve, fail those that waited too long, forget long-dead workers."""
+        live_after = repository.stale_cutoff(self.settings.stale_after_s)
+        waiting, failed = self._write(
+            fleet.route_waiting_jobs,
+            live_after=live_after,
+            give_up_before=repository.stale_cutoff(self.settings.device_wait_timeout_s),
+        )
+        for job_id in failed:
+            log.warning("job %s failed: no worker has the device it asks for", job_id)
+        self._write(
+            repository.prune_workers, older_than=repository.stale_cutoff(self.settings.stale_after_s * 60)
+        )
+        return waiting, failed
 
     # --- recovery ----------------------------------------------------------------------------------
 
@@ -117,8 +167,8 @@ class Worker:
         requeued = []
         with session_scope(self.sessions) as session:
             for job in repository.running_jobs(session):
-                if _worker_is_dead(job.worker_id, my_worker_id=self.worker_id):
-                    repository.requeue(session, job.id)
+                dead = _worker_is_dead(job.worker_id, my_worker_id=self.worker_id)
+                if dead and repository.requeue(session, job.id, worker_id=job.worker_id):
                     requeued.append(job.id)
         requeued += self.requeue_stale()
         for job_id in requeued:
@@ -126,28 +176,38 @@ class Worker:
         return requeued
 
     def requeue_stale(self) -> list[str]:
+        """Re-queue running jobs whose heartbeat stopped (their worker died, here or on another host)."""
         cutoff = repository.stale_cutoff(self.settings.stale_after_s)
         with session_scope(self.sessions) as session:
             stale = [job.id for job in repository.stale_running_jobs(session, older_than=cutoff)]
-            for job_id in stale:
-                repository.requeue(session, job_id)
-        return stale
+            return [job_id for job_id in stale if repository.requeue(session, job_id, stale_before=cutoff)]
 
     # --- running jobs ------------------------------------------------------------------------------
 
     def run_next(self) -> bool:
         """Claim and run one queued job. Returns False when the queue was empty."""
+        live_after = repository.stale_cutoff(self.settings.stale_after_s)
         with session_scope(self.sessions) as session:
-            job = repository.claim_next_queued(session, worker_id=self.worker_id)
+            job = repository.claim_next_queued(
+                session, worker_id=self.worker_id, device=self.device, live_after=live_after
+            )
             if job is None:
                 return False
             job_id, request = job.id, job.request
+            if fleet.names_no_device(job):
+                request = self._on_own_device(request)
         self.current_job = job_id
         try:
             self._run_job(job_id, request)
         finally:
             self.current_job = None
         return True
+
+    def _on_own_device(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A request that named no device is answered for this worker's device (the API replica that
+        queued it filled in its own host's, which may be another kind)."""
+        own = {"type": self.host.type, "name": self.host.name, "memory_bytes": self.host.memory_bytes}
+        return {**request, "device": {**request["device"], **own}}
 
     def _run_job(self, job_id: str, request: dict[str, Any]) -> None:
         log.info("running job %s", job_id)
@@ -165,27 +225,37 @@ class Worker:
         except ProbeError as exc:
             self._observe_probe(exc.code, probe_started)
             if self.stop_event.is_set() and exc.code == "cancelled":
-                self._write(repository.requeue, job_id)
+                self._write(repository.requeue, job_id, worker_id=self.worker_id)
                 log.info("job %s re-queued at shutdown", job_id)
                 return
             status = JobStatus.CANCELLED if exc.code == "cancelled" else JobStatus.FAILED
             message = client_message(exc.message)  # the full text goes to the log below and the trials
-            self._write(repository.finish, job_id, status=status, error_code=exc.code, error_message=message)
-            log.info("job %s %s: %s", job_id, status, exc.message)
+            if self._finish(job_id, status=status, error_code=exc.code, error_message=message):
+                log.info("job %s %s: %s", job_id, status, exc.message)
             return
         except Exception as exc:
             self._observe_probe("internal_error", probe_started)
             log.exception("job %s failed unexpectedly", job_id)
-            self._write(
-                repository.finish,
+            self._finish(
                 job_id,
                 status=JobStatus.FAILED,
                 error_code="internal_error",
                 error_message=client_message(repr(exc)),
             )
             return
-        self._write(repository.finish, job_id, status=JobStatus.SUCCEEDED, result=result)
-        log.info("job %s succeeded", job_id)
+        if self._finish(job_id, status=JobStatus.SUCCEEDED, result=result):
+            log.info("job %s succeeded", job_id)
+
+    def _finish(self, job_id: str, **outcome: Any) -> bool:
+        """Store the job's outcome, unless it is no longer this worker's (re-queued as stale meanwhile)."""
+        if self._write(repository.finish, job_id, worker_id=self.worker_id, **outcome):
+            return True
+        log.warning(
+            "job %s was taken from worker %s (stale heartbeat); its outcome is dropped",
+            job_id,
+            self.worker_id,
+        )
+        return False
 
     def _observe_probe(self, outcome: str, started: float | None) -> None:
         if self.metrics is not None and started is not None:
@@ -204,7 +274,12 @@ class Worker:
     def _probe(self, spec: Any, *, job_id: str, timeout_s: float) -> dict[str, Any]:
         run_probe = self._run_probe
         if run_probe is None:
-            from service.probing.subprocess import run_probe_subprocess as run_probe
+            import functools
+
+            from service.probing.subprocess import SandboxLimits, run_probe_subprocess
+
+            limits = SandboxLimits.from_settings(self.settings)
+            run_probe = functools.partial(run_probe_subprocess, limits=limits)
 
         last_beat = [0.0]
 
@@ -216,9 +291,10 @@ class Worker:
                     job_id,
                     phase=event.get("phase"),
                     trials_planned=event.get("trials_planned"),
+                    worker_id=self.worker_id,
                 )
             elif kind == "trial":
-                self._write(repository.add_trial, job_id, event)
+                self._write(repository.add_trial, job_id, event, worker_id=self.worker_id)
                 if self.metrics is not None:
                     self.metrics.count_trial(event)
 
@@ -226,10 +302,12 @@ class Worker:
             if self.stop_event.is_set():
                 return True
             now = time.monotonic()
-            if now - last_beat[0] < 1.0:
+            if now - last_beat[0] < self.settings.heartbeat_interval_s:
                 return False
             last_beat[0] = now
-            return bool(self._write(repository.heartbeat, job_id))
+            self.beat()
+            # True also when the job is no longer this worker's: its probe stops, its outcome is dropped.
+            return bool(self._write(repository.heartbeat, job_id, worker_id=self.worker_id))
 
         return run_probe(spec, on_event=on_event, timeout_s=timeout_s, should_cancel=should_cancel)
 

@@ -11,16 +11,19 @@ from fastapi.testclient import TestClient
 
 from service import repository
 from service.db.session import session_scope
+from service.recommendations import HostDevice
 from service.status import ACTIVE, JobStatus
 from service.worker import Worker
 
 
-def make_worker(app: FastAPI, run_probe: Any = None, **settings_changes: Any) -> Worker:
-    """A worker on `app`'s database and host, with `run_probe` (default: the real probe subprocess)
-    and settings changed as given."""
+def make_worker(
+    app: FastAPI, run_probe: Any = None, *, host: HostDevice | None = None, **settings_changes: Any
+) -> Worker:
+    """A worker on `app`'s database and host (or `host`), with `run_probe` (default: the real probe
+    subprocess) and settings changed as given."""
     state = app.state.batchsize
     settings = state.settings.model_copy(update=settings_changes) if settings_changes else state.settings
-    return Worker(settings=settings, sessions=state.writes, host=state.host, run_probe=run_probe)
+    return Worker(settings=settings, sessions=state.writes, host=host or state.host, run_probe=run_probe)
 
 
 def wait_for_job(client: TestClient, job_id: str, timeout_s: float = 180) -> dict[str, Any]:

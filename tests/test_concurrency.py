@@ -1,5 +1,6 @@
 """Concurrency against a live uvicorn: identical POSTs at once share one job and one probe; readers never
-see "database is locked" (or any 5xx) while the worker and other clients write."""
+see "database is locked" (or any 5xx) while the worker and other clients write; two API replicas on one
+database behave as one service. Each test runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,11 +14,17 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from service import repository
+from service.api import recommendations as recommendation_routes
 from service.app import create_app
 from service.config import Settings
+from service.db.session import session_scope
 from service.probing.spec import ProbeSpec
+from tests.conftest import BOTH_DATABASES
 from tests.helpers import make_worker
 from tests.live_server import live_server
+
+pytestmark = BOTH_DATABASES
 
 TINY = {"model": {"name": "mlp", "config": {"hidden_dims": [16]}}, "time_budget_s": 5}
 CLIENTS = 16
@@ -27,11 +34,21 @@ BURST = 48
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[FastAPI, str]]:
-    settings = Settings(data_dir=tmp_path / "data", probe_device="cpu", poll_interval_s=0.05, _env_file=None)
+def served(settings: Settings) -> Iterator[tuple[FastAPI, str]]:
     app = create_app(settings, run_worker=False)
     with live_server(app) as url:
         yield app, url
+
+
+@pytest.fixture
+def replicas(settings: Settings, tmp_path: Path) -> Iterator[list[tuple[FastAPI, str]]]:
+    """Two `serve --no-worker` replicas sharing one database (each with its own data_dir and caches)."""
+    url = settings.resolved_database_url
+    first = create_app(settings.model_copy(update={"database_url": url}), run_worker=False)
+    second_settings = settings.model_copy(update={"database_url": url, "data_dir": tmp_path / "second"})
+    second = create_app(second_settings, run_worker=False)
+    with live_server(first) as first_url, live_server(second) as second_url:
+        yield [(first, first_url), (second, second_url)]
 
 
 def _all_at_once(count: int, call: Any) -> list[Any]:
@@ -147,3 +164,63 @@ def test_a_burst_of_cached_posts_neither_stalls_nor_fails(served: tuple[FastAPI,
     statuses = [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in responses]
     assert statuses == [200] * BURST  # nobody ran into the busy timeout ("database is locked")
     assert {r.json()["id"] for r in responses} == {job_id}
+
+
+def test_two_replicas_share_in_flight_jobs_and_answers(replicas: list[tuple[FastAPI, str]]) -> None:
+    (first, first_url), (_, second_url) = replicas
+    clients = [httpx.Client(base_url=url, timeout=60) for url in (first_url, second_url)]
+    try:
+        responses = _all_at_once(CLIENTS, lambda i: clients[i % 2].post("/v1/recommendations", json=TINY))
+        assert {r.status_code for r in responses} == {202}, [r.text for r in responses]
+        assert len({r.json()["id"] for r in responses}) == 1  # one job, whichever replica was asked
+        job_id = responses[0].json()["id"]
+        assert make_worker(first, lambda spec, **_: {"max_feasible_batch_size": 7}).run_next()
+        for http in clients:
+            again = http.post("/v1/recommendations", json=TINY)
+            assert again.status_code == 200 and again.json()["id"] == job_id
+            assert http.get(f"/v1/recommendations/{job_id}").json()["status"] == "succeeded"
+    finally:
+        for http in clients:
+            http.close()
+
+
+def test_a_force_on_one_replica_is_seen_by_the_other_within_the_memo_ttl(
+    replicas: list[tuple[FastAPI, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recommendation_routes, "ANSWER_MEMO_TTL_S", 0.3)
+    (first, first_url), (_, second_url) = replicas
+    with (
+        httpx.Client(base_url=first_url, timeout=60) as a,
+        httpx.Client(base_url=second_url, timeout=60) as b,
+    ):
+        old = a.post("/v1/recommendations", json=TINY).json()["id"]
+        worker = make_worker(first, lambda spec, **_: {"max_feasible_batch_size": 7})
+        assert worker.run_next()
+        assert b.post("/v1/recommendations", json=TINY).json()["id"] == old  # B now remembers the answer
+        forced = a.post("/v1/recommendations", json={**TINY, "force": True})
+        assert forced.status_code == 202 and forced.json()["id"] != old
+        assert worker.run_next()
+        time.sleep(0.35)  # the memo's TTL: how long B may still answer with the older result
+        for http in (a, b):
+            answer = http.post("/v1/recommendations", json=TINY)
+            assert answer.status_code == 200 and answer.json()["id"] == forced.json()["id"]
+
+
+def test_a_job_of_a_worker_gone_silent_on_another_host_is_requeued_by_a_replica_smake_worker(
+    replicas: list[tuple[FastAPI, str]],
+) -> None:
+    (first, first_url), (second, _) = replicas
+    with httpx.Client(base_url=first_url, timeout=60) as http:
+        job_id = http.post("/v1/recommendations", json=TINY).json()["id"]
+        with session_scope(first.state.batchsize.writes) as session:
+            assert repository.claim_next_queued(session, worker_id="gpu-host-7:4242:0a1b2c3d") is not None
+        worker = make_worker(second, lambda spec, **_: {"max_feasible_batch_size": 7})
+        assert worker.recover_orphans() == []  # another host's pid cannot be checked from here
+        worker.settings = worker.settings.model_copy(update={"stale_after_s": 0.05})
+        time.sleep(0.1)
+        assert worker.requeue_stale() == [job_id]
+        assert worker.run_next()
+        done = http.get(f"/v1/recommendations/{job_id}").json()
+        assert done["status"] == "succeeded"
+        with session_scope(second.state.batchsize.reads) as session:
+            assert repository.get_recommendation(session, job_id).attempts == 2

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from service.api.cached_reads import CachedAnswers
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from service.api.cached_reads import CachedAnswers
 from service.app import create_app
 from service.config import Settings
 from service.errors import client_message

@@ -12,9 +12,16 @@ from fastapi.testclient import TestClient
 from service import repository
 from service.db.session import session_scope
 from service.probing.spec import ProbeError, ProbeSpec
+from service.recommendations import HostDevice
+from service.worker import Worker
+from tests.conftest import BOTH_DATABASES
 from tests.helpers import make_worker
 
+pytestmark = BOTH_DATABASES
+
 MLP = {"model": {"name": "mlp"}, "time_budget_s": 30}
+H100 = HostDevice(type="cuda", name="NVIDIA H100 80GB HBM3", memory_bytes=80 * 2**30, free_bytes=0, count=8)
+A100 = HostDevice(type="cuda", name="NVIDIA A100-SXM4-40GB", memory_bytes=40 * 2**30, free_bytes=0, count=4)
 
 
 def _fake_probe(spec: ProbeSpec, *, on_event: Any, timeout_s: float, should_cancel: Any) -> dict:
@@ -138,3 +145,167 @@ def test_probe_process_failures_end_as_failed(client: TestClient, code: str) -> 
     job = client.post("/v1/recommendations", json=MLP).json()
     make_worker(client.app, dies).run_next()
     assert client.get(f"/v1/recommendations/{job['id']}").json()["error"]["code"] == code
+
+
+# --- fleet: ownership, registration, routing by device --------------------------------------------
+
+
+def test_a_worker_whose_job_went_stale_and_was_taken_cannot_write_to_it(client: TestClient) -> None:
+    """A partitioned worker (alive but silent) loses its job to another; its late writes are dropped."""
+    started, release = threading.Event(), threading.Event()
+
+    def stalls(spec: ProbeSpec, *, on_event: Any, should_cancel: Any, **_: Any) -> dict:
+        started.set()
+        release.wait(10)
+        on_event({"event": "trial", "phase": "memory", "batch_size": 999, "outcome": "ok"})
+        return {"max_feasible_batch_size": 999}
+
+    job = client.post("/v1/recommendations", json=MLP).json()
+    slow = make_worker(client.app, stalls)
+    thread = threading.Thread(target=slow.run_next)
+    thread.start()
+    assert started.wait(5)
+    other = make_worker(client.app, _fake_probe)
+    other.settings = other.settings.model_copy(update={"stale_after_s": 0.001})
+    time.sleep(0.01)
+    assert other.requeue_stale() == [job["id"]]
+    assert other.run_next() is True
+    release.set()
+    thread.join(10)
+    done = client.get(f"/v1/recommendations/{job['id']}").json()
+    assert done["status"] == "succeeded" and done["result"] == {"max_feasible_batch_size": 64}
+    trials = client.get(f"/v1/recommendations/{job['id']}/trials").json()
+    assert [t["batch_size"] for t in trials] == [64, 512]  # not the stale worker's 999
+
+
+def test_workers_register_their_device_and_leave_on_stop(client: TestClient) -> None:
+    worker = make_worker(client.app, _fake_probe, host=H100)
+    worker.start_in_thread()
+    try:
+        deadline = time.monotonic() + 10
+        while not (listed := client.get("/v1/workers").json()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(listed) == 1
+        assert listed[0]["id"] == worker.worker_id and listed[0]["alive"] is True
+        assert listed[0]["device"] == {
+            "type": "cuda",
+            "name": "NVIDIA H100 80GB HBM3",
+            "memory_bytes": 80 * 2**30,
+            "count": 8,
+        }
+    finally:
+        worker.stop()
+    assert client.get("/v1/workers").json() == []
+
+
+def _claimed_by(client: TestClient, body: dict, workers: list[Worker]) -> Worker | None:
+    """Post `body`, let each worker in turn try to claim; the worker that ran it (None: nobody)."""
+    job = client.post("/v1/recommendations", json=body).json()
+    assert job["status"] == "queued", job
+    for worker in workers:
+        if worker.run_next():
+            assert client.get(f"/v1/recommendations/{job['id']}").json()["status"] == "succeeded"
+            return worker
+    return None
+
+
+def _recording_probe(specs: list[ProbeSpec]) -> Any:
+    def probe(spec: ProbeSpec, **_: Any) -> dict:
+        specs.append(spec)
+        return {"max_feasible_batch_size": 8}
+
+    return probe
+
+
+def test_a_request_naming_a_device_is_claimed_only_by_a_worker_that_has_it(client: TestClient) -> None:
+    specs: list[ProbeSpec] = []
+    cpu = make_worker(client.app, _recording_probe(specs))
+    h100 = make_worker(client.app, _recording_probe(specs), host=H100)
+    a100 = make_worker(client.app, _recording_probe(specs), host=A100)
+    for worker in (cpu, h100, a100):
+        worker.register()
+
+    h100_request = {**MLP, "device": {"type": "cuda", "name": "*h100*", "memory_bytes": 80 * 2**30}}
+    assert _claimed_by(client, h100_request, [cpu, a100, h100]) is h100
+    assert specs[-1].device == "cuda" and specs[-1].target_device is None  # its own device: no extrapolation
+    any_cuda_40g = {**MLP, "time_budget_s": 31, "device": {"type": "cuda", "memory_bytes": 40 * 2**30}}
+    assert _claimed_by(client, any_cuda_40g, [cpu, a100]) is a100
+    cpu_request = {**MLP, "time_budget_s": 32, "device": {"type": "cpu"}}
+    assert _claimed_by(client, cpu_request, [h100, a100, cpu]) is cpu
+    # Naming no device: the first free worker takes it, and probes for its own device.
+    assert _claimed_by(client, {**MLP, "time_budget_s": 33}, [a100, cpu]) is a100
+    assert specs[-1].device == "cuda" and specs[-1].target_device is None
+
+
+def test_extrapolation_only_when_allowed_and_no_worker_has_the_device(client: TestClient) -> None:
+    specs: list[ProbeSpec] = []
+    a100 = make_worker(client.app, _recording_probe(specs), host=A100)
+    h100 = make_worker(client.app, _recording_probe(specs), host=H100)
+    a100.register()
+    h100_only = {"type": "cuda", "name": "*H100*", "memory_bytes": 80 * 2**30}
+    assert _claimed_by(client, {**MLP, "device": h100_only}, [a100]) is None  # not allowed: it waits
+
+    allowed = {**MLP, "time_budget_s": 31, "device": {**h100_only, "allow_extrapolation": True}}
+    h100.register()  # a live worker has the device: the A100 must leave it to it
+    assert h100.run_next() is True  # the request that waited for it
+    assert _claimed_by(client, allowed, [a100, h100]) is h100
+    with session_scope(client.app.state.batchsize.writes) as session:
+        repository.unregister_worker(session, h100.worker_id)
+    allowed_again = {**allowed, "time_budget_s": 32}
+    assert _claimed_by(client, allowed_again, [a100]) is a100
+    assert specs[-1].target_device is not None and specs[-1].target_device["memory_bytes"] == 80 * 2**30
+
+
+def test_a_request_nobody_can_serve_waits_with_a_reason_then_fails(client: TestClient) -> None:
+    cpu = make_worker(client.app, _fake_probe)
+    cpu.register()
+    body = {**MLP, "device": {"type": "cuda", "name": "NVIDIA H100*", "memory_bytes": 80 * 2**30}}
+    job = client.post("/v1/recommendations", json=body).json()
+    assert cpu.run_next() is False
+    assert cpu.route_waiting_jobs() == ([job["id"]], [])
+    waiting = client.get(f"/v1/recommendations/{job['id']}").json()
+    assert waiting["status"] == "queued" and waiting["progress"]["phase"] == "waiting_for_device"
+    reason = waiting["progress"]["reason"]
+    assert (
+        "cuda device named like 'nvidia h100*' with at least 80.0 GiB" in reason
+        and "live workers: cpu" in reason
+    )
+
+    # A worker with the device comes up: the job is no longer flagged, and that worker takes it.
+    h100 = make_worker(client.app, lambda spec, **_: {"max_feasible_batch_size": 8}, host=H100)
+    h100.register()
+    assert cpu.route_waiting_jobs() == ([], [])
+    assert "reason" not in client.get(f"/v1/recommendations/{job['id']}").json()["progress"]
+    assert h100.run_next() is True
+
+    # Nobody has it and the wait runs out: the job fails with a clear error.
+    late = client.post("/v1/recommendations", json={**body, "time_budget_s": 31}).json()
+    cpu.settings = cpu.settings.model_copy(update={"device_wait_timeout_s": 0.001})
+    with session_scope(client.app.state.batchsize.writes) as session:
+        repository.unregister_worker(session, h100.worker_id)
+    time.sleep(0.01)
+    assert cpu.route_waiting_jobs() == ([], [late["id"]])
+    failed = client.get(f"/v1/recommendations/{late['id']}").json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "no_device"
+    assert "no worker could serve this request in time" in failed["error"]["message"]
+
+
+@pytest.mark.parametrize(("interval_s", "beats"), [(3600.0, 1), (1e-9, 20)])
+def test_the_heartbeat_interval_setting_paces_job_heartbeats(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, interval_s: float, beats: int
+) -> None:
+    """The probe asks "should I stop?" often; the job's heartbeat (a write) goes out once per interval."""
+    written: list[str] = []
+    heartbeat = repository.heartbeat
+    monkeypatch.setattr(repository, "heartbeat", lambda *a, **k: written.append(a[1]) or heartbeat(*a, **k))
+
+    def probe(spec: ProbeSpec, *, should_cancel: Any, **_: Any) -> dict:
+        for _ in range(20):
+            assert should_cancel() is False
+        return {}
+
+    job = client.post("/v1/recommendations", json=MLP).json()
+    worker = make_worker(client.app, probe)
+    worker.settings = worker.settings.model_copy(update={"heartbeat_interval_s": interval_s})
+    assert worker.run_next()
+    assert written == [job["id"]] * beats

@@ -16,12 +16,17 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    false,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from service.db.base import Base
+
+# JSON columns are JSONB on PostgreSQL (binary, indexable), plain JSON text on SQLite.
+JSONColumn = JSON().with_variant(JSONB(), "postgresql")
 
 
 def utcnow() -> datetime:
@@ -54,8 +59,8 @@ class Recommendation(Base):
     fingerprint: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)  # a service.status.JobStatus
     model_name: Mapped[str] = mapped_column(String(128), index=True)
-    request: Mapped[dict[str, Any]] = mapped_column(JSON)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    request: Mapped[dict[str, Any]] = mapped_column(JSONColumn)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONColumn, default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     phase: Mapped[str | None] = mapped_column(String(32), default=None)
@@ -68,6 +73,14 @@ class Recommendation(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # The device the request asked for (None: any worker may take it). The name is a lower-case LIKE
+    # pattern made from the client's glob; see service.fleet.device_requirement.
+    device_type: Mapped[str | None] = mapped_column(String(16), default=None)
+    device_name_like: Mapped[str | None] = mapped_column(String(256), default=None)
+    device_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    allow_extrapolation: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Why a queued job is not being claimed (no live worker has its device), shown as progress.reason.
+    waiting_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
     trials: Mapped[list[Trial]] = relationship(
         back_populates="recommendation", cascade="all, delete-orphan", order_by="Trial.index"
@@ -81,6 +94,14 @@ class Recommendation(Base):
             unique=True,
             sqlite_where=text("status IN ('queued', 'running')"),
             postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+        # The claim's scan: the oldest queued jobs, without walking past every finished one.
+        Index(
+            "ix_recommendations_queued",
+            "created_at",
+            "id",
+            sqlite_where=text("status = 'queued'"),
+            postgresql_where=text("status = 'queued'"),
         ),
     )
 
@@ -101,7 +122,7 @@ class Trial(Base):
     peak_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     step_time_s: Mapped[float | None] = mapped_column(Float, default=None)
     samples_per_second: Mapped[float | None] = mapped_column(Float, default=None)
-    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONColumn, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     recommendation: Mapped[Recommendation] = relationship(back_populates="trials")
@@ -117,5 +138,21 @@ class Artifact(Base):
     filename: Mapped[str] = mapped_column(String(255))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(Text)
-    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONColumn, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Worker(Base):
+    """A running worker and the device it probes on, kept alive by its heartbeat."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid:random (service.worker)
+    host: Mapped[str] = mapped_column(String(255))
+    device_type: Mapped[str] = mapped_column(String(16))
+    device_name: Mapped[str] = mapped_column(String(256))
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    device_count: Mapped[int] = mapped_column(Integer)
+    current_job: Mapped[str | None] = mapped_column(String(32), default=None)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
