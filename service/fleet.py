@@ -120,3 +120,9 @@ def worker_view(worker: Worker, *, live_after: datetime) -> dict[str, Any]:
         "heartbeat_at": worker.heartbeat_at,
         "alive": worker.heartbeat_at >= live_after,
     }
+
+
+def list_workers(session: Session, *, stale_after_s: float) -> list[dict[str, Any]]:
+    """Every registered worker's public view; alive when its heartbeat is newer than `stale_after_s`."""
+    live_after = repository.stale_cutoff(stale_after_s)
+    return [worker_view(worker, live_after=live_after) for worker in repository.list_workers(session)]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
-from service import fleet, repository
+from service import fleet
 from service.api.deps import ReadSession, State
 from service.errors import error_responses
 from service.schemas import WorkerOut
@@ -18,6 +20,5 @@ router = APIRouter(prefix="/v1", tags=["workers"])
     summary="Registered workers, their devices and whether they are alive",
     responses=error_responses(401),
 )
-def list_workers(session: ReadSession, state: State) -> list[dict]:
-    live_after = repository.stale_cutoff(state.settings.stale_after_s)
-    return [fleet.worker_view(worker, live_after=live_after) for worker in repository.list_workers(session)]
+def list_workers(session: ReadSession, state: State) -> list[dict[str, Any]]:
+    return fleet.list_workers(session, stale_after_s=state.settings.stale_after_s)
