@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
         lifespan=lifespan,
         docs_url=None,  # served by service.api.ui from vendored assets: no CDN
         redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
     metrics = app.state.metrics = Metrics()
     install_error_handlers(app)
@@ -90,6 +92,11 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     )
     app.add_middleware(RequestContext, metrics=metrics)  # outermost: 413s get a request id too
     return app
+
+
+def operation_id(route: APIRoute) -> str:
+    """OpenAPI operationIds are the handlers' names (`create_recommendation`): what generated clients call."""
+    return route.name
 
 
 def _count_jobs(reads: sessionmaker[Session]) -> dict[str, int]:

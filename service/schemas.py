@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from batchsize_client.models import JobError, Progress, RecommendationResult  # the client's: one definition
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -95,28 +107,37 @@ class RecommendationCreate(_Strict):
     )
 
 
-class Progress(BaseModel):
-    phase: str | None = None
-    trials_done: int = 0
-    trials_planned: int = 0
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
 class RecommendationOut(BaseModel):
-    id: str
+    """A recommendation job: its status and live progress, the stored request, and the result or error."""
+
+    id: str = Field(description="The recommendation's id.")
     status: Status
-    fingerprint: str
+    fingerprint: str = Field(description="Hash of everything that changes the answer (64 hex digits).")
     progress: Progress
-    request: dict[str, Any]
-    result: dict[str, Any] | None = None
-    error: JobError | None = None
+    request: RecommendationCreate = Field(
+        description="The canonical request as stored: every default filled in, `force` left out."
+    )
+    result: RecommendationResult | None = Field(None, description="The recipe, once the job succeeded.")
+    error: JobError | None = Field(None, description="Why the job failed or was cancelled.")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+    # A job stored under an older schema is still served as stored: the schema documents the fields, it
+    # never makes reading a stored job fail.
+    @field_validator("request", "result", mode="wrap")
+    @classmethod
+    def _as_stored_when_it_does_not_fit(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            return value
+
+    @field_serializer("request", "result", mode="wrap")
+    def _as_stored(self, value: Any, handler: SerializerFunctionWrapHandler):  # no return type: the fields keep their schemas
+        if isinstance(value, RecommendationCreate):
+            return value.model_dump(mode="json", exclude_unset=True)
+        return value if isinstance(value, dict) else handler(value)
 
 
 class RecommendationPage(BaseModel):
