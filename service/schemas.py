@@ -133,8 +133,9 @@ class RecommendationOut(BaseModel):
         except ValidationError:
             return value
 
+    # No return annotation: the fields keep their own schemas in the OpenAPI document.
     @field_serializer("request", "result", mode="wrap")
-    def _as_stored(self, value: Any, handler: SerializerFunctionWrapHandler):  # no return type: the fields keep their schemas
+    def _as_stored(self, value: Any, handler: SerializerFunctionWrapHandler):
         if isinstance(value, RecommendationCreate):
             return value.model_dump(mode="json", exclude_unset=True)
         return value if isinstance(value, dict) else handler(value)
