@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service import __version__
 from service.api import artifacts, catalog, health, recommendations, ui
 from service.api import metrics as metrics_api
-from service.api.deps import require_api_key
+from service.api.deps import require_api_key, require_page_access
 from service.api.polling import CachedAnswers
 from service.config import Settings
 from service.db import migrate
@@ -81,7 +81,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     app.include_router(artifacts.router, dependencies=v1)
     app.include_router(health.router)
     app.include_router(metrics_api.router)
-    app.include_router(ui.router, dependencies=v1)
+    app.include_router(ui.router, dependencies=[Depends(require_page_access)])  # no session: to /login
+    app.include_router(ui.login_router)
     app.include_router(ui.docs_router)
     app.mount(ui.STATIC_URL, StaticFiles(directory=ui.STATIC_DIR), name="static")
     app.add_middleware(CachedAnswers, job_path=recommendations.JOB_PATH)  # innermost
