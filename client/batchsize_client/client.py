@@ -173,17 +173,51 @@ class BatchsizeClient(_Base):
         self,
         model: str | None = None,
         *,
+        config: dict[str, Any] | None = None,
+        artifact_id: str | None = None,
+        dataset_size: int = 50_000,
+        sample_id: str | None = None,
+        optimizer: Optimizer = "sgd",
+        learning_rate: float = 0.1,
+        reference_batch_size: int = 32,
+        precision: Precision = "fp32",
+        gradient_checkpointing: bool = False,
+        device: dict[str, Any] | None = None,
+        memory_budget_bytes: int | None = None,
+        objective: Objective = "time_to_target",
+        time_budget_s: float = 120,
+        force: bool = False,
+        training: dict[str, Any] | None = None,
         wait_timeout_s: float = 900,
         poll_interval_s: float = 0.5,
         on_progress: ProgressCallback | None = None,
-        **settings: Any,
     ) -> Recipe:
         """Ask for a recommendation, wait for it (polling) and return its recipe.
 
         `model` names a zoo model (GET /v1/models) with optional `config` overrides; `artifact_id` an
-        uploaded model instead. `settings` are `build_request`'s keywords.
+        uploaded model instead. `training`: further training fields (momentum, weight_decay, epochs...).
+        `on_progress(job)` is called after every poll.
         """
-        job = self.submit(build_request(model, **settings))
+        job = self.submit(
+            build_request(
+                model,
+                config=config,
+                artifact_id=artifact_id,
+                dataset_size=dataset_size,
+                sample_id=sample_id,
+                optimizer=optimizer,
+                learning_rate=learning_rate,
+                reference_batch_size=reference_batch_size,
+                precision=precision,
+                gradient_checkpointing=gradient_checkpointing,
+                device=device,
+                memory_budget_bytes=memory_budget_bytes,
+                objective=objective,
+                time_budget_s=time_budget_s,
+                force=force,
+                training=training,
+            )
+        )
         done = self.wait(
             job.id, timeout_s=wait_timeout_s, poll_interval_s=poll_interval_s, on_progress=on_progress
         )
@@ -320,13 +354,46 @@ class AsyncBatchsizeClient(_Base):
         self,
         model: str | None = None,
         *,
+        config: dict[str, Any] | None = None,
+        artifact_id: str | None = None,
+        dataset_size: int = 50_000,
+        sample_id: str | None = None,
+        optimizer: Optimizer = "sgd",
+        learning_rate: float = 0.1,
+        reference_batch_size: int = 32,
+        precision: Precision = "fp32",
+        gradient_checkpointing: bool = False,
+        device: dict[str, Any] | None = None,
+        memory_budget_bytes: int | None = None,
+        objective: Objective = "time_to_target",
+        time_budget_s: float = 120,
+        force: bool = False,
+        training: dict[str, Any] | None = None,
         wait_timeout_s: float = 900,
         poll_interval_s: float = 0.5,
         on_progress: ProgressCallback | Callable[[Job], Awaitable[Any]] | None = None,
-        **settings: Any,
     ) -> Recipe:
         """Ask for a recommendation, wait for it and return its recipe (see BatchsizeClient.recommend)."""
-        job = await self.submit(build_request(model, **settings))
+        job = await self.submit(
+            build_request(
+                model,
+                config=config,
+                artifact_id=artifact_id,
+                dataset_size=dataset_size,
+                sample_id=sample_id,
+                optimizer=optimizer,
+                learning_rate=learning_rate,
+                reference_batch_size=reference_batch_size,
+                precision=precision,
+                gradient_checkpointing=gradient_checkpointing,
+                device=device,
+                memory_budget_bytes=memory_budget_bytes,
+                objective=objective,
+                time_budget_s=time_budget_s,
+                force=force,
+                training=training,
+            )
+        )
         done = await self.wait(
             job.id, timeout_s=wait_timeout_s, poll_interval_s=poll_interval_s, on_progress=on_progress
         )
