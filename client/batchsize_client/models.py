@@ -11,7 +11,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE_STATUSES = ("queued", "running")
@@ -29,6 +37,21 @@ class OpenModel(BaseModel):
             return data
         given = self.model_fields_set | set(self.model_extra or {})
         return {key: value for key, value in data.items() if key in given}
+
+
+def read_leniently(model: type[OpenModel], data: dict[str, Any]) -> tuple[OpenModel, list[str]]:
+    """`model` read from `data`, leaving out the top-level fields this version cannot read as typed (a
+    newer service may have changed one, the server's JSON still has it) and saying so in `warnings`;
+    returns the instance and the names of the fields left out."""
+    try:
+        return model.model_validate(data), []
+    except ValidationError as exc:
+        unreadable = sorted({str(error["loc"][0]) for error in exc.errors() if error["loc"]})
+        kept = {key: value for key, value in data.items() if key not in unreadable}
+        if "warnings" in model.model_fields and "warnings" not in unreadable:
+            note = f"fields not read by this client version (changed type): {', '.join(unreadable)}"
+            kept["warnings"] = [*(kept.get("warnings") or []), note]
+        return model.model_validate(kept), unreadable
 
 
 # ------------------------------------------------------------------------------------ result parts
@@ -234,6 +257,13 @@ class Job(BaseModel):
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+    @field_validator("result", mode="before")
+    @classmethod
+    def _result_as_far_as_readable(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return read_leniently(RecommendationResult, value)[0]
+        return value
 
     @property
     def done(self) -> bool:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from batchsize_client.models import Job, RecommendationResult
+from batchsize_client.errors import BatchsizeError
+from batchsize_client.models import Job, RecommendationResult, read_leniently
 
 if TYPE_CHECKING:  # pragma: no cover - types only
     import torch
@@ -40,8 +41,18 @@ class Recipe(RecommendationResult):
 
     @classmethod
     def from_result(cls, result: dict[str, Any], *, recommendation_id: str | None = None) -> Recipe:
-        """The recipe from a result dict (an in-process probe's, or a job's `result`)."""
-        return cls.model_validate({**result, "id": recommendation_id})
+        """The recipe from a result dict (an in-process probe's, or a job's `result`).
+
+        A field this version cannot read as typed is left out with a warning (the full result stays in
+        the job); a result without the recipe's core fields raises BatchsizeError `invalid_result`.
+        """
+        try:
+            recipe, _unreadable = read_leniently(cls, {**result, "id": recommendation_id})
+        except ValidationError as exc:
+            raise BatchsizeError(
+                f"the result holds no readable recipe: {exc}", code="invalid_result"
+            ) from None
+        return recipe  # type: ignore[return-value]
 
     # -- short names
 

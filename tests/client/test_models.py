@@ -90,3 +90,17 @@ def test_a_stored_job_that_no_longer_fits_the_schema_is_still_served() -> None:
     }
     body = RecommendationOut.model_validate(job).model_dump(mode="json")
     assert body["request"] == job["request"] and body["result"] == job["result"]
+
+
+def test_the_client_reads_what_it_can_of_a_result_from_a_newer_service() -> None:
+    from batchsize_client import BatchsizeError, Job
+
+    changed = seed.result(races="a newer shape", warnings=["w"])
+    job = Job.model_validate({"id": "j", "status": "succeeded", "result": changed})
+    assert job.result is not None and job.result.recommended_batch_size == 128 and job.result.races is None
+    recipe = Recipe.from_job(job)
+    assert recipe.micro_batch_size == 128 and recipe.warnings[-1].endswith("changed type): races")
+    assert sum("changed type" in w for w in recipe.warnings) == 1
+    with pytest.raises(BatchsizeError) as excinfo:
+        Recipe.from_result({"max_feasible_batch_size": 7})
+    assert excinfo.value.code == "invalid_result"
