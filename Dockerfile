@@ -44,9 +44,11 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
  && python -m pip install --no-cache-dir -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# 3. The package itself (service, models, migrations + alembic's script template), installed into the
-#    venv, so `batchsize migrate` finds its migrations wherever it runs.
+# 3. The package itself (service, models, migrations + alembic's script template, and the client package
+#    batchsize_client that its schemas and CLI use), installed into the venv, so `batchsize migrate` finds
+#    its migrations wherever it runs.
 COPY README.md alembic.ini ./
+COPY client ./client
 COPY models ./models
 COPY migrations ./migrations
 COPY service ./service

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -15,7 +16,7 @@ from service import __version__
 from service.api import artifacts, catalog, health, recommendations, ui, workers
 from service.api import metrics as metrics_api
 from service.api.cached_reads import CachedAnswers
-from service.api.deps import require_api_key
+from service.api.deps import require_api_key, require_page_access
 from service.config import Settings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factories, session_scope
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
         lifespan=lifespan,
         docs_url=None,  # served by service.api.ui from vendored assets: no CDN
         redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
     metrics = app.state.metrics = Metrics()
     install_error_handlers(app)
@@ -81,7 +83,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     app.include_router(workers.router, dependencies=v1)
     app.include_router(health.router)
     app.include_router(metrics_api.router)
-    app.include_router(ui.router, dependencies=v1)
+    app.include_router(ui.router, dependencies=[Depends(require_page_access)])  # no session: to /login
+    app.include_router(ui.login_router)
     app.include_router(ui.docs_router)
     app.mount(ui.STATIC_URL, StaticFiles(directory=ui.STATIC_DIR), name="static")
     _document_write_refusals(app)
@@ -124,6 +127,9 @@ def _document_write_refusals(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+def operation_id(route: APIRoute) -> str:
+    """OpenAPI operationIds are the handlers' names (`create_recommendation`): what generated clients call."""
+    return route.name
 
 
 def _count_jobs(reads: sessionmaker[Session]) -> dict[str, int]:

@@ -6,10 +6,34 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
+from typing import Literal
 
 import typer
 
 app = typer.Typer(help="batchsize-service: recommends training batch sizes.", no_args_is_help=True)
+
+# Choices, listed by --help and checked before anything runs.
+Optimizer = Literal["sgd", "adam", "adamw"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Objective = Literal["time_to_target", "throughput", "max_feasible"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from service import __version__
+
+        typer.echo(f"batchsize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """batchsize-service: recommends training batch sizes."""
 
 
 def _logging(level: str, fmt: str = "text") -> None:
@@ -127,8 +151,8 @@ def _json_option(text: str | None, name: str) -> dict | None:
     return value
 
 
-def _client(url: str, api_key: str | None):  # noqa: ANN202 - service.client is imported lazily
-    from service.client import BatchsizeClient
+def _client(url: str, api_key: str | None):  # noqa: ANN202 - batchsize_client is imported lazily
+    from batchsize_client import BatchsizeClient
 
     return BatchsizeClient(url, api_key=api_key)
 
@@ -185,12 +209,11 @@ class _ProgressBar:
     def show(self, label: str, done: int, planned: int) -> None:
         self.progress.update(self.task, description=label, completed=done, total=max(planned, done, 1))
 
-    def on_job(self, job: dict) -> None:
+    def on_job(self, job) -> None:  # noqa: ANN001 - batchsize_client.Job, imported lazily
         """client.wait's callback: the job as GET /v1/recommendations/{id} shows it."""
-        progress = job.get("progress") or {}
-        phase = progress.get("phase") or job.get("status", "")
-        label = phase if job.get("status") == "running" else job.get("status", "")
-        self.show(str(label), int(progress.get("trials_done") or 0), int(progress.get("trials_planned") or 0))
+        progress = job.progress
+        label = (progress.phase or job.status) if job.status == "running" else job.status
+        self.show(str(label), progress.trials_done, progress.trials_planned)
 
     def on_event(self, event: dict) -> None:
         """run_probe's emit: the same bookkeeping as the worker's (service.worker)."""
@@ -252,18 +275,16 @@ def recommend(
     sample_file: Path = typer.Option(
         None, "--sample-file", exists=True, dir_okay=False, help="A data sample (.npz/.safetensors)."
     ),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, adam or adamw."),
+    optimizer: Optimizer = typer.Option("sgd", "--optimizer", help="The optimizer you train with."),
     learning_rate: float = typer.Option(0.1, "--lr", help="Learning rate tuned at --reference-batch-size."),
     reference_batch_size: int = typer.Option(32, "--reference-batch-size"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16."),
+    precision: Precision = typer.Option("fp32", "--precision", help="Training precision."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     devices: int = typer.Option(1, "--devices", help="Data-parallel devices the training will use."),
     target_type: str = typer.Option(None, "--target-device", help="cpu or cuda, when it is not this host's."),
     target_memory: str = typer.Option(None, "--target-memory", help="Target device memory, e.g. 80GB."),
     memory_budget: str = typer.Option(None, "--memory-budget", help="Per-device budget, e.g. 256MiB."),
-    objective: str = typer.Option(
-        "time_to_target", "--objective", help="time_to_target, throughput, max_feasible."
-    ),
+    objective: Objective = typer.Option("time_to_target", "--objective", help="What to optimise."),
     time_budget: float = typer.Option(120.0, "--time-budget", help="Seconds the probe may take."),
     force: bool = typer.Option(False, "--force", help="Probe again even if a stored answer exists."),
     wait_timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait for the answer."),
@@ -331,7 +352,7 @@ def _recommend_remote(
     as_json: bool,
     progress: bool,
 ) -> None:
-    from service.client import BatchsizeError, RecommendationFailed, build_request
+    from batchsize_client import BatchsizeError, RecommendationFailed, build_request
 
     with _client(url, api_key) as client:
         try:
@@ -350,18 +371,17 @@ def _recommend_remote(
             )
             with _ProgressBar(progress and not as_json) as bar:
                 job = client.submit(body)
-                done = client.wait(job["id"], timeout_s=wait_timeout, on_progress=bar.on_job)
+                done = client.wait(job.id, timeout_s=wait_timeout, on_progress=bar.on_job)
         except RecommendationFailed as exc:
-            raise _fail(
-                f"recommendation {exc.job.get('id')} {exc.job.get('status')}: {exc.code}: {exc.message}"
-            ) from None
+            raise _fail(f"recommendation {exc.job.id} {exc.job.status}: {exc.code}: {exc.message}") from None
         except BatchsizeError as exc:
             raise _fail(str(exc)) from None
+    job_json = done.model_dump(mode="json")
     if as_json:
-        _print_json(done)
+        _print_json(job_json)
     else:
-        typer.echo(f"recommendation {done['id']}")
-        _print_recipe(done["result"])
+        typer.echo(f"recommendation {done.id}")
+        _print_recipe(job_json["result"])
 
 
 def _recommend_local(
@@ -374,13 +394,13 @@ def _recommend_local(
     as_json: bool,
     progress: bool,
 ) -> None:
-    from service.probing.engine import run_probe
+    from service.local import local_probe_spec, run_local
     from service.probing.spec import ProbeError
 
     try:
         spec = local_probe_spec(model, zoo_config, model_file, declared, sample_file, settings)
         with _ProgressBar(progress and not as_json) as bar:
-            result = run_probe(spec, bar.on_event)
+            result = run_local(spec, bar.on_event)
     except ProbeError as exc:
         raise _fail(f"{exc.code}: {exc.message}") from None
     if as_json:
@@ -389,95 +409,66 @@ def _recommend_local(
         _print_recipe(result)
 
 
-def local_probe_spec(
-    model: str | None,
-    zoo_config: dict | None,
-    model_file: Path | None,
-    declared: dict,
-    sample_file: Path | None,
-    settings: dict,
-):  # noqa: ANN201 - ProbeSpec, imported lazily
-    """The ProbeSpec for a --local run (the same fields the worker builds from a stored request)."""
-    import torch
+# Ids printed by `list` are accepted whole; a shorter prefix is looked up among this many newest jobs.
+PREFIX_SEARCH_LIMIT = 200
 
-    from service.probing.spec import ProbeError, ProbeSpec
 
-    if model_file is not None:
-        from service.probing.exported import ArchiveError, dry_run
+def resolve_id(client, recommendation_id: str) -> str:  # noqa: ANN001 - batchsize_client.BatchsizeClient
+    """The full id for `recommendation_id`: itself when it exists, else the one recent id it prefixes."""
+    from batchsize_client import BatchsizeError
 
-        try:
-            config = dry_run(str(model_file), {k: v for k, v in declared.items() if v is not None})["config"]
-        except ArchiveError as exc:
-            raise ProbeError(exc.code, exc.message) from None
-        name, artifact_path = f"file:{model_file.name}", str(model_file.resolve())
-    else:
-        from models import config_to_dict, get_model, make_config
-
-        try:
-            spec = get_model(str(model))
-            config = config_to_dict(make_config(spec, zoo_config or {}))
-        except KeyError as exc:
-            raise ProbeError("unknown_model", str(exc)) from None
-        except (ValueError, TypeError) as exc:
-            raise ProbeError("invalid_config", f"--config: {exc}") from None
-        name, artifact_path = str(model), None
-    target = settings["device"] or {}
-    max_batch = min(65_536, settings["dataset_size"], config.get("max_batch_size") or 65_536)
-    return ProbeSpec(
-        model_name=name,
-        model_config=config,
-        model_artifact_path=artifact_path,
-        optimizer=settings["optimizer"],
-        learning_rate=settings["learning_rate"],
-        reference_batch_size=settings["reference_batch_size"],
-        precision=settings["precision"],
-        gradient_checkpointing=settings["gradient_checkpointing"],
-        device="cuda" if torch.cuda.is_available() else "cpu",
-        memory_budget_bytes=settings["memory_budget_bytes"],
-        time_budget_s=settings["time_budget_s"],
-        objective=settings["objective"],
-        dataset_size=settings["dataset_size"],
-        device_count=int(target.get("count") or 1),
-        target_device=target if target.get("type") or target.get("memory_bytes") else None,
-        sample_path=str(sample_file) if sample_file else None,
-        max_batch_size=max_batch,
-    )
+    try:
+        return client.get(recommendation_id).id
+    except BatchsizeError as exc:
+        if exc.status_code != 404:
+            raise
+        not_found = exc
+    matches = [
+        job.id for job in client.list(limit=PREFIX_SEARCH_LIMIT).items if job.id.startswith(recommendation_id)
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise BatchsizeError(
+            f"{recommendation_id!r} is a prefix of {len(matches)} ids ({', '.join(matches[:5])}): give more",
+            status_code=404,
+            code="ambiguous_id",
+        )
+    raise not_found
 
 
 @app.command()
 def status(
-    recommendation_id: str = typer.Argument(..., help="The recommendation's id."),
+    recommendation_id: str = typer.Argument(..., help="The recommendation's id (or a unique prefix of it)."),
     url: str = UrlOption,
     api_key: str = ApiKeyOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Show a recommendation: status, progress, and its recipe or error."""
-    from service.client import BatchsizeError
+    from batchsize_client import BatchsizeError
 
     with _client(url, api_key) as client:
         try:
-            job = client.get(recommendation_id)
+            job = client.get(resolve_id(client, recommendation_id))
         except BatchsizeError as exc:
             raise _fail(str(exc)) from None
     if as_json:
-        _print_json(job)
+        _print_json(job.model_dump(mode="json"))
         return
-    progress = job.get("progress") or {}
+    progress = job.progress
     typer.echo(
-        f"{job['id']}  {job['status']}  phase={progress.get('phase') or '-'}  "
-        f"trials={progress.get('trials_done', 0)}/{progress.get('trials_planned', 0)}"
+        f"{job.id}  {job.status}  phase={progress.phase or '-'}  "
+        f"trials={progress.trials_done}/{progress.trials_planned}"
     )
-    if job.get("error"):
-        typer.echo(f"error: {job['error']['code']}: {job['error']['message']}")
-    if job.get("result"):
-        _print_recipe(job["result"])
+    if job.error:
+        typer.echo(f"error: {job.error.code}: {job.error.message}")
+    if job.result:
+        _print_recipe(job.result.model_dump(mode="json"))
 
 
 @app.command("list")
 def list_recommendations(
-    status_filter: str = typer.Option(
-        None, "--status", help="queued, running, succeeded, failed, cancelled."
-    ),
+    status_filter: JobStatus = typer.Option(None, "--status", help="Only jobs with this status."),
     model: str = typer.Option(None, "--model", help="Zoo model name."),
     limit: int = typer.Option(20, "--limit"),
     url: str = UrlOption,
@@ -488,18 +479,21 @@ def list_recommendations(
     from rich.console import Console
     from rich.table import Table
 
-    from service.client import BatchsizeError
+    from batchsize_client import BatchsizeError
 
     with _client(url, api_key) as client:
         try:
-            page = client.list(status=status_filter, model=model, limit=limit)
+            page = client.list(status=status_filter, model=model, limit=limit).model_dump(mode="json")
         except BatchsizeError as exc:
             raise _fail(str(exc)) from None
     if as_json:
         _print_json(page)
         return
     table = Table(title=f"Recommendations ({page['total']} in all)", title_justify="left")
-    for column in ("id", "status", "model", "batch", "micro x accum", "learning rate", "created"):
+    # Ids whole, never cut: `status` takes what `list` prints.
+    width = max((len(job["id"]) for job in page["items"]), default=2)
+    table.add_column("id", no_wrap=True, min_width=width)
+    for column in ("status", "model", "batch", "micro x accum", "learning rate", "created"):
         table.add_column(column)
     for job in page["items"]:
         result = job.get("result") or {}
@@ -529,7 +523,7 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    from service.client import BatchsizeError
+    from batchsize_client import BatchsizeError
 
     if local:
         from service.zoo import describe_zoo
@@ -560,7 +554,7 @@ def device(
     as_json: bool = JsonOption,
 ) -> None:
     """The device the service probes on (or this machine's, with --local)."""
-    from service.client import BatchsizeError
+    from batchsize_client import BatchsizeError
 
     if local:
         import torch
@@ -598,7 +592,7 @@ def upload(
     as_json: bool = JsonOption,
 ) -> None:
     """Upload an exported model (.pt2) or a data sample; prints its artifact id."""
-    from service.client import BatchsizeError
+    from batchsize_client import BatchsizeError
 
     if kind not in ("model", "sample"):
         raise _fail("--kind must be model or sample", 2)

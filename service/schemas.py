@@ -10,11 +10,14 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_serializer,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
+from batchsize_client.models import JobError, Progress, RecommendationResult  # the client's: one definition
 from service.security import MAX_JSON_DEPTH, json_depth
 from service.status import JobStatus
 
@@ -126,38 +129,38 @@ class RecommendationCreate(_Strict):
     )
 
 
-class Progress(BaseModel):
-    phase: str | None = None
-    trials_done: int = 0
-    trials_planned: int = 0
-    reason: str | None = Field(
-        None, description="Only while a queued job waits (phase `waiting_for_device`): why, and for what."
-    )
-
-    @model_serializer(mode="wrap")
-    def _reason_only_when_waiting(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("reason") is None:
-            data.pop("reason", None)
-        return data
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
 class RecommendationOut(BaseModel):
-    id: str
-    status: JobStatus
-    fingerprint: str
+    """A recommendation job: its status and live progress, the stored request, and the result or error."""
+
+    id: str = Field(description="The recommendation's id.")
+    status: JobStatus = Field(description="queued, running, succeeded, failed or cancelled.")
+    fingerprint: str = Field(description="Hash of everything that changes the answer (64 hex digits).")
     progress: Progress
-    request: dict[str, Any]
-    result: dict[str, Any] | None = None
-    error: JobError | None = None
+    request: RecommendationCreate = Field(
+        description="The canonical request as stored: every default filled in, `force` left out."
+    )
+    result: RecommendationResult | None = Field(None, description="The recipe, once the job succeeded.")
+    error: JobError | None = Field(None, description="Why the job failed or was cancelled.")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+    # A job stored under an older schema is still served as stored: the schema documents the fields, it
+    # never makes reading a stored job fail.
+    @field_validator("request", "result", mode="wrap")
+    @classmethod
+    def _as_stored_when_it_does_not_fit(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            return value
+
+    # No return annotation: the fields keep their own schemas in the OpenAPI document.
+    @field_serializer("request", "result", mode="wrap")
+    def _as_stored(self, value: Any, handler: SerializerFunctionWrapHandler):
+        if isinstance(value, RecommendationCreate):
+            return value.model_dump(mode="json", exclude_unset=True)
+        return value if isinstance(value, dict) else handler(value)
 
 
 class RecommendationPage(BaseModel):

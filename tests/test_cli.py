@@ -10,6 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from batchsize_client import Job
 from service.app import create_app
 from service.cli import _ProgressBar, app, parse_size
 from service.config import Settings
@@ -54,6 +55,9 @@ def test_recommend_against_a_server_then_read_it_back(server: str) -> None:
     assert str(result["recommended_batch_size"]) in table.stdout
 
     assert "succeeded" in _ok(["status", job["id"], "--url", server]).stdout
+    assert job["id"] in _ok(["status", job["id"][:8], "--url", server]).stdout  # a unique prefix
+    listed = _ok(["list", "--url", server]).stdout
+    assert job["id"] in listed  # whole, so `status` accepts what `list` prints
     assert json.loads(_ok(["status", job["id"], "--url", server, "--json"]).stdout)["id"] == job["id"]
     assert job["id"] in _ok(["list", "--url", server]).stdout
     assert json.loads(_ok(["list", "--url", server, "--json"]).stdout)["total"] == 1
@@ -114,9 +118,26 @@ def test_progress_bar_bookkeeping_matches_the_worker() -> None:
     task = bar.progress.tasks[0]
     assert (task.description, task.completed, task.total) == ("memory", 2, 5)
     bar.on_job(
-        {"status": "running", "progress": {"phase": "throughput", "trials_done": 7, "trials_planned": 9}}
+        Job.model_validate(
+            {
+                "id": "x",
+                "status": "running",
+                "progress": {"phase": "throughput", "trials_done": 7, "trials_planned": 9},
+            }
+        )
     )
     assert (task.description, task.completed, task.total) == ("throughput", 7, 9)
+
+
+def test_version_and_choices_in_help() -> None:
+    from service import __version__
+
+    assert _ok(["--version"]).stdout.strip() == f"batchsize {__version__}"
+    shown = _ok(["recommend", "--help"]).stdout
+    for choices in ("sgd|adam|adamw", "fp32|bf16|fp16", "time_to_target|throughput|max_fe"):
+        assert choices in shown
+    wrong = runner.invoke(app, ["recommend", "-m", "mlp", "--optimizer", "lamb", "--local"])
+    assert wrong.exit_code == 2 and "lamb" in wrong.output + wrong.stderr
 
 
 def test_parse_size() -> None:

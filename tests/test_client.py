@@ -1,7 +1,8 @@
-"""service.client.BatchsizeClient against a live server (uvicorn on a free loopback port)."""
+"""batchsize_client against a live server (uvicorn on a free loopback port): sync and async, typed."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.app import create_app
-from service.client import (
+from batchsize_client import (
+    AsyncBatchsizeClient,
     BatchsizeClient,
     BatchsizeError,
+    Job,
     Recipe,
     RecommendationFailed,
     RecommendationTimeout,
     build_request,
 )
+from service.app import create_app
 from service.config import Settings
 from tests import exported_models as em
 from tests.live_server import live_server
@@ -75,7 +78,7 @@ def test_upload_an_exported_cnn_and_get_its_recipe(working_server: str, tmp_path
             time_budget_s=5,
             wait_timeout_s=180,
             poll_interval_s=0.2,
-            on_progress=lambda job: seen.append(job["status"]),
+            on_progress=lambda job: seen.append(job.status),
         )
         assert isinstance(recipe, Recipe)
         assert (
@@ -84,13 +87,20 @@ def test_upload_an_exported_cnn_and_get_its_recipe(working_server: str, tmp_path
         assert 1 <= recipe.max_feasible_batch_size <= 4096
         # "sqrt", or "sqrt, saturating at B_noise=..." when the noise scale was measured in time
         assert recipe.learning_rate > 0 and recipe.learning_rate_rule.startswith("sqrt")
+        assert recipe.throughput and recipe.throughput[0].samples_per_second > 0  # typed all the way down
+        assert recipe.memory.budget_bytes == 8 * 2**20 and recipe.device.type == "cpu"
         assert recipe.result["throughput"]
         assert seen[-1] == "succeeded"
 
         job = client.get(recipe.id)
-        assert job["status"] == "succeeded" and job["request"]["dataset"]["sample_id"] == data["id"]
-        assert recipe.id in [item["id"] for item in client.list(status="succeeded")["items"]]
-        assert client.trials(recipe.id)
+        assert isinstance(job, Job) and job.status == "succeeded"
+        assert job.request["dataset"]["sample_id"] == data["id"]
+        assert recipe.id in [item.id for item in client.list(status="succeeded").items]
+        assert client.trials(recipe.id)[0].index == 0
+        # The typed model gives back exactly the JSON the server sent: no field added, none lost.
+        raw = client._http.get(f"/v1/recommendations/{recipe.id}").json()
+        assert job.model_dump(mode="json")["result"] == raw["result"]
+        assert Recipe.from_job(raw) == recipe
 
 
 def test_errors_carry_the_servers_code_and_message(working_server: str, tmp_path: Path) -> None:
@@ -126,13 +136,36 @@ def test_waiting_times_out_and_cancelled_jobs_raise(idle_server: str) -> None:
     with BatchsizeClient(idle_server) as client:
         job = client.submit(build_request("mlp", dataset_size=1000, time_budget_s=5))
         with pytest.raises(RecommendationTimeout) as timeout:
-            client.wait(job["id"], timeout_s=0.3, poll_interval_s=0.1)
-        assert timeout.value.job["status"] == "queued"
+            client.wait(job.id, timeout_s=0.3, poll_interval_s=0.1)
+        assert timeout.value.job.status == "queued" and timeout.value.code == "timeout"
 
-        assert client.cancel(job["id"])["status"] == "cancelled"
+        assert client.cancel(job.id).status == "cancelled"
         with pytest.raises(RecommendationFailed) as failed:
-            client.wait(job["id"], timeout_s=5)
-        assert failed.value.job["status"] == "cancelled"
+            client.wait(job.id, timeout_s=5)
+        assert failed.value.job.status == "cancelled" and failed.value.code == "cancelled"
+
+
+def test_the_async_client_waits_with_progress_and_raises_the_same_errors(idle_server: str) -> None:
+    async def scenario() -> None:
+        async with AsyncBatchsizeClient(idle_server) as client:
+            job = await client.submit(build_request("mlp", dataset_size=1000, time_budget_s=5, force=True))
+            polls: list[str] = []
+
+            async def on_progress(seen: Job) -> None:
+                polls.append(seen.status)
+
+            with pytest.raises(RecommendationTimeout):
+                await client.wait(job.id, timeout_s=0.3, poll_interval_s=0.1, on_progress=on_progress)
+            assert polls and set(polls) == {"queued"}
+            assert (await client.cancel(job.id)).status == "cancelled"
+            with pytest.raises(RecommendationFailed):
+                await client.wait(job.id, timeout_s=5)
+            assert any(item.id == job.id for item in (await client.list()).items)
+            with pytest.raises(BatchsizeError) as excinfo:
+                await client.get("does-not-exist")
+            assert excinfo.value.status_code == 404
+
+    asyncio.run(scenario())
 
 
 def test_build_request_needs_exactly_one_model() -> None:

@@ -9,14 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Form, Request
 from fastapi import Path as PathParam
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from service import recommendations as use_cases
-from service.api.deps import ReadSession
+from service.api.deps import (
+    SESSION_COOKIE,
+    SESSION_MAX_AGE_S,
+    ReadSession,
+    api_key_problem,
+    session_token,
+    session_valid,
+)
 from service.errors import error_responses
 from service.report import build_report, index_row
 from service.zoo import describe_zoo
@@ -28,7 +35,10 @@ STATIC_URL = "/static"
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
 
 router = APIRouter()
-"""The HTML pages that read recommendations (included with the /v1 API-key dependency)."""
+"""The HTML pages that read recommendations (included with deps.require_page_access)."""
+
+login_router = APIRouter(include_in_schema=False)
+"""/login and /logout: a browser trades the API key for a session cookie (open: they check the key)."""
 
 docs_router = APIRouter(include_in_schema=False)
 """/docs and /redoc from the vendored assets (no API key: they only show the OpenAPI document)."""
@@ -72,6 +82,56 @@ def index(request: Request, session: ReadSession) -> HTMLResponse:
     rows = [index_row(public) for public in items]
     context = {"rows": rows, "total": total, "zoo": describe_zoo(), "static": STATIC_URL}
     return templates.TemplateResponse(request, "index.html", context)
+
+
+def _safe_next(target: str | None) -> str:
+    """Where to go after login: a path on this site only (never another host)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+@login_router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "/") -> Response:
+    settings = request.app.state.batchsize.settings
+    if not settings.api_key or session_valid(settings.api_key, request.cookies.get(SESSION_COOKIE)):
+        return RedirectResponse(_safe_next(next), status_code=303)
+    context = {"next": _safe_next(next), "error": None, "static": STATIC_URL}
+    return templates.TemplateResponse(request, "login.html", context)
+
+
+@login_router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    api_key: Annotated[str, Form(max_length=4096)] = "",
+    next: Annotated[str, Form(max_length=2048)] = "/",
+) -> Response:
+    """Check the key once; answer with a session cookie (HttpOnly, SameSite=Strict) and go on."""
+    expected = request.app.state.batchsize.settings.api_key
+    if not expected:
+        return RedirectResponse(_safe_next(next), status_code=303)
+    if api_key_problem(expected, api_key or None) is not None:
+        error = "That is not the service's API key."
+        context = {"next": _safe_next(next), "error": error, "static": STATIC_URL}
+        return templates.TemplateResponse(request, "login.html", context, status_code=401)
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_token(expected),
+        max_age=SESSION_MAX_AGE_S,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@login_router.post("/logout")
+def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
 
 
 @docs_router.get("/docs")

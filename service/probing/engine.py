@@ -37,6 +37,7 @@ from service.probing.memory import (
 )
 from service.probing.races import run_statistics
 from service.probing.recipe import recommend
+from service.probing.result import ProbeResult
 from service.probing.search import (
     PLANNED_TRIALS,
     SearchResult,
@@ -63,7 +64,7 @@ MIN_STATISTICS_S = 2.0
 EXTRAPOLATION_MARGIN = 0.1
 
 
-def run_probe(spec: ProbeSpec, emit: Emit) -> dict[str, Any]:
+def run_probe(spec: ProbeSpec, emit: Emit) -> ProbeResult:
     """Run the probe described by `spec`, calling `emit(event)` as it goes; return the result dict."""
     started = time.monotonic()
     _validate(spec)
@@ -465,7 +466,7 @@ def _assemble_result(
     extrapolation: dict[str, Any] | None,
     warnings: list[str],
     duration_s: float,
-) -> dict[str, Any]:
+) -> ProbeResult:
     """The result dict (field names are a client contract, see docs/design.md): recipe.recommend's training
     recipe, plus the memory limit, curves and measurements it was derived from."""
     max_batch = extrapolation["max_batch_size"] if extrapolation else search.max_batch_size

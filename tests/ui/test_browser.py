@@ -45,6 +45,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+BROWSER_KEY = "browser-test-key-0123456789"
 TIMEOUT_MS = 15_000
 sync_api.expect.set_options(timeout=TIMEOUT_MS)
 
@@ -65,14 +66,24 @@ class Live:
         return response.json()
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+def _serve(tmp_path_factory: pytest.TempPathFactory, **overrides: Any) -> Iterator[Live]:
     """The app under uvicorn on a free loopback port, in a thread, without a worker."""
     data = tmp_path_factory.mktemp("ui-data")
-    settings = Settings(data_dir=data, probe_device="cpu", poll_interval_s=0.05, _env_file=None)
+    settings = Settings(data_dir=data, probe_device="cpu", poll_interval_s=0.05, _env_file=None, **overrides)
     app = create_app(settings, run_worker=False)
     with live_server(app) as url:
         yield Live(url=url, state=app.state.batchsize)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    yield from _serve(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def keyed_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """The same with an API key: pages need a login."""
+    yield from _serve(tmp_path_factory, api_key=BROWSER_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +219,7 @@ def test_running_report_follows_the_job_until_it_finishes(live: Live, page: tupl
     trials = seed.memory_trials()
     seed.add_trials(live.state, job, trials[:2], phase="memory", trials_planned=6)
     tab.goto(f"{live.url}/v1/recommendations/{job}/report")
+    tab.evaluate("window.sameDocument = true")  # gone if the page reloaded
     sync_api.expect(tab.locator("#progress-text")).to_have_text("2 of 6 trials")
     assert tab.locator('svg[data-plot="memory"] circle.point').count() == 2
 
@@ -219,7 +231,9 @@ def test_running_report_follows_the_job_until_it_finishes(live: Live, page: tupl
     sync_api.expect(tab.locator("#status")).to_have_attribute("data-status", "succeeded")
     sync_api.expect(tab.locator('#recipe [data-field="recommended_batch_size"]')).to_contain_text("128")
     assert tab.locator("#progress").count() == 0
-    network.assert_clean(ignore_aborted=True)  # a reload may cancel a request still in flight
+    assert tab.locator('svg[data-plot="throughput"] circle').count() > 0  # the final plots swapped in
+    assert tab.evaluate("window.sameDocument") is True  # updated in place, never reloaded
+    network.assert_clean()
 
 
 def test_index_lists_jobs_and_its_form_queues_a_request(live: Live, page: tuple, shots: Path) -> None:
@@ -243,6 +257,10 @@ def test_index_lists_jobs_and_its_form_queues_a_request(live: Live, page: tuple,
     tab.fill("#budget_mib", "128")
     tab.select_option("#optimizer", "adam")
     tab.select_option("#objective", "throughput")
+    tab.fill("#reference_batch_size", "64")
+    tab.select_option("#precision", "bf16")
+    tab.fill("#time_budget_s", "30")
+    tab.fill("#config", '{"hidden_dims": [32]}')
     tab.click("#submit")
     tab.wait_for_url("**/report")
     job = tab.url.rstrip("/").split("/")[-2]
@@ -252,6 +270,10 @@ def test_index_lists_jobs_and_its_form_queues_a_request(live: Live, page: tuple,
         assert stored["request"]["memory_budget_bytes"] == 128 * 2**20
         assert stored["request"]["training"]["optimizer"] == "adam"
         assert stored["request"]["objective"] == "throughput"
+        assert stored["request"]["training"]["reference_batch_size"] == 64
+        assert stored["request"]["training"]["precision"] == "bf16"
+        assert stored["request"]["time_budget_s"] == 30
+        assert stored["request"]["model"]["config"]["hidden_dims"] == [32]
         sync_api.expect(tab.locator("#status")).to_have_attribute("data-status", "queued")
     finally:  # leave no queued job behind for other tests' seeding
         httpx.delete(f"{live.url}/v1/recommendations/{job}", timeout=30)
@@ -267,3 +289,67 @@ def test_form_shows_the_api_error(live: Live, page: tuple) -> None:
     sync_api.expect(tab.locator("#form-error")).to_contain_text("memory_budget_bytes")
     assert tab.url.rstrip("/") == live.url
     assert network.bad_status and all(entry.startswith("422 ") for entry in network.bad_status)
+
+
+def test_index_rows_follow_their_jobs_in_place_and_cancel(live: Live, page: tuple) -> None:
+    tab, network = page
+    running = live.post(seed.request(11_111))
+    seed.claim(live.state, running)
+    seed.add_trials(live.state, running, seed.memory_trials()[:1], phase="memory", trials_planned=4)
+    queued = live.post(seed.request(22_222))
+    tab.goto(f"{live.url}/")
+    tab.evaluate("window.sameDocument = true")
+    row = tab.locator(f'#recent tr[data-id="{running}"]')
+    sync_api.expect(row).to_contain_text("memory 1/4")
+    seed.add_trials(live.state, running, seed.memory_trials()[1:3], phase="memory")
+    sync_api.expect(row).to_contain_text("memory 3/4")
+    seed.finish(live.state, running, status="succeeded", result=seed.result())
+    sync_api.expect(row.locator(".status")).to_have_text("succeeded")
+    sync_api.expect(row.locator(".recommended")).to_have_text("128")
+    assert row.locator("button.cancel").count() == 0
+
+    waiting = tab.locator(f'#recent tr[data-id="{queued}"]')
+    waiting.locator("button.cancel").click()
+    sync_api.expect(waiting.locator(".status")).to_have_text("cancelled")
+    assert live.get(f"/v1/recommendations/{queued}")["status"] == "cancelled"
+    id_cell = waiting.locator("td.id").bounding_box()
+    table = tab.locator("#recent").bounding_box()
+    assert id_cell and table and id_cell["x"] + id_cell["width"] <= table["x"] + table["width"] + 1
+    assert tab.evaluate("window.sameDocument") is True
+    network.assert_clean()
+
+
+def test_login_with_the_key_then_use_the_pages_and_log_out(keyed_live: Live, page: tuple) -> None:
+    tab, network = page
+    tab.goto(f"{keyed_live.url}/")
+    tab.wait_for_url("**/login?next=/")
+    tab.fill("#api_key", "not the key")
+    tab.click("#login")
+    sync_api.expect(tab.locator("#login-error")).to_contain_text("not the service")
+    tab.fill("#api_key", BROWSER_KEY)
+    tab.click("#login")
+    tab.wait_for_url(f"{keyed_live.url}/")
+    cookie = next(c for c in tab.context.cookies() if c["name"] == "batchsize_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert tab.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read it
+
+    tab.select_option("#model", "mlp")
+    tab.fill("#dataset_size", "4321")
+    tab.click("#submit")  # the form's fetch carries the session cookie
+    tab.wait_for_url("**/report")
+    job = tab.url.rstrip("/").split("/")[-2]
+    sync_api.expect(tab.locator("#status")).to_have_attribute("data-status", "queued")
+    tab.click("#cancel")
+    sync_api.expect(tab.locator("#status")).to_have_attribute("data-status", "cancelled")
+    headers = {"X-API-Key": BROWSER_KEY}
+    assert (
+        httpx.get(f"{keyed_live.url}/v1/recommendations/{job}", headers=headers).json()["status"]
+        == "cancelled"
+    )
+
+    tab.click("#logout")
+    tab.wait_for_url("**/login")
+    tab.goto(f"{keyed_live.url}/")
+    tab.wait_for_url("**/login?next=/")
+    network.bad_status = [s for s in network.bad_status if not s.startswith("401 ")]  # the wrong key
+    network.assert_clean()

@@ -76,7 +76,8 @@ def test_running_job_shows_progress_and_refreshes(client: TestClient) -> None:
     seed.claim(state, job)
     seed.add_trials(state, job, seed.memory_trials()[:2], phase="memory", trials_planned=6)
     html = client.get(f"/v1/recommendations/{job}/report").text
-    assert '<meta http-equiv="refresh" content="2">' in html
+    assert 'http-equiv="refresh"' not in html  # followed in place by a script, never reloaded
+    assert "const id = " in html and 'id="cancel"' in html
     assert 'data-status="running"' in html
     assert "2 of 6 trials" in html and 'id="progress-phase">memory<' in html
     plots = _plots(html)
@@ -87,7 +88,7 @@ def test_running_job_shows_progress_and_refreshes(client: TestClient) -> None:
 def test_queued_job_waits_for_a_worker(client: TestClient) -> None:
     job = _post(client)
     html = client.get(f"/v1/recommendations/{job}/report").text
-    assert "Waiting for a worker" in html and 'http-equiv="refresh"' in html
+    assert "Waiting for a worker" in html and "const id = " in html
     assert all("not measured" in svg for svg in _plots(html).values())
 
 
@@ -103,7 +104,7 @@ def test_failed_job_shows_its_error_and_no_refresh(client: TestClient) -> None:
     assert response.status_code == 200
     html = response.text
     assert "oom_at_smallest" in html and "OOM at batch size 1" in html
-    assert 'http-equiv="refresh"' not in html
+    assert 'http-equiv="refresh"' not in html and "const id = " not in html and 'id="cancel"' not in html
     assert "not measured" in _plots(html)["throughput"]
 
 
@@ -128,7 +129,11 @@ def test_report_needs_the_api_key_when_one_is_set(settings) -> None:
     from service.app import create_app
 
     with TestClient(create_app(settings.model_copy(update={"api_key": "k"}), run_worker=False)) as locked:
-        assert locked.get("/v1/recommendations/x/report").status_code == 401
+        assert locked.get("/v1/recommendations/x/report").status_code == 401  # not a browser: the API's 401
+        browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+        to_login = locked.get("/v1/recommendations/x/report", headers=browser, follow_redirects=False)
+        assert to_login.status_code == 303 and to_login.headers["location"].startswith("/login?next=")
+        assert locked.get("/v1/recommendations/x/report", headers={"X-API-Key": "wrong"}).status_code == 401
         assert locked.get("/v1/recommendations/x/report", headers={"X-API-Key": "k"}).status_code == 404
         assert locked.get("/docs").status_code == 200
 
@@ -143,7 +148,12 @@ def test_index_lists_recent_jobs_and_the_zoo(client: TestClient) -> None:
     assert "succeeded" in html and "queued" in html
     for name in ("mlp", "gpt"):
         assert f'<option value="{name}"' in html
-    assert re.search(r'<td class="num">128</td>', html)
+    assert re.search(r'<td class="num recommended">128</td>', html)
+    # Ids whole (what `batchsize status` takes), queued rows followed in place with a cancel button.
+    assert f'<td class="mono id">{done}</td>' in html
+    assert f'<tr data-id="{queued}" data-active>' in html and html.count('class="cancel"') == 1
+    for field in ("reference_batch_size", "precision", "config", "time_budget_s"):
+        assert f'id="{field}"' in html
 
 
 def test_docs_are_served_from_vendored_assets(client: TestClient) -> None:
