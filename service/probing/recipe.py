@@ -162,9 +162,16 @@ def throughput_model(throughput: Sequence[Mapping[str, float]]) -> dict[str, Any
 
 
 def step_time(model: Mapping[str, Any], throughput: Sequence[Mapping[str, float]], batch_size: int) -> float:
-    """Seconds per step of `batch_size` under `model` (from `throughput_model`)."""
+    """Seconds per step of `batch_size` under `model` (from `throughput_model`).
+
+    Beyond the largest measured size throughput is flat (as in `interpolate_throughput`): a fit whose
+    per-sample cost came out near zero on a noisy ladder would otherwise promise ever larger batches
+    for free.
+    """
     if model["kind"] == "affine":
-        return model["overhead_s"] + model["per_sample_s"] * batch_size
+        top = max(float(p["batch_size"]) for p in throughput if p.get("samples_per_second"))
+        at = min(float(batch_size), top)
+        return (model["overhead_s"] + model["per_sample_s"] * at) * batch_size / at
     return batch_size / interpolate_throughput(throughput, batch_size)
 
 
