@@ -523,7 +523,7 @@ def choose_batch(
         "recommended_batch_size": chosen[2],
         "objective_used": used,
         "time_to_target_curve": curve if b_noise is not None else [],
-        "throughput_model": model,
+        "throughput_model": {k: _finite(v) for k, v in model.items()},
     }
 
 
