@@ -559,7 +559,8 @@ def recommend(
         raise ValueError("devices must be >= 1")
     warnings: list[str] = list(cut_short)
     choice = choose_noise_scale(gradient_noise_scale, races)
-    warnings += choice["warnings"]
+    if objective == "time_to_target" or choice["value"] is not None:  # other objectives need none
+        warnings += choice["warnings"]
     choice = _bound_implausible_noise_scale(choice, gradient_noise_scale, races, dataset_size, warnings)
     b_noise = choice["value"]
     picked = choose_batch(
