@@ -35,7 +35,7 @@ from service.probing.memory import (
     resolve_budget,
 )
 from service.probing.races import run_statistics
-from service.probing.recipe import recommend
+from service.probing.recipe import choose_batch, recommend
 from service.probing.search import (
     PLANNED_TRIALS,
     SearchResult,
@@ -127,11 +127,15 @@ def run_probe(spec: ProbeSpec, emit: Emit, *, started: float | None = None) -> d
             else:
                 clock.skip("throughput", f"not needed for {spec.objective}")
             del step  # free the measured model before the statistics phase builds a fresh one
-            if "statistics" in needed:
+            settled = _answer_without_noise_scale(spec, search.max_batch_size, throughput)
+            if "statistics" in needed and settled is None:
                 statistics = _statistics_phase(
                     spec, model_spec, config, device, search.max_batch_size, throughput, clock, costs, emit
                 )
                 clock.lap("statistics", ran=statistics.get("gradient_noise_scale") is not None)
+            elif "statistics" in needed:
+                clock.skip("statistics", settled)
+                statistics["noise_independent"] = settled
             else:
                 clock.skip("statistics", f"not needed for {spec.objective}")
 
@@ -463,6 +467,34 @@ def _throughput_phase(
     ]
 
 
+def _answer_without_noise_scale(spec: ProbeSpec, max_batch_size: int, throughput: list[dict]) -> str | None:
+    """Why the statistics phase cannot change a time_to_target answer, or None when it can.
+
+    The chosen batch grows with B_noise; when the same layout wins for a B_noise far below every size
+    measured and for one far above the largest that fits, measuring B_noise changes nothing, and when
+    that batch is at most the reference batch size the learning rate needs no observation either (it
+    is the reference's, scaled down).
+    """
+    if spec.objective != "time_to_target" or not throughput:
+        return None
+    ends = [
+        choose_batch(
+            throughput=throughput,
+            max_feasible_batch_size=max_batch_size,
+            b_noise=b_noise,
+            devices=spec.device_count,
+            dataset_size=spec.dataset_size,
+        )["recommended_batch_size"]
+        for b_noise in (1.0, 100.0 * max_batch_size * spec.device_count)
+    ]
+    if ends[0] == ends[1] and ends[0] <= spec.reference_batch_size:
+        return (
+            f"skipped: batch {ends[0]} is best for any B_noise between 1 and 100x the largest batch that "
+            "fits, at or below the reference batch size; measuring B_noise would not change the answer"
+        )
+    return None
+
+
 def _plain_costs(step: TrainingStep, max_batch_size: int, seconds: float, tracked: _StepCosts) -> _StepCosts:
     """Step times without the memory tracker (which adds a fixed cost per operation: a small model's
     tracked step can take 100x its plain one): one plain step at the smallest ladder size and, when the
@@ -765,6 +797,7 @@ def _assemble_result(
         gradient_noise_scale=statistics.get("gradient_noise_scale"),
         races=statistics.get("races"),
         cut_short=statistics.get("cut_short", ()),
+        noise_independent=statistics.get("noise_independent"),
     )
     confidence = recommendation["confidence"]
     if extrapolation or search.time_limited:

@@ -545,13 +545,16 @@ def recommend(
     races: Mapping[str, Any] | None = None,
     step_overhead_s: float = 0.0,
     cut_short: Sequence[str] = (),
+    noise_independent: str | None = None,
 ) -> dict[str, Any]:
     """The full training recipe (the result fields of DESIGN.md plus the estimates behind them).
 
     `throughput`: [{"batch_size", "samples_per_second"}] per device, measured; `max_feasible_batch_size`:
     the largest micro-batch that fits; `gradient_noise_scale`: noise.measure_noise_scale's result (its
     "measured_on" says whose data); `races`: races.run_races' result; `learning_rate` at
-    `reference_batch_size` is the client's reference; `cut_short`: phases the time budget truncated.
+    `reference_batch_size` is the client's reference; `cut_short`: phases the time budget truncated;
+    `noise_independent`: why the time-to-target choice is the same for any B_noise (the statistics were
+    skipped on purpose): without a noise estimate it is then still answered as time_to_target.
     """
     if max_feasible_batch_size < 1:
         raise ValueError("max_feasible_batch_size must be >= 1")
@@ -559,14 +562,17 @@ def recommend(
         raise ValueError("devices must be >= 1")
     warnings: list[str] = list(cut_short)
     choice = choose_noise_scale(gradient_noise_scale, races)
-    if objective == "time_to_target" or choice["value"] is not None:  # other objectives need none
+    settled = noise_independent is not None and choice["value"] is None and objective == "time_to_target"
+    if settled:
+        warnings.append(f"gradient noise scale {noise_independent}")
+    elif objective == "time_to_target" or choice["value"] is not None:  # other objectives need none
         warnings += choice["warnings"]
     choice = _bound_implausible_noise_scale(choice, gradient_noise_scale, races, dataset_size, warnings)
     b_noise = choice["value"]
     picked = choose_batch(
         throughput=throughput,
         max_feasible_batch_size=max_feasible_batch_size,
-        b_noise=b_noise,
+        b_noise=1.0 if settled else b_noise,  # any value: the choice does not depend on it
         objective=objective,
         devices=devices,
         dataset_size=dataset_size,
@@ -599,6 +605,9 @@ def recommend(
     )
     if choice.get("bound") and level != "low":
         level, reasons = "low", [*reasons, "B_noise is only bounded from below"]
+    if settled:
+        level, reasons = "medium", ["B_noise not measured: the batch choice does not depend on it"]
+        picked["time_to_target_curve"] = []
     warnings += _layout_warnings(picked, throughput, max_feasible_batch_size, b_noise, devices, dataset_size)
     gns = gradient_noise_scale or {}
     reported = {k: _finite(gns.get(k)) for k in ("value", "low", "high")}  # JSON has no Infinity

@@ -259,3 +259,13 @@ def test_batchnorm_models_whose_last_feature_map_is_1x1_never_train_at_batch_1()
     result, events = _run(spec)
     assert result["max_feasible_batch_size"] == 16 and result["search"]["capped"]
     assert all(e["batch_size"] >= 2 for e in events if e["event"] == "trial" and e["phase"] != "noise")
+
+
+def test_time_to_target_skips_the_statistics_when_they_cannot_change_the_answer() -> None:
+    flat = [{"batch_size": b, "samples_per_second": 100.0 * b} for b in (2, 4, 8, 16)]
+    why = engine._answer_without_noise_scale(_spec(objective="time_to_target"), 16, flat)
+    assert why is not None and "would not change the answer" in why
+    # Larger batches that still gain throughput: the choice depends on B_noise, so measure it.
+    rising = [{"batch_size": b, "samples_per_second": 1000.0 * b / (b + 64)} for b in (2, 8, 32, 128, 512)]
+    assert engine._answer_without_noise_scale(_spec(objective="time_to_target"), 512, rising) is None
+    assert engine._answer_without_noise_scale(_spec(objective="throughput"), 16, flat) is None

@@ -445,3 +445,15 @@ def test_an_implausible_noise_scale_is_reported_as_a_bound(value, dataset, expec
     assert r["confidence"] == "low" and any("lower bound" in w for w in r["warnings"])
     plausible = _recommend(gradient_noise_scale={**GNS_CLIENT, "b_big": 512}, races=None)
     assert plausible["gradient_noise_scale"]["value"] == 100 and plausible["b_noise_bound"] is None
+
+
+def test_a_choice_that_does_not_depend_on_b_noise_is_still_time_to_target():
+    lad = ladder([(b, 100.0 * b) for b in (2, 4, 8, 16)])  # step time flat: the largest batch always wins
+    r = _recommend(
+        throughput=lad, max_feasible_batch_size=16, gradient_noise_scale=None, races=None,
+        noise_independent="skipped: batch 16 is best for any B_noise",
+    )  # fmt: skip
+    assert r["objective_used"] == "time_to_target" and r["recommended_batch_size"] == 16
+    assert r["confidence"] == "medium" and r["b_noise"] is None
+    assert not any("falling back" in w for w in r["warnings"])
+    assert r["learning_rate"] == pytest.approx(0.1 * 16 / 32)  # the reference, scaled down
