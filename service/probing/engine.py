@@ -802,8 +802,9 @@ def _assemble_result(
     confidence = recommendation["confidence"]
     if extrapolation or search.time_limited:
         confidence = "low"
-    # Partial: the time budget kept the probe from answering the objective as asked.
-    partial = search.time_limited or recommendation["objective_used"] != spec.objective
+    # Partial: the time budget kept the probe from a phase the objective needs.
+    no_ladder = spec.objective != "max_feasible" and throughput_source == "memory_search"
+    partial = search.time_limited or bool(statistics.get("no_time")) or no_ladder
     return {
         **recommendation,
         "max_feasible_batch_size": max_batch,
