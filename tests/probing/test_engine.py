@@ -269,3 +269,12 @@ def test_time_to_target_skips_the_statistics_when_they_cannot_change_the_answer(
     rising = [{"batch_size": b, "samples_per_second": 1000.0 * b / (b + 64)} for b in (2, 8, 32, 128, 512)]
     assert engine._answer_without_noise_scale(_spec(objective="time_to_target"), 512, rising) is None
     assert engine._answer_without_noise_scale(_spec(objective="throughput"), 16, flat) is None
+
+
+def test_time_to_target_without_time_for_the_noise_scale_is_a_flagged_throughput_answer() -> None:
+    result, _ = _run(_spec(objective="time_to_target", time_budget_s=3.0, dataset_size=1797))
+    assert result["objective_used"] == "throughput" and result["confidence"] == "low"
+    assert result["partial"] and result["gradient_noise_scale"] is None
+    assert any("no time was left to measure the noise scale" in w for w in result["warnings"])
+    assert any("a time_budget_s of about" in w for w in result["warnings"])
+    assert result["learning_rate"] <= 0.1  # nothing observed: never above the reference
