@@ -705,11 +705,8 @@ def end_to_end_rows(cases: list[dict]) -> list[dict]:
         if api is None:
             continue
         extra = api.get("extra") or {}
-        ratio = (
-            api["wall_s"] / binsearch["wall_s"]
-            if binsearch and binsearch["wall_s"] and not api["error"]
-            else None
-        )
+        answered = binsearch and binsearch["found"] is not None and not api["error"]
+        ratio = api["wall_s"] / binsearch["wall_s"] if answered and binsearch["wall_s"] else None
         rows.append(
             {
                 "case": case["case"],
@@ -753,6 +750,11 @@ def end_to_end_section(cases: list[dict]) -> list[str]:
         )
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
     pickups = [r["pickup_s"] for r in rows if r["pickup_s"] is not None]
+    setups = [
+        next((p["seconds"] for p in r["phases"] if p["phase"] == "setup"), 0.0) / r["probe_s"]
+        for r in rows
+        if r["probe_s"]
+    ]
     if ratios:
         lines += [
             "",
@@ -760,6 +762,13 @@ def end_to_end_section(cases: list[dict]) -> list[str]:
             f"(goal <= 0.25x); median pickup {statistics.median(pickups):.2f} s (goal <= 1 s)."
             if pickups
             else f"Median API end to end / Lightning binsearch: **{statistics.median(ratios):.2f}x**.",
+        ]
+    if setups:
+        lines += [
+            "",
+            "The probe process's setup (interpreter and torch start-up, model build, warm-up step) is a "
+            f"median {100 * statistics.median(setups):.0f} % of its time; a failed Lightning run has no "
+            "ratio.",
         ]
     return lines
 
