@@ -2,6 +2,12 @@
 measure the gradient noise scale and race a few sizes on real data, and assemble the recommendation.
 Streams progress as JSON-ready event dicts through `emit`.
 
+Only the phases the objective needs run (PHASES), inside the client's time budget: each phase plans
+from the step times measured so far and starts no trial it cannot finish. What the budget cut short is
+answered with what was verified, flagged (`partial`, `max_feasible_is_lower_bound`) and explained in a
+warning that names the budget that would have covered it. `phases` in the result says what ran and
+what it cost.
+
 Events:
     {"event": "phase", "phase": "setup" | "warmup" | "memory" | "throughput" | "statistics",
      "trials_planned": int}
