@@ -4,7 +4,13 @@ For each case (a zoo model, optimizer, precision and memory budget) it runs, und
 
     service             service.probing: a warm-up step at batch 1 (creates the optimizer state), then
                         search_max_batch_size with measure_step (one real step per trial), as the engine
-                        does; cap 8192
+                        does; cap 8192 (the search alone, in this process)
+    service-api         the same question through the API, end to end: POST /v1/recommendations
+                        (objective max_feasible, dataset size 8192) to an app with its worker running in
+                        this process; the worker starts the probe subprocess (interpreter, torch, model,
+                        warm-up, search). Wall time is POST to the finished job seen by polling (every
+                        50 ms); pickup (created -> started) and the probe (started -> finished) come from
+                        the job's timestamps. The child gets the same torch threads (OMP_NUM_THREADS).
     lightning-power     Lightning Tuner.scale_batch_size(mode="power"): doubles from 2 until OOM, 3 steps
                         per trial (Lightning's defaults; max_val 8192)
     lightning-binsearch the same, then bisects; the answer is reduced by Lightning's default 5 % margin
@@ -85,7 +91,8 @@ CAP = 8192  # Lightning's default max_val; also the service's cap and Accelerate
 LEARNING_RATES = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}  # memory does not depend on them
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 HOLD_STEPS = 3
-METHODS = ("service", "lightning-power", "lightning-binsearch", "accelerate", "exhaustive")
+METHODS = ("service", "service-api", "lightning-power", "lightning-binsearch", "accelerate", "exhaustive")
+API_POLL_S = 0.05
 MiB = 2**20
 
 
@@ -127,7 +134,7 @@ class MethodResult:
     trials: int = 0  # batch sizes tried (the service's warm-up not included)
     steps: int = 0  # real training steps started, warm-up and failed ones included
     wall_s: float = 0.0
-    cpu_s: float = 0.0  # this process's CPU time (all threads): less sensitive to other load
+    cpu_s: float | None = 0.0  # this process's CPU time (all threads); None: it ran in another process
     found: int | None = None
     tried: list[list[Any]] = field(default_factory=list)  # [batch_size, outcome]
     error: str | None = None
@@ -422,6 +429,57 @@ def run_service(case: Case, device: torch.device, budget: int) -> MethodResult:
     return result
 
 
+def run_api(case: Case, device: torch.device, budget: int, client: Any) -> MethodResult:
+    """max_feasible through the API (see the module docstring): `client` is a TestClient on an app whose
+    worker runs in this process."""
+    result = MethodResult("service-api", "service step", cpu_s=None)
+    body = {
+        "model": {"name": case.model, "config": case.config},
+        "dataset": {"size": CAP},
+        "training": {
+            "optimizer": case.optimizer,
+            "learning_rate": LEARNING_RATES[case.optimizer],
+            "precision": case.precision,
+        },
+        "device": {"type": device.type},
+        "memory_budget_bytes": budget,
+        "objective": "max_feasible",
+        "time_budget_s": 600,
+        "force": True,
+    }
+    started = time.perf_counter()
+    response = client.post("/v1/recommendations", json=body)
+    if response.status_code not in (200, 202):
+        result.error = f"POST {response.status_code}: {response.text[:200]}"
+        return result
+    job = response.json()
+    while job["status"] in ("queued", "running"):
+        time.sleep(API_POLL_S)
+        job = client.get(f"/v1/recommendations/{job['id']}").json()
+    result.wall_s = time.perf_counter() - started
+    stamps = {
+        k: dt.datetime.fromisoformat(job[k]) for k in ("created_at", "started_at", "finished_at") if job[k]
+    }
+    if len(stamps) == 3:
+        result.extra["pickup_s"] = (stamps["started_at"] - stamps["created_at"]).total_seconds()
+        result.extra["probe_s"] = (stamps["finished_at"] - stamps["started_at"]).total_seconds()
+    if job["status"] != "succeeded":
+        result.error = f"{job['status']}: {(job.get('error') or {}).get('message', '')[:200]}"
+        return result
+    answer = job["result"]
+    result.found = answer["max_feasible_batch_size"]
+    result.tried = answer["search"]["batch_sizes_tried"]
+    result.trials = len(result.tried)
+    result.steps = result.trials + 1  # the engine's warm-up step
+    result.extra.update(
+        phases=answer.get("phases"),
+        probe_duration_s=answer["probe"]["duration_s"],
+        converged=answer["search"]["converged"],
+        lower_bound=answer.get("max_feasible_is_lower_bound"),
+    )
+    return result
+
+
 def run_accelerate(case: Case, device: torch.device, budget: int) -> MethodResult:
     from accelerate.utils import find_executable_batch_size
 
@@ -517,13 +575,19 @@ def holds_later_service(case: Case, device: torch.device, budget: int, batch_siz
 
 
 def run_case(
-    case: Case, device: torch.device, budget_mib: float, root: str, log: Callable[[str], None]
+    case: Case,
+    device: torch.device,
+    budget_mib: float,
+    root: str,
+    log: Callable[[str], None],
+    api: Any,
 ) -> dict[str, Any]:
     budget = int(budget_mib * MiB)
     log(f"== {case.name}: budget {budget_mib:g} MiB")
     results: list[MethodResult] = []
     runners: list[tuple[str, Callable[[], MethodResult]]] = [
         ("service", lambda: run_service(case, device, budget)),
+        ("service-api", lambda: run_api(case, device, budget, api)),
         ("lightning-power", lambda: run_lightning(case, device, budget, "power", root)),
         ("lightning-binsearch", lambda: run_lightning(case, device, budget, "binsearch", root)),
         ("accelerate", lambda: run_accelerate(case, device, budget)),
@@ -632,6 +696,83 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def end_to_end_rows(cases: list[dict]) -> list[dict]:
+    """Per case: the search alone, the API end to end, and Lightning's binsearch, from the same run."""
+    rows = []
+    for case in cases:
+        by = {m["method"]: m for m in case["methods"]}
+        api, search, binsearch = by.get("service-api"), by.get("service"), by.get("lightning-binsearch")
+        if api is None:
+            continue
+        extra = api.get("extra") or {}
+        answered = binsearch and binsearch["found"] is not None and not api["error"]
+        ratio = api["wall_s"] / binsearch["wall_s"] if answered and binsearch["wall_s"] else None
+        rows.append(
+            {
+                "case": case["case"],
+                "search_s": search["wall_s"] if search else None,
+                "api_s": None if api["error"] else api["wall_s"],
+                "pickup_s": extra.get("pickup_s"),
+                "probe_s": extra.get("probe_s"),
+                "phases": extra.get("phases") or [],
+                "binsearch_s": binsearch["wall_s"] if binsearch else None,
+                "ratio": ratio,
+                "found": api["found"],
+                "error": api["error"],
+            }
+        )
+    return rows
+
+
+def end_to_end_section(cases: list[dict]) -> list[str]:
+    rows = end_to_end_rows(cases)
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## max_feasible end to end through the API",
+        "",
+        "POST /v1/recommendations (objective max_feasible) to the finished job, against the search alone in "
+        "this process and Lightning's binsearch in the same run. Pickup: created -> started (the worker "
+        "polls every 50 ms); probe: started -> finished (probe process start, imports, model build, "
+        "warm-up, search, result); phases: the probe's own account (setup counts from its process start).",
+        "",
+        "| case | search only s | API end to end s | pickup s | probe s | probe phases | found "
+        "| Lightning binsearch s | API / binsearch |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        phases = ", ".join(f"{p['phase']} {p['seconds']:.1f}" for p in row["phases"] if p.get("ran"))
+        lines.append(
+            f"| {row['case']} | {_fmt(row['search_s'])} | {_fmt(row['api_s'])} | {_fmt(row['pickup_s'], 2)} "
+            f"| {_fmt(row['probe_s'])} | {phases or row['error'] or '–'} | {_fmt(row['found'])} "
+            f"| {_fmt(row['binsearch_s'])} | {_fmt(row['ratio'], 2)} |"
+        )
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    pickups = [r["pickup_s"] for r in rows if r["pickup_s"] is not None]
+    setups = [
+        next((p["seconds"] for p in r["phases"] if p["phase"] == "setup"), 0.0) / r["probe_s"]
+        for r in rows
+        if r["probe_s"]
+    ]
+    if ratios:
+        lines += [
+            "",
+            f"Median API end to end / Lightning binsearch: **{statistics.median(ratios):.2f}x** "
+            f"(goal <= 0.25x); median pickup {statistics.median(pickups):.2f} s (goal <= 1 s)."
+            if pickups
+            else f"Median API end to end / Lightning binsearch: **{statistics.median(ratios):.2f}x**.",
+        ]
+    if setups:
+        lines += [
+            "",
+            "The probe process's setup (interpreter and torch start-up, model build, warm-up step) is a "
+            f"median {100 * statistics.median(setups):.0f} % of its time; a failed Lightning run has no "
+            "ratio.",
+        ]
+    return lines
+
+
 def render_markdown(meta: dict, cases: list[dict], summary: list[dict]) -> str:
     lines = [
         "# Max-batch benchmark: the service's memory search vs Lightning, Accelerate and the exact maximum",
@@ -702,6 +843,7 @@ def render_markdown(meta: dict, cases: list[dict], summary: list[dict]) -> str:
             f"| {_fmt(row['median_found_pct'])} | {_fmt(row['min_found_pct'])} "
             f"| {_fmt(row['median_found_pct_step'])} | {row['holds_later']} |"
         )
+    lines += end_to_end_section(cases)
     lines += [
         "",
         "## Lightning's loop needs more memory than the service step",
@@ -849,15 +991,27 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    if device.type == "cpu":  # the probe subprocess: the same torch threads as every other method
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     started = time.perf_counter()
     results: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="max_batch_") as root:
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(tempfile.TemporaryDirectory(prefix="max_batch_"))
+        settings = Settings(
+            data_dir=Path(root) / "api", probe_device=device.type, poll_interval_s=API_POLL_S, _env_file=None
+        )
+        api = stack.enter_context(TestClient(create_app(settings, run_worker=True)))
         for case in cases:
             if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
                 log(f"-- skipping {case.name}: --max-seconds {args.max_seconds:g} reached")
                 continue
             budget_mib = args.budget_mib or (case.quick_budget_mib if args.quick else case.budget_mib)
-            results.append(run_case(case, device, budget_mib, root, log))
+            results.append(run_case(case, device, budget_mib, root, log, api))
             meta["load_end"] = load_average()
             meta["total_s"] = round(time.perf_counter() - started, 1)
             summary = summarise(results)

@@ -289,6 +289,11 @@ def recommend(
     force: bool = typer.Option(False, "--force", help="Probe again even if a stored answer exists."),
     wait_timeout: float = typer.Option(900.0, "--timeout", help="Seconds to wait for the answer."),
     local: bool = typer.Option(False, "--local", help="Probe in this process, without a server."),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Exit with status 3 when the answer is low-confidence, a fallback or partial (default: warn).",
+    ),
     url: str = UrlOption,
     api_key: str = ApiKeyOption,
     as_json: bool = JsonOption,
@@ -327,12 +332,56 @@ def recommend(
     }
     zoo_config = _json_option(config, "--config")
     if local:
-        _recommend_local(model, zoo_config, model_file, declared, sample_file, settings, as_json, progress)
+        result = _recommend_local(
+            model, zoo_config, model_file, declared, sample_file, settings, as_json, progress
+        )
+    else:
+        result = _recommend_remote(
+            url, api_key, model, zoo_config, artifact, model_file, declared, sample, sample_file, settings,
+            force=force, wait_timeout=wait_timeout, as_json=as_json, progress=progress,
+        )  # fmt: skip
+    _guard_answer(result, strict=strict)
+
+
+def answer_problems(result: dict) -> list[str]:
+    """Why a training pipeline should not take this answer blindly: low confidence, a fallback to
+    another objective than the one asked for, or an answer the time budget cut short."""
+    problems = []
+    asked, used = result.get("objective"), result.get("objective_used")
+    if used and asked and used != asked:
+        problems.append(f"fallback: asked for {asked}, answered as {used}")
+    if result.get("confidence") == "low":
+        reasons = "; ".join(result.get("confidence_reasons") or []) or "see the warnings"
+        problems.append(f"confidence is low ({reasons})")
+    if result.get("max_feasible_is_lower_bound"):
+        problems.append(
+            f"partial: max_feasible_batch_size {result.get('max_feasible_batch_size')} is only a lower bound"
+        )
+    elif result.get("partial"):
+        problems.append("partial: the time budget cut the probe short")
+    return problems
+
+
+def _guard_answer(result: dict, *, strict: bool) -> None:
+    """Print the answer's confidence and objective; warn loudly (stderr) about a weak answer, or with
+    --strict fail with status 3."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    console.print(
+        f"confidence: {result.get('confidence')}, objective used: {result.get('objective_used')}",
+        highlight=False,
+    )
+    problems = answer_problems(result)
+    if not problems:
         return
-    _recommend_remote(
-        url, api_key, model, zoo_config, artifact, model_file, declared, sample, sample_file, settings,
-        force=force, wait_timeout=wait_timeout, as_json=as_json, progress=progress,
-    )  # fmt: skip
+    label = "[bold red]error:[/]" if strict else "[bold yellow]WARNING:[/]"
+    for problem in problems:
+        console.print(f"{label} {problem}", highlight=False)
+    if strict:
+        raise typer.Exit(3)
+    console.print("[bold yellow]WARNING:[/] check the warnings before training with this answer "
+                  "(--strict makes this an error)", highlight=False)  # fmt: skip
 
 
 def _recommend_remote(
@@ -351,7 +400,7 @@ def _recommend_remote(
     wait_timeout: float,
     as_json: bool,
     progress: bool,
-) -> None:
+) -> dict:
     from batchsize_client import BatchsizeError, RecommendationFailed, build_request
 
     with _client(url, api_key) as client:
@@ -382,6 +431,7 @@ def _recommend_remote(
     else:
         typer.echo(f"recommendation {done.id}")
         _print_recipe(job_json["result"])
+    return job_json["result"]
 
 
 def _recommend_local(
@@ -393,7 +443,7 @@ def _recommend_local(
     settings: dict,
     as_json: bool,
     progress: bool,
-) -> None:
+) -> dict:
     from service.local import local_probe_spec, run_local
     from service.probing.spec import ProbeError
 
@@ -407,6 +457,7 @@ def _recommend_local(
         _print_json({"id": None, "status": "succeeded", "result": result})
     else:
         _print_recipe(result)
+    return result
 
 
 # Ids printed by `list` are accepted whole; a shorter prefix is looked up among this many newest jobs.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,12 @@ from service.status import JobStatus
 
 # Bytes per parameter that must fit before any activation: weights + gradients + optimizer state.
 _STATE_COPIES = {"sgd": 3, "adam": 4, "adamw": 4}
+# The least time a probe needs before its first verified answer: process start-up (interpreter, torch)
+# plus the warm-up step and the first search trial (6 samples), at a compute rate no host reaches.
+# Both are on the low side, so only hopeless budgets are refused.
+_PROBE_STARTUP_S = 2.0
+_FIRST_ANSWER_SAMPLES = 6
+_GENEROUS_FLOPS = {"cpu": 1e11, "cuda": 1e13}
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ def resolve_request(
         parameter_bytes_of=lambda: parameter_bytes(spec, config),
         device_memory=request["device"]["memory_bytes"],
     )
+    _check_time_budget(payload, _training_flops_per_sample(spec.name, config), host)
     return request
 
 
@@ -224,6 +232,7 @@ def _resolve_artifact_request(
         parameter_bytes_of=lambda: int(meta.get("trainable_parameter_bytes") or 0),
         device_memory=request["device"]["memory_bytes"],
     )
+    _check_time_budget(payload, 6.0 * int(meta.get("trainable_parameter_bytes") or 0) / 4, host)
     return request
 
 
@@ -306,6 +315,36 @@ def _check_fits_device(payload: RecommendationCreate, parameter_bytes: int, devi
             f"exceed the device's memory ({device_memory} bytes)",
             code="model_exceeds_device",
         )
+
+
+def _check_time_budget(payload: RecommendationCreate, flops_per_sample: float, host: HostDevice) -> None:
+    """Refuse a time budget below the least a probe of this model needs on this host for any answer."""
+    rate = _GENEROUS_FLOPS.get(host.type, _GENEROUS_FLOPS["cpu"])
+    minimum = _PROBE_STARTUP_S + _FIRST_ANSWER_SAMPLES * flops_per_sample / rate
+    if payload.time_budget_s < minimum:
+        raise InvalidRequest(
+            f"time_budget_s {payload.time_budget_s:g} is below the least this model needs on this host "
+            f"({host.type}) for any verified answer: about {minimum:.1f} s (probe start-up, a warm-up step "
+            f"and the first memory trial); ask for at least {math.ceil(minimum)} s, and more for a full "
+            "search, the throughput ladder and the noise scale",
+            code="time_budget_too_small",
+        )
+
+
+def _training_flops_per_sample(name: str, config: Any) -> float:
+    """A lower bound on a zoo model's training FLOPs per sample (forward + backward = 6 per weight use),
+    by arithmetic on its config: the largest layers only, no model built."""
+    if name == "mlp":
+        dims = [config.input_dim, *config.hidden_dims, config.num_classes]
+        return 6.0 * sum(a * b for a, b in zip(dims, dims[1:], strict=False))
+    if name == "gpt":
+        return 6.0 * config.block_size * config.n_layer * 12 * config.n_embd**2
+    if name == "resnet":  # the last stage alone: 3x3 convs at width 8w over (image/8)^2 or (image/32)^2
+        side = max(1, config.image_size // (8 if config.stem == "cifar" else 32))
+        convs = {18: 4, 34: 6, 50: 3}.get(config.depth, 3)
+        return 6.0 * convs * 9 * (8 * config.width) ** 2 * side**2
+    return 0.0
+
 
 
 def parameter_bytes(spec: Any, config: Any) -> int:

@@ -2,6 +2,12 @@
 measure the gradient noise scale and race a few sizes on real data, and assemble the recommendation.
 Streams progress as JSON-ready event dicts through `emit`.
 
+Only the phases the objective needs run (PHASES), inside the client's time budget: each phase plans
+from the step times measured so far and starts no trial it cannot finish. What the budget cut short is
+answered with what was verified, flagged (`partial`, `max_feasible_is_lower_bound`) and explained in a
+warning that names the budget that would have covered it. `phases` in the result says what ran and
+what it cost.
+
 Events:
     {"event": "phase", "phase": "setup" | "warmup" | "memory" | "throughput" | "statistics",
      "trials_planned": int}
@@ -36,7 +42,7 @@ from service.probing.memory import (
     resolve_budget,
 )
 from service.probing.races import run_statistics
-from service.probing.recipe import recommend
+from service.probing.recipe import choose_batch, recommend
 from service.probing.result import ProbeResult
 from service.probing.search import (
     PLANNED_TRIALS,
@@ -51,22 +57,44 @@ from service.probing.throughput import measure_throughput, throughput_ladder
 
 Emit = Callable[[dict[str, Any]], None]
 
-# Share of the time left after the memory search that the throughput ladder may use; the rest is
-# kept for the phases that follow it (gradient noise scale, training races).
+# How a probe spends its time budget. Every phase plans from the step times measured so far and never
+# starts a trial it cannot finish before its deadline; the whole probe ends by `time_budget_s` (counted
+# from the probe process's start) less FINISH_RESERVE_S, kept for assembling the answer.
+FINISH_RESERVE_S = 0.5
+# A step's time is predicted from the steps measured so far (proportionally above the largest one: an
+# upper bound when step time is affine in the batch size) times this factor, for timing noise.
+TIME_SAFETY = 1.25
+# Phases each objective needs, and the share of the time left that the memory search may use.
+PHASES = {
+    "max_feasible": ("memory",),
+    "throughput": ("memory", "throughput"),
+    "time_to_target": ("memory", "throughput", "statistics"),
+}
+SEARCH_TIME_SHARE = {"max_feasible": 1.0, "throughput": 0.6, "time_to_target": 0.5}
+# time_to_target: share of the time left after the memory search that the throughput ladder may use;
+# the rest is kept for the statistics (gradient noise scale, training races).
 THROUGHPUT_TIME_SHARE = 0.4
 # Share of what is left after the ladder for the statistics phase: the rest is slack for the last step
-# of each phase overrunning its share and for assembling the answer inside the client's time budget.
-STATISTICS_TIME_SHARE = 0.85
-# Below this many seconds the noise-scale warm-up cannot train long enough to say anything.
+# of a race or a noise-scale draw overrunning its share.
+STATISTICS_TIME_SHARE = 0.75
+# Below this many seconds the noise-scale warm-up cannot train long enough to say anything; the
+# statistics also need at least this many steps at the reference batch size.
 MIN_STATISTICS_S = 2.0
+MIN_STATISTICS_STEPS = 20
+# Statistics time that gives a noise estimate worth using on a small model (for the budget hints).
+USEFUL_STATISTICS_S = 10.0
 # Memory kept free when a memory model measured here is extrapolated to another device: its allocator
 # and runtime (CUDA context, fragmentation) take memory the tensors measured here do not show.
 EXTRAPOLATION_MARGIN = 0.1
 
 
-def run_probe(spec: ProbeSpec, emit: Emit) -> ProbeResult:
-    """Run the probe described by `spec`, calling `emit(event)` as it goes; return the result dict."""
-    started = time.monotonic()
+def run_probe(spec: ProbeSpec, emit: Emit, *, started: float | None = None) -> ProbeResult:
+    """Run the probe described by `spec`, calling `emit(event)` as it goes; return the result dict.
+
+    `started` (time.monotonic()) is when the time budget began: the probe process's start when the
+    runner knows it, else now. Runs only the phases the objective needs (PHASES).
+    """
+    clock = _Clock(time.monotonic() if started is None else started, spec.time_budget_s)
     _validate(spec)
     device = _probe_device(spec.device)
     host = describe_device(device)
@@ -74,38 +102,157 @@ def run_probe(spec: ProbeSpec, emit: Emit) -> ProbeResult:
     # With a different target device the client's budget is the target's; the host uses its default.
     budget = resolve_budget(None if target else spec.memory_budget_bytes, host)
     cap = max(1, min(spec.max_batch_size, spec.dataset_size))
+    needed = PHASES[spec.objective]
     emit({"event": "phase", "phase": "setup", "trials_planned": 0})
 
     model_spec, config = _resolve_model(spec)
+    costs = _StepCosts()
+    notes: list[str] = []
+    throughput: list[dict] = []
+    statistics: dict[str, Any] = {"gradient_noise_scale": None, "races": None, "cut_short": []}
     with _model_errors(spec):
         step = TrainingStep.from_spec(spec, model_spec, config)
         check_budget_covers_model(budget, step.state_bytes())
         with _device_budget(device, budget):
-            _warm_up(step, budget, cap, emit)
+            _warm_up(step, budget, cap, emit, costs)
             check_budget_covers_model(budget, step.state_bytes())  # now with the real optimizer state
+            clock.lap("setup")
             emit({"event": "phase", "phase": "memory", "trials_planned": min(PLANNED_TRIALS, cap)})
-            search = search_max_batch_size(_trial_measurer(step, budget, emit), budget, cap)
-            ladder_time = THROUGHPUT_TIME_SHARE * max(0.0, spec.time_budget_s - (time.monotonic() - started))
-            throughput = _throughput_phase(step, search.max_batch_size, ladder_time, emit)
-            del step  # free the measured model before the statistics phase builds a fresh one
-            statistics_time = STATISTICS_TIME_SHARE * (spec.time_budget_s - (time.monotonic() - started))
-            statistics = _statistics_phase(
-                spec, model_spec, config, device, search.max_batch_size, throughput, statistics_time, emit
+            search_deadline = time.monotonic() + SEARCH_TIME_SHARE[spec.objective] * clock.left()
+            search = search_max_batch_size(
+                _trial_measurer(step, budget, emit, costs),
+                budget,
+                cap,
+                affordable=lambda size: costs.largest_within(size, search_deadline - time.monotonic()),
             )
+            clock.lap("memory")
+            if "throughput" in needed:
+                share = 1.0 if spec.objective == "throughput" else THROUGHPUT_TIME_SHARE
+                throughput = _throughput_phase(
+                    step, search.max_batch_size, share * clock.left(), costs, emit, notes
+                )
+                clock.lap("throughput")
+            else:
+                clock.skip("throughput", f"not needed for {spec.objective}")
+            del step  # free the measured model before the statistics phase builds a fresh one
+            settled = _answer_without_noise_scale(spec, search.max_batch_size, throughput)
+            if "statistics" in needed and settled is None:
+                statistics = _statistics_phase(
+                    spec, model_spec, config, device, search.max_batch_size, throughput, clock, costs, emit
+                )
+                clock.lap("statistics", ran=statistics.get("gradient_noise_scale") is not None)
+            elif "statistics" in needed:
+                clock.skip("statistics", settled)
+                statistics["noise_independent"] = settled
+            else:
+                clock.skip("statistics", f"not needed for {spec.objective}")
 
-    warnings = _warnings(spec, host, search, throughput, ladder_time)
+    throughput_source = "ladder"
+    if not throughput or len(throughput) < 2 <= len(_search_points(search)):
+        # max_feasible, or no time for a ladder of two sizes: the search's own (tracked) steps
+        throughput, throughput_source = _search_points(search), "memory_search"
+    warnings = notes + _warnings(spec, host, search, throughput_source)
+    warnings += _budget_warnings(spec, search, statistics, clock, costs)
     extrapolation = _extrapolate(spec, target, search, cap, warnings) if target else None
     return _assemble_result(
         spec,
         search=search,
         throughput=throughput,
+        throughput_source=throughput_source,
         statistics=statistics,
         device=host,
         budget_bytes=budget,
         extrapolation=extrapolation,
         warnings=warnings,
-        duration_s=time.monotonic() - started,
+        clock=clock,
     )
+
+
+class _Clock:
+    """The probe's time budget: what is left of it, and what each phase cost."""
+
+    def __init__(self, started: float, budget_s: float) -> None:
+        self.started = started
+        self.budget_s = budget_s
+        self.deadline = started + budget_s - FINISH_RESERVE_S
+        self.phases: list[dict[str, Any]] = []
+        self._lap = started
+
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def lap(self, phase: str, *, ran: bool = True, note: str | None = None) -> None:
+        now = time.monotonic()
+        entry = {"phase": phase, "ran": ran, "seconds": round(now - self._lap, 3)}
+        self.phases.append(entry if note is None else {**entry, "note": note})
+        self._lap = now
+
+    def skip(self, phase: str, note: str) -> None:
+        self.phases.append({"phase": phase, "ran": False, "seconds": 0.0, "note": note})
+
+    def ran(self, phase: str) -> bool:
+        return any(p["phase"] == phase and p["ran"] for p in self.phases)
+
+
+class _StepCosts:
+    """Wall time of the steps measured so far, to predict what a step at another size will cost.
+
+    Above the largest size measured: the secant through the two largest sizes, its slope at least
+    MIN_SLOPE_SHARE of the largest size's time per sample (a fixed cost measured at small sizes may hide
+    the per-sample cost), or proportionally from one size. Between sizes: linear; below: the smallest
+    size's time. The first step (warm-up: it creates the optimizer state) is used only while nothing
+    else has been measured.
+    """
+
+    MIN_SLOPE_SHARE = 0.25
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+        self.first_step: tuple[int, float] | None = None
+
+    def add(self, batch_size: int, seconds: float | None, *, first_step: bool = False) -> None:
+        if seconds is None or seconds <= 0:
+            return
+        if first_step:
+            self.first_step = (batch_size, seconds)
+        else:
+            self.seconds[batch_size] = max(seconds, self.seconds.get(batch_size, 0.0))
+
+    def predict(self, batch_size: int) -> float:
+        """Seconds for one step at `batch_size` (0 when nothing was measured)."""
+        seconds = self.seconds or dict([self.first_step] if self.first_step else [])
+        if not seconds:
+            return 0.0
+        sizes = sorted(seconds)
+        hi = sizes[-1]
+        if batch_size >= hi:
+            per_sample = seconds[hi] / hi
+            slope = per_sample
+            if len(sizes) > 1:
+                secant = (seconds[hi] - seconds[sizes[-2]]) / (hi - sizes[-2])
+                slope = max(secant, self.MIN_SLOPE_SHARE * per_sample)
+            return seconds[hi] + slope * (batch_size - hi)
+        if batch_size <= sizes[0]:
+            return seconds[sizes[0]]
+        i = next(i for i, b in enumerate(sizes) if b >= batch_size)
+        b0, b1 = sizes[i - 1], sizes[i]
+        return seconds[b0] + (seconds[b1] - seconds[b0]) * (batch_size - b0) / (b1 - b0)
+
+    def largest_within(self, batch_size: int, seconds: float) -> int:
+        """The largest size <= `batch_size` whose step (with TIME_SAFETY) fits in `seconds`; 0 if none."""
+        if TIME_SAFETY * self.predict(batch_size) <= seconds:
+            return batch_size
+        lo, hi = 0, batch_size  # step time grows with the batch size: bisect
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if TIME_SAFETY * self.predict(mid) <= seconds:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +364,7 @@ def _measure(step: TrainingStep, batch_size: int, budget: int) -> Trial:
     )
 
 
-def _warm_up(step: TrainingStep, budget: int, cap: int, emit: Emit) -> None:
+def _warm_up(step: TrainingStep, budget: int, cap: int, emit: Emit, costs: _StepCosts) -> None:
     """The first step creates the optimizer state: run it (guarded) before measuring.
 
     At batch 2 when allowed, since BatchNorm cannot train on one sample whose last feature map is 1x1;
@@ -226,6 +373,7 @@ def _warm_up(step: TrainingStep, budget: int, cap: int, emit: Emit) -> None:
     emit({"event": "phase", "phase": "warmup", "trials_planned": 1})
     for batch_size in sorted({min(2, cap), 1}, reverse=True):
         losses: list[torch.Tensor] = []
+        began = time.perf_counter()
         trial = measure_step(
             lambda size, recorder, losses=losses: losses.append(step.run(size, recorder)),
             batch_size,
@@ -236,6 +384,7 @@ def _warm_up(step: TrainingStep, budget: int, cap: int, emit: Emit) -> None:
         )
         emit(_trial_event("warmup", trial))
         if trial.ok:
+            costs.add(batch_size, time.perf_counter() - began, first_step=True)
             step.check_finite_loss(float(losses[0]), batch_size)
             return
     raise ProbeError(
@@ -245,14 +394,17 @@ def _warm_up(step: TrainingStep, budget: int, cap: int, emit: Emit) -> None:
     )
 
 
-def _trial_measurer(step: TrainingStep, budget: int, emit: Emit) -> Callable[[int], Trial]:
+def _trial_measurer(step: TrainingStep, budget: int, emit: Emit, costs: _StepCosts) -> Callable[[int], Trial]:
     def measure(batch_size: int) -> Trial:
+        began = time.perf_counter()
         try:
             trial = _measure(step, batch_size, budget)
         except Exception as exc:  # model code failed: record the trial, then let _model_errors map it
             failed = Trial(batch_size, "error", detail={"error": f"{type(exc).__name__}: {exc}"})
             emit(_trial_event("memory", failed))
             raise
+        if trial.ok:  # a failed step stopped early: its time says little about a full one
+            costs.add(batch_size, time.perf_counter() - began)
         emit(_trial_event("memory", trial))
         return trial
 
@@ -260,10 +412,28 @@ def _trial_measurer(step: TrainingStep, budget: int, emit: Emit) -> Callable[[in
 
 
 def _throughput_phase(
-    step: TrainingStep, max_batch_size: int, time_budget_s: float, emit: Emit
+    step: TrainingStep,
+    max_batch_size: int,
+    time_budget_s: float,
+    costs: _StepCosts,
+    emit: Emit,
+    notes: list[str],
 ) -> list[dict]:
-    # From 2 up: BatchNorm cannot train on one sample whose last feature map is 1x1 (and B=1 says little).
-    sizes = [b for b in throughput_ladder(max_batch_size) if b >= min(2, max_batch_size)]
+    """The throughput ladder, planned to end inside `time_budget_s` (see `_plan_ladder`) from plain
+    step times (`_plain_costs`); its own timings then replace the search's in `costs`."""
+    deadline = time.monotonic() + time_budget_s
+    plain = _plain_costs(step, max_batch_size, time_budget_s, costs)
+    sizes = _plan_ladder(max_batch_size, (2 / 3) * max(0.0, deadline - time.monotonic()), plain)
+    time_budget_s = max(0.0, deadline - time.monotonic())
+    if not sizes:
+        notes.append(
+            f"no throughput ladder: {time_budget_s:.1f} s left could not cover two steps at each of its "
+            "sizes; the throughput curve comes from the memory search's steps"
+        )
+        return []
+    # Each round of timed steps starts only before the deadline: keep one round's time in hand (the
+    # plan above used two thirds of the time for two steps per size).
+    round_s = TIME_SAFETY * sum(plain.predict(b) for b in sizes)
     emit({"event": "phase", "phase": "throughput", "trials_planned": len(sizes)})
 
     def on_point(point: dict[str, Any]) -> None:
@@ -281,9 +451,19 @@ def _throughput_phase(
             }
         )
 
-    points = measure_throughput(step, sizes, time_budget_s=time_budget_s, on_point=on_point, is_oom=is_oom)
+    points = measure_throughput(
+        step, sizes, time_budget_s=max(0.0, time_budget_s - round_s), on_point=on_point, is_oom=is_oom
+    )
     if any(p["outcome"] != "ok" for p in points):
         step.discard_gradients()
+    costs.seconds = {
+        p["batch_size"]: p["step_time_s"] for p in points if p.get("step_time_s")
+    } or costs.seconds
+    if sizes[-1] < max_batch_size:
+        notes.append(
+            f"throughput ladder stopped at {sizes[-1]} (of {max_batch_size}): larger sizes did not fit "
+            "in the time budget"
+        )
     return [
         {
             "batch_size": p["batch_size"],
@@ -295,6 +475,97 @@ def _throughput_phase(
     ]
 
 
+def _answer_without_noise_scale(spec: ProbeSpec, max_batch_size: int, throughput: list[dict]) -> str | None:
+    """Why the statistics phase cannot change a time_to_target answer, or None when it can.
+
+    The chosen batch grows with B_noise; when the same layout wins for a B_noise far below every size
+    measured and for one far above the largest that fits, measuring B_noise changes nothing, and when
+    that batch is at most the reference batch size the learning rate needs no observation either (it
+    is the reference's, scaled down).
+    """
+    if spec.objective != "time_to_target" or not throughput:
+        return None
+    ends = [
+        choose_batch(
+            throughput=throughput,
+            max_feasible_batch_size=max_batch_size,
+            b_noise=b_noise,
+            devices=spec.device_count,
+            dataset_size=spec.dataset_size,
+        )["recommended_batch_size"]
+        for b_noise in (1.0, 100.0 * max_batch_size * spec.device_count)
+    ]
+    if ends[0] == ends[1] and ends[0] <= spec.reference_batch_size:
+        return (
+            f"skipped: batch {ends[0]} is best for any B_noise between 1 and 100x the largest batch that "
+            "fits, at or below the reference batch size; measuring B_noise would not change the answer"
+        )
+    return None
+
+
+def _plain_costs(step: TrainingStep, max_batch_size: int, seconds: float, tracked: _StepCosts) -> _StepCosts:
+    """Step times without the memory tracker (which adds a fixed cost per operation: a small model's
+    tracked step can take 100x its plain one): one plain step at the smallest ladder size and, when the
+    tracked time says it fits a third of `seconds`, one at the largest. Falls back on the tracked times
+    for what it could not time."""
+    plain = _StepCosts()
+    for batch_size in sorted({min(2, max_batch_size), max_batch_size}):
+        if TIME_SAFETY * tracked.predict(batch_size) > seconds / 3:
+            return tracked
+        try:
+            inputs, targets = step.make_batch(batch_size)
+            step.synchronize()
+            began = time.perf_counter()
+            step.train_on(inputs, targets)
+            step.synchronize()
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            step.discard_gradients()
+            return tracked
+        plain.add(batch_size, time.perf_counter() - began)
+    return plain
+
+
+def _plan_ladder(max_batch_size: int, seconds: float, costs: _StepCosts) -> list[int]:
+    """The ladder's sizes that fit `seconds`: each size costs at least a warm-up and a timed step
+    (predicted step times; the caller keeps one more round in hand). The ladder is
+    thinned first (fewer sizes up to the maximum); when even its ends do not fit, the largest sizes go.
+    From 2 up: BatchNorm cannot train on one sample whose last feature map is 1x1 (and B=1 says little).
+    """
+
+    def cost(sizes: list[int]) -> float:
+        return 2 * TIME_SAFETY * sum(costs.predict(b) for b in sizes)
+
+    def ladder(points: int) -> list[int]:
+        return [b for b in throughput_ladder(max_batch_size, points) if b >= min(2, max_batch_size)]
+
+    for points in range(16, 1, -1):
+        sizes = ladder(points)
+        if cost(sizes) <= seconds:
+            return sizes
+    kept: list[int] = []
+    for b in ladder(16):
+        if cost([*kept, b]) > seconds:
+            break
+        kept.append(b)
+    return kept
+
+
+def _search_points(search: SearchResult) -> list[dict]:
+    """Samples/s of the memory search's successful steps (timed under the memory tracker: slower than
+    plain steps, so a pessimistic curve): what `max_feasible` reports without running a ladder."""
+    return [
+        {
+            "batch_size": t.batch_size,
+            "samples_per_second": t.batch_size / t.step_time_s,
+            "step_time_s": t.step_time_s,
+        }
+        for t in sorted(search.trials, key=lambda t: t.batch_size)
+        if t.ok and t.step_time_s
+    ]
+
+
 def _statistics_phase(
     spec: ProbeSpec,
     model_spec: Any,
@@ -302,14 +573,31 @@ def _statistics_phase(
     device: torch.device,
     max_batch_size: int,
     throughput: list[dict],
-    time_budget_s: float,
+    clock: _Clock,
+    costs: _StepCosts,
     emit: Emit,
 ) -> dict[str, Any]:
     """Gradient noise scale and training races on real data (races.run_statistics), in fp32.
 
+    Gets STATISTICS_TIME_SHARE of the time left; runs only when that covers MIN_STATISTICS_S and
+    MIN_STATISTICS_STEPS steps at the reference batch size (predicted from the steps measured so far).
     Returns run_statistics' dict ({"gradient_noise_scale", "races", "cut_short"}), with only
     "cut_short" filled when no real data fits the model or no time is left.
     """
+    skipped = {"gradient_noise_scale": None, "races": None}
+    time_budget_s = STATISTICS_TIME_SHARE * clock.left()
+    needed = max(
+        MIN_STATISTICS_S, TIME_SAFETY * MIN_STATISTICS_STEPS * costs.predict(spec.reference_batch_size)
+    )
+    if time_budget_s < needed:
+        return {
+            **skipped,
+            "cut_short": [
+                f"no time was left for the gradient noise scale and training races ({time_budget_s:.1f} s "
+                f"of the {needed:.1f} s they need at least)"
+            ],
+            "no_time": True,
+        }
     shape, dtype = list(model_spec.input_shape(config)), model_spec.input_dtype
     classes = int(model_spec.num_classes(config))
     task = sample_check.Task.for_model(config, input_shape=shape, input_dtype=dtype, num_classes=classes)
@@ -324,17 +612,15 @@ def _statistics_phase(
         except ValueError as exc:
             raise ProbeError("invalid_sample", f"the data sample does not fit the model: {exc}") from exc
         del checked
-    skipped = {"gradient_noise_scale": None, "races": None}
     if sample is None:
         return {
             **skipped,
             "cut_short": ["no real data sample fits this model: the noise scale was not measured"],
         }
-    if time_budget_s < MIN_STATISTICS_S:
-        return {**skipped, "cut_short": ["no time was left for the gradient noise scale and training races"]}
     emit({"event": "phase", "phase": "statistics", "trials_planned": 2})
     torch.manual_seed(spec.seed)
     model = model_spec.build(config, spec.gradient_checkpointing).to(device)
+    time_budget_s = STATISTICS_TIME_SHARE * clock.left()  # after loading the sample and the model
     smallest_timed = min((p["batch_size"] for p in throughput), default=1)
     try:
         statistics = run_statistics(
@@ -434,7 +720,7 @@ def _extrapolate(
 
 
 def _warnings(
-    spec: ProbeSpec, host: dict[str, Any], search: SearchResult, throughput: list[dict], ladder_time: float
+    spec: ProbeSpec, host: dict[str, Any], search: SearchResult, throughput_source: str
 ) -> list[str]:
     warnings: list[str] = []
     if search.capped:
@@ -446,8 +732,49 @@ def _warnings(
             "CPU limit counts tensor bytes; the process's resident memory can reach ~1.9x that (allocator "
             "caching), keep headroom beyond the budget"
         )
-    if not throughput or ladder_time <= 0:
-        warnings.append("no time was left for the throughput ladder")
+    if throughput_source == "memory_search":
+        warnings.append(
+            "throughput from the memory search's steps (timed under the memory tracker, slower than plain "
+            "steps), not from a throughput ladder"
+        )
+    return warnings
+
+
+def _round_up(seconds: float, step: float = 10.0) -> int:
+    return int(step * math.ceil(seconds / step))
+
+
+def _budget_warnings(
+    spec: ProbeSpec,
+    search: SearchResult,
+    statistics: dict[str, Any],
+    clock: _Clock,
+    costs: _StepCosts,
+) -> list[str]:
+    """What the time budget cut short, each with the budget that would have covered it (estimated from
+    the step times measured here)."""
+    warnings: list[str] = []
+    times = {p["phase"]: p["seconds"] for p in clock.phases}
+    if search.time_limited:
+        upper = f"below {search.bracket[1]}" if search.bracket[1] else "not found"
+        remaining = 2 * TIME_SAFETY * costs.predict(search.next_batch_size or search.max_batch_size)
+        needed = (
+            times.get("setup", 0.0)
+            + (times.get("memory", 0.0) + remaining) / SEARCH_TIME_SHARE[spec.objective]
+        )
+        warnings.append(
+            f"the time budget ended the memory search: max_feasible_batch_size {search.max_batch_size} is a "
+            f"verified lower bound (the limit is {upper}; the next trial, at {search.next_batch_size}, "
+            f"would not have finished in time); a time_budget_s of about {_round_up(needed)} would finish it"
+        )
+    if statistics.get("no_time"):
+        before = sum(times.get(p, 0.0) for p in ("setup", "memory"))
+        statistics_share = STATISTICS_TIME_SHARE * (1 - THROUGHPUT_TIME_SHARE)
+        needed = before / SEARCH_TIME_SHARE["time_to_target"] + USEFUL_STATISTICS_S / statistics_share
+        warnings.append(
+            f"time_to_target answered with the throughput knee: no time was left to measure the noise "
+            f"scale; a time_budget_s of about {_round_up(needed)} would"
+        )
     return warnings
 
 
@@ -465,7 +792,8 @@ def _assemble_result(
     budget_bytes: int,
     extrapolation: dict[str, Any] | None,
     warnings: list[str],
-    duration_s: float,
+    clock: _Clock,
+    throughput_source: str,
 ) -> ProbeResult:
     """The result dict (field names are a client contract, see docs/design.md): recipe.recommend's training
     recipe, plus the memory limit, curves and measurements it was derived from."""
@@ -482,15 +810,23 @@ def _assemble_result(
         gradient_noise_scale=statistics.get("gradient_noise_scale"),
         races=statistics.get("races"),
         cut_short=statistics.get("cut_short", ()),
+        noise_independent=statistics.get("noise_independent"),
     )
     confidence = recommendation["confidence"]
-    if extrapolation:
+    if extrapolation or search.time_limited:
         confidence = "low"
+    # Partial: the time budget kept the probe from a phase the objective needs.
+    no_ladder = spec.objective != "max_feasible" and throughput_source == "memory_search"
+    partial = search.time_limited or bool(statistics.get("no_time")) or no_ladder
     return {
         **recommendation,
         "max_feasible_batch_size": max_batch,
         "max_feasible_batch_size_aligned": align_batch_size(max_batch),
+        "max_feasible_is_lower_bound": search.time_limited,
+        "partial": partial,
+        "phases": clock.phases,
         "throughput": throughput,
+        "throughput_source": throughput_source,
         "memory": {**search.memory_model.to_dict(search.max_batch_size), "budget_bytes": budget_bytes},
         "device": {key: device[key] for key in ("type", "name", "memory_bytes")},
         "target_device": extrapolation["target"] if extrapolation else None,
@@ -510,6 +846,13 @@ def _assemble_result(
             "capped": search.capped,
             "converged": search.converged,
             "batch_sizes_tried": [[t.batch_size, t.outcome] for t in search.trials],
+            "time_limited": search.time_limited,
+            "next_batch_size": search.next_batch_size,
         },
-        "probe": {"version": PROBE_VERSION, "torch": torch.__version__, "duration_s": round(duration_s, 3)},
+        "probe": {
+            "version": PROBE_VERSION,
+            "torch": torch.__version__,
+            "duration_s": round(clock.elapsed(), 3),
+            "time_budget_s": spec.time_budget_s,
+        },
     }

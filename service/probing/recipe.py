@@ -7,9 +7,15 @@ global batch B costs B/throughput(B) seconds, so wall time to target is proporti
 
 with step time modelled as overhead + per-sample cost fitted to the measured throughput ladder (or
 interpolated log-log between its points when that shape does not fit). Objectives: "time_to_target" (the
-default: minimise the above), "throughput" (the throughput peak) and "max_feasible" (the largest micro-
-batch that fits). A global batch is per-device micro-batch x devices x gradient accumulation steps, the
-micro-batch never above the largest that fits.
+default: minimise the above), "throughput" (the knee of the measured curve: the smallest size within
+KNEE_TOLERANCE of the best samples/s) and "max_feasible" (the largest micro-batch that fits). A global
+batch is per-device micro-batch x devices x gradient accumulation steps, the micro-batch never above the
+largest that fits.
+
+The learning rate is scaled from the client's reference (linear for SGD, square root for Adam-family,
+saturating at B_noise) and then capped by what the probe saw train: never above the largest learning
+rate observed to train stably (its warm-up at the reference, the training races), scaled down to the
+recommended size when that size is smaller. Without any observation the reference itself is the cap.
 
 Pure functions on plain numbers and dicts: no torch, so the rules are easy to test and to read.
 """
@@ -23,10 +29,14 @@ from typing import Any
 
 OBJECTIVES = ("time_to_target", "throughput", "max_feasible")
 ADAM_FAMILY = ("adam", "adamw")
-WARMUP_FACTOR = 4.0  # suggest a warm-up when the learning rate grows more than this over the reference
-WARMUP_MIN_STEPS = 200
-WARMUP_EPOCH_FRACTION = 0.05
-WARMUP_MAX_EPOCHS = 2  # tiny datasets: never warm up for more than two epochs
+# Linear warm-up from the reference learning rate: this many steps per doubling of the ratio to it.
+WARMUP_STEPS_PER_DOUBLING = 50
+KNEE_TOLERANCE = 0.05  # "throughput": the smallest size within 5 % of the best measured samples/s
+# A noise scale above the dataset or this many times the largest size the statistics measured is
+# reported as a lower bound, not a value: the estimator cannot resolve it from those sizes.
+NOISE_BOUND_FACTOR = 10
+# Races that stopped on time (not on reaching the level) count as stable only after this many steps.
+MIN_STABLE_STEPS = 10
 MAX_ACCUMULATION = 1024
 RACES_AGREE_FACTOR = 3.0  # races and gradient noise scale "agree" within this factor
 CURVE_SPAN = 8  # the time-to-target curve covers best/8 .. best*8
@@ -80,9 +90,21 @@ def interpolate_throughput(throughput: Sequence[Mapping[str, float]], batch_size
 
 def throughput_peak(throughput: Sequence[Mapping[str, float]], max_size: int) -> int:
     """The measured size with the highest samples/s among those <= max_size (the smallest on ties)."""
+    return throughput_knee(throughput, max_size, tolerance=0.0)
+
+
+def throughput_knee(
+    throughput: Sequence[Mapping[str, float]], max_size: int, tolerance: float = KNEE_TOLERANCE
+) -> int:
+    """The smallest measured size <= max_size whose samples/s is within `tolerance` of the best.
+
+    On a saturating curve the last few sizes differ by noise only; the cap is not the answer just because
+    its timing came out 1 % higher. A smaller batch with the same throughput leaves memory free and
+    takes more optimizer steps per epoch.
+    """
     points = [(b, t) for b, t in _ladder(throughput) if b <= max_size] or [_ladder(throughput)[0]]
     best = max(t for _, t in points)
-    return int(min(b for b, t in points if t >= best))
+    return int(min(b for b, t in points if t >= (1 - tolerance) * best))
 
 
 # -------------------------------------------------------------------------------- batch layout
@@ -140,9 +162,16 @@ def throughput_model(throughput: Sequence[Mapping[str, float]]) -> dict[str, Any
 
 
 def step_time(model: Mapping[str, Any], throughput: Sequence[Mapping[str, float]], batch_size: int) -> float:
-    """Seconds per step of `batch_size` under `model` (from `throughput_model`)."""
+    """Seconds per step of `batch_size` under `model` (from `throughput_model`).
+
+    Beyond the largest measured size throughput is flat (as in `interpolate_throughput`): a fit whose
+    per-sample cost came out near zero on a noisy ladder would otherwise promise ever larger batches
+    for free.
+    """
     if model["kind"] == "affine":
-        return model["overhead_s"] + model["per_sample_s"] * batch_size
+        top = max(float(p["batch_size"]) for p in throughput if p.get("samples_per_second"))
+        at = min(float(batch_size), top)
+        return (model["overhead_s"] + model["per_sample_s"] * at) * batch_size / at
     return batch_size / interpolate_throughput(throughput, batch_size)
 
 
@@ -236,17 +265,86 @@ def scale_learning_rate(
     return reference_lr * ratio, "linear" + suffix
 
 
-def suggest_warmup(scale_factor: float, steps_per_epoch: int) -> tuple[int, str]:
-    """Linear warm-up steps when the learning rate grows > 4x the reference, and why."""
-    if scale_factor <= WARMUP_FACTOR:
-        return 0, f"none: the learning rate is {scale_factor:.3g}x the reference (<= {WARMUP_FACTOR:g}x)"
-    steps = max(WARMUP_MIN_STEPS, math.ceil(WARMUP_EPOCH_FRACTION * steps_per_epoch))
-    steps = min(steps, WARMUP_MAX_EPOCHS * steps_per_epoch)
+def suggest_warmup(scale_factor: float) -> tuple[int, str]:
+    """Linear warm-up steps from the reference learning rate to `scale_factor` x it, and why.
+
+    WARMUP_STEPS_PER_DOUBLING steps per doubling of the ratio (after Goyal et al. 2017, who ramp
+    from the reference over the first steps): none at or below the reference.
+    """
+    if scale_factor <= 1.0:
+        return 0, f"none: the learning rate is {scale_factor:.3g}x the reference (not above it)"
+    steps = math.ceil(WARMUP_STEPS_PER_DOUBLING * math.log2(scale_factor))
     return steps, (
-        f"linear warm-up from the reference learning rate: the lr is {scale_factor:.3g}x the reference; "
-        f"max({WARMUP_MIN_STEPS} steps, {WARMUP_EPOCH_FRACTION:.0%} of an epoch), at most "
-        f"{WARMUP_MAX_EPOCHS} epochs (after Goyal et al. 2017)"
+        f"linear warm-up from the reference learning rate: the lr is {scale_factor:.3g}x the reference, "
+        f"{WARMUP_STEPS_PER_DOUBLING} steps per doubling (after Goyal et al. 2017)"
     )
+
+
+def stable_learning_rates(
+    gradient_noise_scale: Mapping[str, Any] | None,
+    races: Mapping[str, Any] | None,
+    *,
+    reference_learning_rate: float,
+    reference_batch_size: int,
+) -> list[dict[str, Any]]:
+    """[{"batch_size", "learning_rate", "source"}] the probe saw train stably on real data.
+
+    The noise-scale warm-up trains at the reference learning rate and batch size (stable when it ran
+    at least MIN_STABLE_STEPS steps with a finite loss); each training race at its own size and learning
+    rate (stable when it reached the loss level, or ran MIN_STABLE_STEPS steps without diverging and
+    made progress).
+    """
+    seen: list[dict[str, Any]] = []
+    gns = gradient_noise_scale or {}
+    warmed_up = (gns.get("warmup_steps") or 0) >= MIN_STABLE_STEPS
+    if gns.get("status") not in (None, "non_finite_loss") and warmed_up:
+        seen.append(
+            {"batch_size": reference_batch_size, "learning_rate": reference_learning_rate, "source": "warmup"}
+        )
+    for race in (races or {}).get("races") or []:
+        lr, size, status = race.get("learning_rate"), race.get("batch_size"), race.get("status")
+        if not lr or not size:
+            continue
+        if status == "reached" or (
+            status in ("time_budget", "max_steps") and (race.get("steps") or 0) >= MIN_STABLE_STEPS
+        ):
+            seen.append({"batch_size": int(size), "learning_rate": float(lr), "source": "race"})
+    return seen
+
+
+def cap_learning_rate(
+    learning_rate: float,
+    batch_size: int,
+    optimizer: str,
+    observed: Sequence[Mapping[str, Any]],
+    *,
+    reference_learning_rate: float,
+    reference_batch_size: int,
+    b_noise: float | None,
+) -> tuple[float, dict[str, Any]]:
+    """`learning_rate` capped by the largest learning rate observed to train stably.
+
+    Each observation (b, lr) allows lr at sizes >= b (never more: no extrapolation above what trained)
+    and lr scaled down by the rule at sizes < b. Without observations the client's reference stands in,
+    unverified. Returns the learning rate and {"value", "batch_size", "learning_rate", "source", "capped"}.
+    """
+    anchors = list(observed) or [
+        {"batch_size": reference_batch_size, "learning_rate": reference_learning_rate, "source": "reference"}
+    ]
+
+    def allowed(anchor: Mapping[str, Any]) -> float:
+        down, _ = scale_learning_rate(1.0, int(anchor["batch_size"]), batch_size, optimizer, b_noise)
+        return float(anchor["learning_rate"]) * min(1.0, down)
+
+    best = max(anchors, key=allowed)
+    ceiling = allowed(best)
+    return min(learning_rate, ceiling), {
+        "value": ceiling,
+        "batch_size": int(best["batch_size"]),
+        "learning_rate": float(best["learning_rate"]),
+        "source": best["source"],
+        "capped": learning_rate > ceiling,
+    }
 
 
 # ---------------------------------------------------------------------------------- noise estimate
@@ -259,9 +357,22 @@ def choose_noise_scale(
 
     When both exist and differ by more than RACES_AGREE_FACTOR, or the races only bound B_noise and
     B_simple lies outside that bound, their geometric mean ("combined").
-    Returns {"value", "source", "agreement", "warnings"}; value None when neither is usable.
-    `agreement` is races/B_simple when both exist (None otherwise).
+    Returns {"value", "source", "agreement", "warnings", "bound"}; value None when neither is usable.
+    `agreement` is races/B_simple when both exist (None otherwise); `bound` is "lower" when the value
+    only bounds B_noise from below (B_simple unresolved at b_big, races whose steps did not bend).
     """
+    choice = _choose_noise_scale(gradient_noise_scale, races)
+    gns_unresolved = (gradient_noise_scale or {}).get("status") == "unresolved"
+    races_above = (races or {}).get("status") == "above_range"
+    lower = (choice["source"] == "gradient_noise_scale" and gns_unresolved) or (
+        choice["source"] == "races" and races_above
+    )
+    return {**choice, "bound": "lower" if lower else None}
+
+
+def _choose_noise_scale(
+    gradient_noise_scale: Mapping[str, Any] | None, races: Mapping[str, Any] | None
+) -> dict:
     warnings: list[str] = []
     gns = gradient_noise_scale or {}
     gns_value = gns.get("value")
@@ -373,7 +484,7 @@ def choose_batch(
 
     Step times come from `throughput_model` (reported): with the affine model and no accumulation the
     optimum is near B* = sqrt(B_noise·overhead_s/per_sample_s), so a 2x error in B_noise moves it by
-    only sqrt(2). Without a B_noise, "time_to_target" falls back to the throughput peak (reported in
+    only sqrt(2). Without a B_noise, "time_to_target" falls back to the throughput knee (reported in
     "objective_used").
     """
     if objective not in OBJECTIVES:
@@ -391,7 +502,7 @@ def choose_batch(
     if used == "time_to_target":
         chosen = min(layouts, key=lambda t: (cost(t), t[2]))
     elif used == "throughput":
-        m = throughput_peak(throughput, max_feasible_batch_size)
+        m = throughput_knee(throughput, max_feasible_batch_size)
         chosen = next((t for t in layouts if t[0] == m and t[1] == 1), layouts[0])
     else:
         chosen = max((t for t in layouts if t[1] == 1), key=lambda t: t[0])
@@ -412,7 +523,7 @@ def choose_batch(
         "recommended_batch_size": chosen[2],
         "objective_used": used,
         "time_to_target_curve": curve if b_noise is not None else [],
-        "throughput_model": model,
+        "throughput_model": {k: _finite(v) for k, v in model.items()},
     }
 
 
@@ -434,13 +545,16 @@ def recommend(
     races: Mapping[str, Any] | None = None,
     step_overhead_s: float = 0.0,
     cut_short: Sequence[str] = (),
+    noise_independent: str | None = None,
 ) -> dict[str, Any]:
     """The full training recipe (the result fields of docs/design.md plus the estimates behind them).
 
     `throughput`: [{"batch_size", "samples_per_second"}] per device, measured; `max_feasible_batch_size`:
     the largest micro-batch that fits; `gradient_noise_scale`: noise.measure_noise_scale's result (its
     "measured_on" says whose data); `races`: races.run_races' result; `learning_rate` at
-    `reference_batch_size` is the client's reference; `cut_short`: phases the time budget truncated.
+    `reference_batch_size` is the client's reference; `cut_short`: phases the time budget truncated;
+    `noise_independent`: why the time-to-target choice is the same for any B_noise (the statistics were
+    skipped on purpose): without a noise estimate it is then still answered as time_to_target.
     """
     if max_feasible_batch_size < 1:
         raise ValueError("max_feasible_batch_size must be >= 1")
@@ -448,41 +562,75 @@ def recommend(
         raise ValueError("devices must be >= 1")
     warnings: list[str] = list(cut_short)
     choice = choose_noise_scale(gradient_noise_scale, races)
-    warnings += choice["warnings"]
+    settled = noise_independent is not None and choice["value"] is None and objective == "time_to_target"
+    if settled:
+        warnings.append(f"gradient noise scale {noise_independent}")
+    elif objective == "time_to_target" or choice["value"] is not None:  # other objectives need none
+        warnings += choice["warnings"]
+    choice = _bound_implausible_noise_scale(choice, gradient_noise_scale, races, dataset_size, warnings)
     b_noise = choice["value"]
     picked = choose_batch(
         throughput=throughput,
         max_feasible_batch_size=max_feasible_batch_size,
-        b_noise=b_noise,
+        b_noise=1.0 if settled else b_noise,  # any value: the choice does not depend on it
         objective=objective,
         devices=devices,
         dataset_size=dataset_size,
         step_overhead_s=step_overhead_s,
     )
     global_batch = picked["recommended_batch_size"]
-    lr, rule = scale_learning_rate(learning_rate, reference_batch_size, global_batch, optimizer, b_noise)
+    scaled, rule = scale_learning_rate(learning_rate, reference_batch_size, global_batch, optimizer, b_noise)
+    observed = stable_learning_rates(
+        gradient_noise_scale,
+        races,
+        reference_learning_rate=learning_rate,
+        reference_batch_size=reference_batch_size,
+    )
+    lr, ceiling = cap_learning_rate(
+        scaled,
+        global_batch,
+        optimizer,
+        observed,
+        reference_learning_rate=learning_rate,
+        reference_batch_size=reference_batch_size,
+        b_noise=b_noise,
+    )
+    warnings += _learning_rate_warnings(scaled, lr, ceiling, b_noise, gradient_noise_scale)
+    if ceiling["capped"]:
+        rule += f", capped at the largest learning rate seen training stably ({ceiling['source']})"
     steps_per_epoch = math.ceil(dataset_size / global_batch)
-    warmup_steps, warmup_rule = suggest_warmup(lr / learning_rate, steps_per_epoch)
+    warmup_steps, warmup_rule = suggest_warmup(lr / learning_rate)
     level, reasons = confidence(
         (gradient_noise_scale or {}).get("measured_on"), gradient_noise_scale, choice, races
     )
+    if choice.get("bound") and level != "low":
+        level, reasons = "low", [*reasons, "B_noise is only bounded from below"]
+    if settled:
+        level, reasons = "medium", ["B_noise not measured: the batch choice does not depend on it"]
+        picked["time_to_target_curve"] = []
     warnings += _layout_warnings(picked, throughput, max_feasible_batch_size, b_noise, devices, dataset_size)
     gns = gradient_noise_scale or {}
+    reported = {k: _finite(gns.get(k)) for k in ("value", "low", "high")}  # JSON has no Infinity
+    if choice.get("implausible"):
+        reported = {**reported, "value": None, "lower_bound": b_noise, "estimate": _finite(gns.get("value"))}
     return {
         **picked,
         "objective": objective,
         "devices": devices,
         "learning_rate": lr,
         "learning_rate_rule": rule,
+        "learning_rate_scaled": scaled,
+        "learning_rate_ceiling": ceiling,
         "reference_learning_rate": learning_rate,
         "reference_batch_size": reference_batch_size,
         "warmup_steps": warmup_steps,
         "warmup_rule": warmup_rule,
         "steps_per_epoch": steps_per_epoch,
         "b_noise": b_noise,
+        "b_noise_bound": choice.get("bound"),
         "noise_scale_source": choice["source"],
         "gradient_noise_scale": {
-            **{k: _finite(gns.get(k)) for k in ("value", "low", "high")},  # JSON has no Infinity
+            **reported,
             "measured_on": gns.get("measured_on"),
             **{
                 k: gns[k]
@@ -496,6 +644,63 @@ def recommend(
         "confidence_reasons": reasons,
         "warnings": warnings,
     }
+
+
+def _statistics_sizes(gradient_noise_scale: Mapping[str, Any] | None, races: Mapping[str, Any] | None) -> int:
+    """The largest batch size the statistics measured at (b_big, race sizes); 0 when none."""
+    sizes = [int((gradient_noise_scale or {}).get("b_big") or 0)]
+    sizes += [int(r.get("batch_size") or 0) for r in (races or {}).get("races") or []]
+    return max(sizes)
+
+
+def _bound_implausible_noise_scale(
+    choice: dict[str, Any],
+    gradient_noise_scale: Mapping[str, Any] | None,
+    races: Mapping[str, Any] | None,
+    dataset_size: int,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """A B_noise above the dataset, or NOISE_BOUND_FACTOR x the largest size measured, becomes a lower
+    bound at that limit. The time-to-target optimum grows with B_noise, so the batch chosen for the
+    bound is the smallest the true value could call for, and the learning-rate rule stays conservative."""
+    value = choice["value"]
+    largest = _statistics_sizes(gradient_noise_scale, races)
+    limits = [dataset_size] + ([NOISE_BOUND_FACTOR * largest] if largest else [])
+    limit = min(limits)
+    if value is None or value <= limit:
+        return choice
+    what = "the dataset size" if limit == dataset_size else f"{NOISE_BOUND_FACTOR}x the largest size measured"
+    warnings.append(f"B_noise estimate {value:.3g} is above {what}: reported as a lower bound of {limit:g}")
+    return {**choice, "value": float(limit), "bound": "lower", "implausible": True}
+
+
+def _learning_rate_warnings(
+    scaled: float,
+    lr: float,
+    ceiling: Mapping[str, Any],
+    b_noise: float | None,
+    gradient_noise_scale: Mapping[str, Any] | None,
+) -> list[str]:
+    warnings = []
+    if ceiling["capped"]:
+        where = {
+            "race": "in a training race",
+            "warmup": "in the noise-scale warm-up",
+            "reference": "the client's reference, not verified by the probe",
+        }[ceiling["source"]]
+        warnings.append(
+            f"learning rate capped at {lr:.4g} (the rule gives {scaled:.4g}): the largest learning rate seen "
+            f"training stably was {ceiling['learning_rate']:.4g} at batch {ceiling['batch_size']} ({where})"
+        )
+    if b_noise is None:
+        warnings.append(
+            "B_noise unknown: the learning rate is not scaled beyond the largest one observed to train"
+        )
+    if (gradient_noise_scale or {}).get("status") == "non_finite_loss":
+        warnings.append(
+            "the reference learning rate diverged in the probe's warm-up: lower it before training"
+        )
+    return warnings
 
 
 def _finite(value: Any) -> Any:

@@ -96,7 +96,23 @@ def _exit_with_parent(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+def _process_started() -> float:
+    """When this process started, on the time.monotonic() clock: the probe's time budget counts the
+    interpreter's and torch's start-up too. Linux: /proc/self/stat's start time (clock ticks since
+    boot) against CLOCK_BOOTTIME; elsewhere, now."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat") as stat:
+            fields_after_name = stat.read().rsplit(")", 1)[1].split()
+        started_s = int(fields_after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started_s
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    return now - age if 0 <= age < 600 else now
+
+
 def main() -> int:
+    started = _process_started()
     _exit_with_parent()
     protocol = _protocol_stream()
 
@@ -116,7 +132,7 @@ def main() -> int:
         from service.probing.engine import run_probe  # imported late: a bad spec fails fast
 
         gc.freeze()  # torch's import-time objects: keeps gc.collect() after each failed trial cheap
-        result = run_probe(spec, emit)
+        result = run_probe(spec, emit, started=started)
         emit({"event": "result", "result": result})
     except ProbeError as exc:
         emit({"event": "error", "code": exc.code, "message": exc.message})

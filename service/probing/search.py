@@ -158,8 +158,12 @@ class SearchResult:
     memory_model: MemoryModel
     trials: list[Trial]
     capped: bool  # stopped by max_batch_size, not by memory
-    converged: bool  # stopped because the limit was pinned down, not because trials ran out
+    converged: bool  # stopped because the limit was pinned down, not because trials or time ran out
     bracket: tuple[int, int | None]  # (largest ok, smallest failed or None when nothing failed)
+    # Stopped because the next trial could not finish in the time left: max_batch_size is a verified
+    # lower bound of the limit, `next_batch_size` the size the search would have tried next.
+    time_limited: bool = False
+    next_batch_size: int | None = None
 
 
 def align_batch_size(batch_size: int, multiple: int = 8) -> int:
@@ -175,9 +179,14 @@ def search_max_batch_size(
     first_batch_size: int = FIRST_BATCH_SIZE,
     tolerance: float = TOLERANCE,
     max_trials: int = MAX_TRIALS,
+    affordable: Callable[[int], int] | None = None,
 ) -> SearchResult:
     """Find the largest batch size in [1, max_batch_size] whose step measures "ok" under `budget_bytes`.
 
+    `affordable(size)`, when given, is the largest size <= `size` whose trial can still finish in the
+    time left (0 when none): a proposal beyond it is shortened to it (still a step towards the limit,
+    and a verified one), and the search stops, `time_limited`, when that is no larger than the largest
+    size that fitted. The calibration trials at `first_batch_size` (and 1) always run.
     Raises ProbeError("oom_at_min_batch") when batch size 1 does not fit.
     """
     if max_batch_size < 1:
@@ -193,9 +202,17 @@ def search_max_batch_size(
             f"a training step at batch size 1 does not fit the memory budget of {budget_bytes} bytes "
             f"(outcome {trial.outcome!r}, {_describe_peak(trial)})",
         )
+    time_limited, proposal = False, None
     while not search.done(tolerance):
-        search.run(search.propose())
-    converged = len(search.trials) < max_trials or search.done(tolerance, count_trials=False)
+        proposal = search.propose()
+        allowed = proposal if affordable is None else min(proposal, affordable(proposal))
+        if allowed <= search.largest_ok.batch_size:
+            time_limited = True
+            break
+        search.run(allowed)
+    converged = not time_limited and (
+        len(search.trials) < max_trials or search.done(tolerance, count_trials=False)
+    )
 
     best = search.largest_ok
     return SearchResult(
@@ -206,6 +223,8 @@ def search_max_batch_size(
         capped=best.batch_size >= max_batch_size,
         converged=converged,
         bracket=(best.batch_size, search.smallest_failed),
+        time_limited=time_limited,
+        next_batch_size=proposal if time_limited else None,
     )
 
 

@@ -20,7 +20,22 @@ def saturating(sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), overhead=0.0
 
 
 GNS_CLIENT = {"value": 100.0, "low": 80.0, "high": 130.0, "measured_on": "client", "status": "ok"}
-RACES_OK = {"status": "ok", "value": 90.0, "rel_rms": 0.03, "bound": None}
+
+
+def _raced(sizes=(32, 128, 512), b_noise=90.0, optimizer="sgd", lr=0.1, status="reached"):
+    """Race rows as races.run_races reports them, each at the recipe rule's learning rate."""
+    return [
+        {
+            "batch_size": b,
+            "learning_rate": recipe.scale_learning_rate(lr, 32, b, optimizer, b_noise)[0],
+            "status": status,
+            "steps": 100,
+        }
+        for b in sizes
+    ]
+
+
+RACES_OK = {"status": "ok", "value": 90.0, "rel_rms": 0.03, "bound": None, "races": _raced()}
 
 
 def _recommend(**overrides):
@@ -110,12 +125,13 @@ def test_learning_rate_saturates_past_b_noise():
     assert lr_big == pytest.approx(0.1 * (1 + 100 / 32) / (1 + 100 / 100_000))  # capped near lr_max
 
 
-def test_warmup_only_for_large_scale_factors():
-    assert recipe.suggest_warmup(4.0, 1000)[0] == 0
-    steps, why = recipe.suggest_warmup(8.0, 1000)
-    assert steps == 200 and "Goyal" in why
-    assert recipe.suggest_warmup(8.0, 100_000)[0] == 5000  # 5 % of an epoch
-    assert recipe.suggest_warmup(8.0, 10)[0] == 20  # never more than two epochs
+def test_warmup_follows_the_ratio_to_the_reference():
+    assert recipe.suggest_warmup(1.0)[0] == 0
+    assert recipe.suggest_warmup(0.25)[0] == 0
+    steps, why = recipe.suggest_warmup(8.0)
+    assert steps == 3 * recipe.WARMUP_STEPS_PER_DOUBLING and "Goyal" in why
+    assert recipe.suggest_warmup(2.0)[0] == recipe.WARMUP_STEPS_PER_DOUBLING
+    assert recipe.suggest_warmup(64.0)[0] == 2 * recipe.suggest_warmup(8.0)[0]
 
 
 # ----------------------------------------------------------------------------- the batch choice
@@ -222,7 +238,7 @@ def test_race_bounds():
     assert recipe.choose_noise_scale(GNS_CLIENT, upper)["value"] == pytest.approx(40)  # sqrt(100 * 16)
     assert recipe.choose_noise_scale({**GNS_CLIENT, "value": 10.0}, upper)["value"] == 10  # consistent
     assert recipe.choose_noise_scale(None, upper) == {
-        "value": 16.0, "source": "races", "agreement": None, "warnings": [ANY],
+        "value": 16.0, "source": "races", "agreement": None, "warnings": [ANY], "bound": None,
     }  # fmt: skip
 
 
@@ -276,14 +292,15 @@ def test_recipe_has_every_contract_field():
 
 
 def test_large_scale_factor_gets_a_warmup():
-    r = _recommend(
-        races={"status": "ok", "value": 1e9, "rel_rms": 0.0}, learning_rate=0.01, reference_batch_size=8
-    )
-    assert r["learning_rate"] / 0.01 > 4 and r["warmup_steps"] > 0
+    races = {"status": "ok", "value": 1e9, "rel_rms": 0.0, "races": _raced(b_noise=1e9, lr=0.01)}
+    r = _recommend(races=races, learning_rate=0.01, reference_batch_size=32)
+    ratio = r["learning_rate"] / 0.01
+    assert ratio > 4 and r["warmup_steps"] == math.ceil(recipe.WARMUP_STEPS_PER_DOUBLING * math.log2(ratio))
 
 
 def test_adam_uses_the_square_root_rule():
-    r = _recommend(optimizer="adamw", learning_rate=1e-3)
+    races = {**RACES_OK, "races": _raced(optimizer="adamw", lr=1e-3)}
+    r = _recommend(optimizer="adamw", learning_rate=1e-3, races=races)
     assert r["learning_rate_rule"].startswith("sqrt")
     expected = 1e-3 * math.sqrt((1 + 90 / 32) / (1 + 90 / r["recommended_batch_size"]))
     assert r["learning_rate"] == pytest.approx(expected)
@@ -345,3 +362,98 @@ def test_the_recipe_is_strict_json_even_when_estimates_are_unresolved():
     r = _recommend(gradient_noise_scale=gns, races=None)
     json.dumps(r, allow_nan=False)
     assert r["gradient_noise_scale"]["value"] is None and r["b_noise"] == 512
+
+
+# ----------------------------------------------------------- answers that cannot harm a training run
+
+
+def test_without_a_noise_scale_the_learning_rate_is_never_scaled_up():
+    # The reported case: no time for the noise scale, the fallback picked the cap and scaled lr 0.1
+    # linearly to 156. Now: the knee of the curve, and no learning rate above what was observed.
+    r = _recommend(gradient_noise_scale=None, races=None, max_feasible_batch_size=50_000)
+    assert r["objective_used"] == "throughput" and r["confidence"] == "low"
+    assert r["recommended_batch_size"] < 50_000
+    assert r["learning_rate"] <= 0.1 and r["learning_rate_ceiling"]["source"] == "reference"
+    assert r["warmup_steps"] == 0
+    assert any("B_noise unknown" in w for w in r["warnings"])
+
+
+def test_the_learning_rate_never_exceeds_the_largest_seen_training_stably():
+    # Races trained at most lr 0.2 at batch 64; the rule asks for far more at a large batch.
+    races = {"status": "ok", "value": 1e5, "rel_rms": 0.0, "races": _raced(sizes=(16, 64), b_noise=None)}
+    races["races"].append({"batch_size": 256, "learning_rate": 0.8, "status": "diverged", "steps": 3})
+    r = _recommend(races=races, gradient_noise_scale={**GNS_CLIENT, "value": 1e5, "high": 2e5})
+    assert r["learning_rate_scaled"] > 0.2
+    assert r["learning_rate"] == pytest.approx(0.2)
+    assert r["learning_rate_ceiling"] == {
+        "value": pytest.approx(0.2), "batch_size": 64, "learning_rate": pytest.approx(0.2),
+        "source": "race", "capped": True,
+    }  # fmt: skip
+    assert any("capped" in w for w in r["warnings"]) and "capped" in r["learning_rate_rule"]
+
+
+def test_a_smaller_batch_than_observed_scales_the_ceiling_down():
+    observed = [{"batch_size": 256, "learning_rate": 0.8, "source": "race"}]
+    lr, ceiling = recipe.cap_learning_rate(
+        1.0, 64, "sgd", observed, reference_learning_rate=0.1, reference_batch_size=32, b_noise=None
+    )
+    assert lr == pytest.approx(0.2) and ceiling["capped"]
+    lr, _ = recipe.cap_learning_rate(
+        1.0, 64, "adam", observed, reference_learning_rate=0.1, reference_batch_size=32, b_noise=None
+    )
+    assert lr == pytest.approx(0.4)  # sqrt(64 / 256) * 0.8
+
+
+def test_stable_observations():
+    gns = {"status": "ok", "warmup_steps": 200}
+    races = {
+        "races": [
+            {"batch_size": 8, "learning_rate": 0.05, "status": "time_budget", "steps": 500},
+            {"batch_size": 32, "learning_rate": 0.1, "status": "reached", "steps": 4},
+            {"batch_size": 64, "learning_rate": 0.2, "status": "time_budget", "steps": 3},  # too short
+            {"batch_size": 128, "learning_rate": 0.4, "status": "diverged", "steps": 50},
+            {"batch_size": 256, "learning_rate": 0.8, "status": "no_progress", "steps": 50},
+        ]
+    }
+    seen = recipe.stable_learning_rates(gns, races, reference_learning_rate=0.1, reference_batch_size=32)
+    assert [(o["batch_size"], o["source"]) for o in seen] == [(32, "warmup"), (8, "race"), (32, "race")]
+    diverged = {"status": "non_finite_loss", "warmup_steps": 3}
+    none = recipe.stable_learning_rates(diverged, None, reference_learning_rate=1, reference_batch_size=1)
+    assert none == []
+
+
+def test_throughput_objective_is_the_knee_not_the_cap():
+    # Flat within 2 % from 256 up (noise): the knee is 256, not the cap 1024.
+    lad = ladder([(32, 1000.0), (64, 1800.0), (128, 2600.0), (256, 3000.0), (512, 3030.0), (1024, 3060.0)])
+    assert recipe.throughput_knee(lad, 1024) == 256
+    assert recipe.throughput_peak(lad, 1024) == 1024
+    r = _recommend(throughput=lad, objective="throughput")
+    assert r["recommended_batch_size"] == 256 and r["objective_used"] == "throughput"
+
+
+@pytest.mark.parametrize(
+    "value, dataset, expected_bound",
+    [(8.4e4, 1797, 1797), (2e4, 50_000, 10 * 512)],  # above the dataset; 10x above b_big = 512
+)
+def test_an_implausible_noise_scale_is_reported_as_a_bound(value, dataset, expected_bound):
+    gns = {**GNS_CLIENT, "value": value, "low": value / 2, "high": value * 2, "b_big": 512}
+    r = _recommend(gradient_noise_scale=gns, races=None, dataset_size=dataset)
+    assert r["gradient_noise_scale"]["value"] is None
+    assert r["gradient_noise_scale"]["lower_bound"] == expected_bound
+    assert r["gradient_noise_scale"]["estimate"] == value
+    assert r["b_noise"] == expected_bound and r["b_noise_bound"] == "lower"
+    assert r["confidence"] == "low" and any("lower bound" in w for w in r["warnings"])
+    plausible = _recommend(gradient_noise_scale={**GNS_CLIENT, "b_big": 512}, races=None)
+    assert plausible["gradient_noise_scale"]["value"] == 100 and plausible["b_noise_bound"] is None
+
+
+def test_a_choice_that_does_not_depend_on_b_noise_is_still_time_to_target():
+    lad = ladder([(b, 100.0 * b) for b in (2, 4, 8, 16)])  # step time flat: the largest batch always wins
+    r = _recommend(
+        throughput=lad, max_feasible_batch_size=16, gradient_noise_scale=None, races=None,
+        noise_independent="skipped: batch 16 is best for any B_noise",
+    )  # fmt: skip
+    assert r["objective_used"] == "time_to_target" and r["recommended_batch_size"] == 16
+    assert r["confidence"] == "medium" and r["b_noise"] is None
+    assert not any("falling back" in w for w in r["warnings"])
+    assert r["learning_rate"] == pytest.approx(0.1 * 16 / 32)  # the reference, scaled down

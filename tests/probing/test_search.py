@@ -256,3 +256,31 @@ def test_aligned_batch_size() -> None:
 def test_measure_must_return_the_size_asked_for() -> None:
     with pytest.raises(ValueError):
         search_max_batch_size(lambda b: Trial(b + 1, "ok", 1, 1, 1), GIB, 100)
+
+
+def test_a_trial_the_time_left_cannot_cover_is_shortened_or_not_started() -> None:
+    # Simulated step time: 1 ms per sample; 600 ms of "time" to spend, charged per trial measured.
+    sim = linear()
+    spent = [0.0]
+
+    def measure(batch_size: int) -> Trial:
+        spent[0] += batch_size * 1e-3
+        return sim.measure(batch_size)
+
+    def affordable(batch_size: int) -> int:
+        return min(batch_size, int((0.6 - spent[0]) / 1e-3))
+
+    result = search_max_batch_size(measure, sim.budget, 65_536, affordable=affordable)
+    assert spent[0] <= 0.6
+    assert result.time_limited and not result.converged
+    assert result.next_batch_size is not None and result.next_batch_size > result.max_batch_size
+    assert result.max_batch_size < sim.true_limit(65_536)
+    _check_never_infeasible(sim, result.max_batch_size)  # a verified lower bound, never a guess
+
+
+def test_with_time_for_it_the_search_is_unchanged() -> None:
+    sim, again = linear(), linear()
+    plain = search_max_batch_size(sim.measure, sim.budget, 65_536)
+    timed = search_max_batch_size(again.measure, again.budget, 65_536, affordable=lambda b: b)
+    assert [t.batch_size for t in timed.trials] == [t.batch_size for t in plain.trials]
+    assert not timed.time_limited and timed.next_batch_size is None
