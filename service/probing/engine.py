@@ -582,22 +582,10 @@ def _statistics_phase(
     Gets STATISTICS_TIME_SHARE of the time left; runs only when that covers MIN_STATISTICS_S and
     MIN_STATISTICS_STEPS steps at the reference batch size (predicted from the steps measured so far).
     Returns run_statistics' dict ({"gradient_noise_scale", "races", "cut_short"}), with only
-    "cut_short" filled when no real data fits the model or no time is left.
+    "cut_short" filled when no real data fits the model or no time is left. A client's sample is checked
+    (one training step on a slice) even then: a sample the model cannot use fails the job.
     """
     skipped = {"gradient_noise_scale": None, "races": None}
-    time_budget_s = STATISTICS_TIME_SHARE * clock.left()
-    needed = max(
-        MIN_STATISTICS_S, TIME_SAFETY * MIN_STATISTICS_STEPS * costs.predict(spec.reference_batch_size)
-    )
-    if time_budget_s < needed:
-        return {
-            **skipped,
-            "cut_short": [
-                f"no time was left for the gradient noise scale and training races ({time_budget_s:.1f} s "
-                f"of the {needed:.1f} s they need at least)"
-            ],
-            "no_time": True,
-        }
     shape, dtype = list(model_spec.input_shape(config)), model_spec.input_dtype
     classes = int(model_spec.num_classes(config))
     task = sample_check.Task.for_model(config, input_shape=shape, input_dtype=dtype, num_classes=classes)
@@ -612,6 +600,19 @@ def _statistics_phase(
         except ValueError as exc:
             raise ProbeError("invalid_sample", f"the data sample does not fit the model: {exc}") from exc
         del checked
+    time_budget_s = STATISTICS_TIME_SHARE * clock.left()
+    needed = max(
+        MIN_STATISTICS_S, TIME_SAFETY * MIN_STATISTICS_STEPS * costs.predict(spec.reference_batch_size)
+    )
+    if time_budget_s < needed:
+        return {
+            **skipped,
+            "cut_short": [
+                f"no time was left for the gradient noise scale and training races ({time_budget_s:.1f} s "
+                f"of the {needed:.1f} s they need at least)"
+            ],
+            "no_time": True,
+        }
     if sample is None:
         return {
             **skipped,

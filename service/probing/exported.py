@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import ModelSpec, randint, randn
-from service.probing import untrusted
+from service.probing import guard_code, untrusted
 from service.probing.spec import ProbeError, ProbeSpec
 
 LOSSES = ("cross_entropy", "mse", "l1", "huber", "model_returns_loss")
@@ -332,6 +332,11 @@ def _check_strings(value: Any, member: str, path: tuple[str, ...]) -> None:
             _check_target(value)
         elif key in ("in_spec", "out_spec"):
             _check_treespec(value)
+        elif key == "guards_code":  # Python source the loader execs: only shape guards pass
+            try:
+                guard_code.check_guard_code(value)
+            except ValueError as exc:
+                raise _Unsafe(f"{exc} at {_where(path)}") from None
         elif "metadata" in path or key in ("as_string", "as_strings"):
             _check_free_text(value, path)
         elif not _TOKEN.match(value):

@@ -26,5 +26,5 @@ def test_small_models_keep_small_budgets(client: TestClient) -> None:
         client.post("/v1/recommendations", json={"model": {"name": "mlp"}, "time_budget_s": 3}).status_code
         == 202
     )
-    tiny = client.post("/v1/recommendations", json={"model": {"name": "mlp"}, "time_budget_s": 0.5})
+    tiny = client.post("/v1/recommendations", json={"model": {"name": "mlp"}, "time_budget_s": 1.5})
     assert tiny.status_code == 422 and tiny.json()["error"]["code"] == "time_budget_too_small"
