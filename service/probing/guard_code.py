@@ -61,9 +61,14 @@ def _check_node(node: ast.AST, text: str) -> None:
         return
     if isinstance(node, ast.Call) and not node.keywords:
         function = node.func
-        if isinstance(function, ast.Attribute) and function.attr in _TENSOR_METHODS and not node.args:
-            if isinstance(function.value, ast.Subscript) and _is_input(function.value):
-                return
+        if (
+            isinstance(function, ast.Attribute)
+            and function.attr in _TENSOR_METHODS
+            and not node.args
+            and isinstance(function.value, ast.Subscript)
+            and _is_input(function.value)
+        ):
+            return
         if isinstance(function, ast.Name) and function.id in _FUNCTIONS:
             for argument in node.args:
                 _check_node(argument, text)
