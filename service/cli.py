@@ -452,6 +452,7 @@ def local_probe_spec(
     import torch
 
     from service.probing.spec import ProbeError, ProbeSpec
+    from service.recommendations import training_options
 
     if model_file is not None:
         from service.probing.exported import ArchiveError, dry_run
@@ -483,6 +484,7 @@ def local_probe_spec(
         reference_batch_size=settings["reference_batch_size"],
         precision=settings["precision"],
         gradient_checkpointing=settings["gradient_checkpointing"],
+        **training_options(settings),
         device="cuda" if torch.cuda.is_available() else "cpu",
         memory_budget_bytes=settings["memory_budget_bytes"],
         time_budget_s=settings["time_budget_s"],

@@ -333,6 +333,7 @@ def probe_spec_from_request(request: dict[str, Any], *, host: HostDevice) -> Pro
         reference_batch_size=training["reference_batch_size"],
         precision=training["precision"],
         gradient_checkpointing=training["gradient_checkpointing"],
+        **training_options(training),
         device=host.type,  # type: ignore[arg-type]
         memory_budget_bytes=request.get("memory_budget_bytes"),
         time_budget_s=float(request["time_budget_s"]),
@@ -342,6 +343,12 @@ def probe_spec_from_request(request: dict[str, Any], *, host: HostDevice) -> Pro
         target_device=target if differs else None,
         max_batch_size=max_batch_size,
     )
+
+
+def training_options(training: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer settings and horizon of a stored request's `training` (older requests lack them)."""
+    keys = ("momentum", "nesterov", "betas", "eps", "weight_decay", "epochs", "target_loss")
+    return {k: list(training[k]) if k == "betas" else training[k] for k in keys if k in training}
 
 
 def to_public(recommendation: Recommendation) -> dict[str, Any]:

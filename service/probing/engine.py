@@ -333,7 +333,7 @@ def _statistics_phase(
         statistics = run_statistics(
             model,
             model_spec.loss,
-            lambda params, lr: build_optimizer(spec.optimizer, params, lr),
+            lambda params, lr: build_optimizer(spec.optimizer, params, lr, **spec.optimizer_options()),
             sample.x.to(device),
             sample.y.to(device),
             optimizer=spec.optimizer,
