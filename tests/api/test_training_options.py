@@ -26,7 +26,9 @@ def test_optimizer_settings_and_horizon_are_stored_and_change_the_fingerprint(cl
         client, {"optimizer": "adamw", "betas": [0.9, 0.95], "weight_decay": 0.1, "target_loss": 1.5}
     ).json()
     assert adamw["request"]["training"]["betas"] == [0.9, 0.95]
-    other = _post(client, {"optimizer": "adamw", "betas": [0.9, 0.999], "weight_decay": 0.1, "target_loss": 1.5})
+    other = _post(
+        client, {"optimizer": "adamw", "betas": [0.9, 0.999], "weight_decay": 0.1, "target_loss": 1.5}
+    )
     assert other.json()["fingerprint"] != adamw["fingerprint"]
 
 

@@ -155,11 +155,15 @@ def test_the_probe_trains_the_clients_optimizer_settings() -> None:
     group = step.optimizer.param_groups[0]
     assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.0, False, 1e-3)
     step.warm_up(2)
-    assert not any("momentum_buffer" in s and s["momentum_buffer"] is not None for s in step.optimizer.state.values())
+    assert not any(
+        "momentum_buffer" in s and s["momentum_buffer"] is not None for s in step.optimizer.state.values()
+    )
 
     probe = ProbeSpec(model_name="mlp", optimizer="adamw", betas=[0.9, 0.95], eps=1e-6, weight_decay=0.1)
     group = TrainingStep.from_spec(probe, spec, make_config(spec, TINY_MLP)).optimizer.param_groups[0]
-    assert isinstance(TrainingStep.from_spec(probe, spec, make_config(spec, TINY_MLP)).optimizer, torch.optim.AdamW)
+    assert isinstance(
+        TrainingStep.from_spec(probe, spec, make_config(spec, TINY_MLP)).optimizer, torch.optim.AdamW
+    )
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.95), 1e-6, 0.1)
 
     default = TrainingStep.from_spec(ProbeSpec(model_name="mlp"), spec, make_config(spec, TINY_MLP))
