@@ -265,7 +265,8 @@ def _throughput_phase(
     emit({"event": "phase", "phase": "throughput", "trials_planned": len(sizes)})
 
     def on_point(point: dict[str, Any]) -> None:
-        detail = {k: point[k] for k in ("warmup_steps", "timed_steps", "step_times_s") if k in point}
+        keys = ("warmup_steps", "timed_steps", "step_times_s", "spread", "outlier")
+        detail = {k: point[k] for k in keys if k in point}
         emit(
             {
                 "event": "trial",
@@ -287,6 +288,8 @@ def _throughput_phase(
             "batch_size": p["batch_size"],
             "samples_per_second": p["samples_per_second"],
             "step_time_s": p["step_time_s"],
+            "spread": p.get("spread"),
+            "outlier": p.get("outlier", False),
         }
         for p in points
         if p["outcome"] == "ok"
