@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from models.registry import get_model, make_config
+from service.probing import horizon
 from service.probing.data import sample_for_model
 from service.probing.memory import (
     check_budget_covers_model,
@@ -466,6 +467,7 @@ def _assemble_result(
     """The result dict (field names are a client contract, see DESIGN.md): recipe.recommend's training
     recipe, plus the memory limit, curves and measurements it was derived from."""
     max_batch = extrapolation["max_batch_size"] if extrapolation else search.max_batch_size
+    carried = horizon.carry(statistics, spec)  # B_noise at the client's horizon
     recommendation = recommend(
         throughput=throughput,
         max_feasible_batch_size=max_batch,
@@ -478,7 +480,12 @@ def _assemble_result(
         gradient_noise_scale=statistics.get("gradient_noise_scale"),
         races=statistics.get("races"),
         cut_short=statistics.get("cut_short", ()),
+        horizon=carried,
     )
+    horizon.attach(
+        recommendation, carried, statistics=statistics, spec=spec, throughput=throughput,
+        max_micro_batch=max_batch,
+    )  # fmt: skip
     confidence = recommendation["confidence"]
     if extrapolation:
         confidence = "low"

@@ -138,7 +138,7 @@ def train_race(
         if split:
             if step % NOISE_PRECONDITION_EVERY == 1:  # Adam: the preconditioned gradient's noise
                 preconditioner = noise.adam_preconditioner(optimizer, params)
-            loss = _split_step(model, loss_fn, x[idx], y[idx], params, preconditioner, window)
+            loss = noise.split_step(model, loss_fn, x[idx], y[idx], params, preconditioner, window)
         else:
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
@@ -159,7 +159,8 @@ def train_race(
             if split and window[2]:
                 noise_points.append(
                     {"step": step, "loss": value, "small_sq": window[0] / window[2],
-                     "big_sq": window[1] / window[2], "steps": window[2]}
+                     "big_sq": window[1] / window[2], "steps": window[2],
+                     "b_small": batch_size // 2, "b_big": batch_size}
                 )  # fmt: skip
                 window[:] = [0.0, 0.0, 0]
             next_eval = max(step + 1, math.ceil(step * eval_growth))
@@ -190,38 +191,6 @@ def train_race(
     if split:
         result["noise"] = {"b_small": batch_size // 2, "b_big": batch_size, "windows": noise_points}
     return result
-
-
-def _split_step(
-    model: nn.Module,
-    loss_fn: LossFn,
-    xb: torch.Tensor,
-    yb: torch.Tensor,
-    params: list[nn.Parameter],
-    preconditioner: torch.Tensor | None,
-    window: list[float],
-) -> torch.Tensor:
-    """Backward the batch as two halves (same mean gradient as one pass) and add |G_half|² (mean of
-    the two halves) and |G_full|² to `window`. Returns the batch's mean loss (detached)."""
-    half = len(xb) // 2
-    first = loss_fn(model(xb[:half]), yb[:half])
-    (0.5 * first).backward()
-    g_first = noise.flat_grad(params)
-    second = loss_fn(model(xb[half:]), yb[half:])
-    (0.5 * second).backward()
-    g_full = noise.flat_grad(params)
-    g_second = g_full - g_first
-    if preconditioner is not None:
-        g_first, g_second, g_full = (
-            g_first / preconditioner,
-            g_second / preconditioner,
-            g_full / preconditioner,
-        )
-    # g_first = ∇L1/2, g_second = ∇L2/2: the halves' own mean gradients are twice these.
-    window[0] += 2.0 * (float(g_first.double().square().sum()) + float(g_second.double().square().sum()))
-    window[1] += float(g_full.double().square().sum())
-    window[2] += 1
-    return (0.5 * (first + second)).detach()
 
 
 def value_at(curve: Sequence[tuple[int, float]], step: float) -> float | None:
@@ -525,8 +494,9 @@ def run_statistics(
     gns = noise.measure_noise_scale(
         model, loss_fn, opt, x, y,
         warmup_batch_size=warmup_batch, warmup_steps=warmup_steps,
-        time_budget_s=noise_share * time_budget_s, measured_on=measured_on, seed=seed,
+        time_budget_s=noise_share * time_budget_s, measured_on=measured_on, seed=seed, track=True,
     )  # fmt: skip
+    warmup_windows = gns.pop("trajectory", [])
     if gns.get("warmup_steps", 0) < warmup_steps and gns["status"] != "non_finite_loss":
         cut_short.append(f"warm-up cut to {gns['warmup_steps']} of {warmup_steps} steps by the time budget")
     if "cut_short" in gns:
@@ -552,5 +522,6 @@ def run_statistics(
     race["heldout_size"] = 0 if heldout is None else len(heldout[0])
     if race.get("trajectory"):  # the races start after the warm-up: horizon.py counts its steps too
         race["trajectory"]["warmup"] = {"steps": gns.get("warmup_steps", 0), "batch_size": warmup_batch}
+        race["trajectory"]["windows"] = warmup_windows + race["trajectory"]["windows"]
     cut_short.extend(race["warnings"])  # diverged races are reported, never dropped silently
     return {"gradient_noise_scale": gns, "races": race, "cut_short": cut_short}

@@ -434,13 +434,15 @@ def recommend(
     races: Mapping[str, Any] | None = None,
     step_overhead_s: float = 0.0,
     cut_short: Sequence[str] = (),
+    horizon: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full training recipe (the result fields of DESIGN.md plus the estimates behind them).
 
     `throughput`: [{"batch_size", "samples_per_second"}] per device, measured; `max_feasible_batch_size`:
     the largest micro-batch that fits; `gradient_noise_scale`: noise.measure_noise_scale's result (its
     "measured_on" says whose data); `races`: races.run_races' result; `learning_rate` at
-    `reference_batch_size` is the client's reference; `cut_short`: phases the time budget truncated.
+    `reference_batch_size` is the client's reference; `cut_short`: phases the time budget truncated;
+    `horizon`: horizon.carry's result (the batch is then chosen for B_noise at the client's horizon).
     """
     if max_feasible_batch_size < 1:
         raise ValueError("max_feasible_batch_size must be >= 1")
@@ -450,10 +452,12 @@ def recommend(
     choice = choose_noise_scale(gradient_noise_scale, races)
     warnings += choice["warnings"]
     b_noise = choice["value"]
+    # horizon.carry's B_noise at the client's horizon, when given, is what the batch is chosen for.
+    horizon_noise = (horizon or {}).get("value")
     picked = choose_batch(
         throughput=throughput,
         max_feasible_batch_size=max_feasible_batch_size,
-        b_noise=b_noise,
+        b_noise=horizon_noise if horizon_noise is not None else b_noise,
         objective=objective,
         devices=devices,
         dataset_size=dataset_size,
