@@ -4,18 +4,18 @@ how sure the answer is.
 The noise scale grows as the loss falls (McCandlish et al. 2018), so a B_noise measured at the shallow
 loss a probe reaches is not the one that governs a full training run. Three steps:
 
-1. **Trend.** The first race records B_simple along its trajectory (races.train_race, `track_noise`):
-   binned by loss, a weighted least-squares fit ln B_simple = a + slope·ln L gives how the noise scale
-   moves with the loss, with the slope's standard error.
+1. **Trend.** The warm-up and the first race record B_simple along their trajectory (noise.split_step:
+   each step's gradient built from its two halves): pooled by loss and fitted as
+   ln B_simple = a + slope·ln L, shrunk towards a prior slope by precision (fit_trend).
 2. **Calibration and carry.** The races fit B_noise at their level L_r (the value the recipe already
    chose there). Carried to the horizon's loss L_h along the trend: B_h = B(L_r)·(L_h/L_r)^slope, with
    ln-space spread from the level's estimate, the slope's error times |ln(L_h/L_r)|, and a term growing
    with the extrapolation distance.
 3. **The horizon's loss.** `target_loss` (a held-out loss) is mapped to training loss with the first
-   race's latest held-out - training gap; `epochs` at the reference batch become steps, converted to the
-   first race's batch size with S(B) = S_min(1 + B_noise/B), and the loss there comes from a power-law fit
-   L(s) = c + a·s^-p of that race's curve (warm-up steps counted). With neither, the horizon is the
-   races' level and the answer says so.
+   race's latest held-out - training gap; for `epochs` the probe's training-loss curve (warm-up, then the
+   first race) is expressed in steps at the reference batch size (S(B) = S_min(1 + B_noise/B)) and a
+   power law L(s) = c + a·s^-p fitted to its tail gives the loss at epochs·N/B_ref steps. With neither,
+   the horizon is the races' level and the answer says so.
 
 Then, for the recommended size and the reference: steps S(B) = S_min(1 + B_h/B), epochs
 E(B) = S(B)·B/N = E_min(1 + B/B_h), predicted wall time S(B)·step time(B); held-out loss at equal
@@ -39,9 +39,16 @@ import numpy as np
 LEVEL_SIGMA = {"races": 0.35, "combined": 0.5, "gradient_noise_scale": 0.7}
 LEVEL_SIGMA_DEFAULT = 0.8
 EXTRAPOLATION_SIGMA = 0.25  # extra ln-spread per unit of |ln(L_h / L_r)|
-SLOPE_BOUNDS = (-4.0, 0.5)  # a fitted trend outside these is clipped (few, noisy windows)
+SLOPE_BOUNDS = (-3.0, 0.5)  # a trend outside these is clipped
+# Prior on the trend's slope (ln B_simple per ln loss): B_simple grows as the loss falls. Set on the
+# tuning half (a 1200-step plain-SGD digits trajectory measured -0.44 ± 0.10).
+PRIOR_SLOPE = -0.5
+PRIOR_SLOPE_SD = 0.5
+TREND_GROUPS = 6  # bins pooled into this many groups before the fit
+MIN_GROUPS = 3
+TREND_RESIDUAL_FLOOR = 0.15  # ln-spread assumed at least, so 3 groups on a line do not look exact
+EARLY_LOSS_FRACTION = 0.9  # bins above this fraction of the initial loss are the initial transient
 MIN_BIN_STEPS = 20  # steps per loss bin of the trajectory
-MIN_BINS = 3  # fewer usable bins: no trend (slope 0, with the extrapolation term only)
 TIME_SIGMA_FLOOR = 0.05  # ln-spread of every step time beyond its own measured spread (drift)
 INTERVAL_PROBABILITY = 0.8
 DRAWS = 2000
@@ -72,7 +79,7 @@ def trajectory_points(trajectory: Mapping[str, Any] | None) -> list[dict[str, fl
         g2 = (b_big * big - b_small * small) / (b_big - b_small)
         trace = (small - big) / (1 / b_small - 1 / b_big)
         if g2 > 0 and trace > 0 and loss > 0:
-            points.append({"loss": loss, "b_simple": trace / g2, "steps": n})
+            points.append({"loss": loss, "b_simple": trace / g2, "steps": n, "grad_sq": g2, "trace": trace})
         acc.clear()
 
     for w in trajectory["windows"]:
@@ -93,27 +100,56 @@ def trajectory_points(trajectory: Mapping[str, Any] | None) -> list[dict[str, fl
 
 
 def fit_trend(points: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-    """ln B_simple = a + slope·ln L, weighted by steps per bin; the slope's standard error."""
-    if len(points) < MIN_BINS or len({round(p["loss"], 12) for p in points}) < 2:
-        return {"slope": 0.0, "slope_se": 0.0, "status": "no_trend", "bins": len(points)}
-    u = np.log([p["loss"] for p in points])
-    v = np.log([p["b_simple"] for p in points])
-    w = np.array([p["steps"] for p in points], dtype=float)
+    """ln B_simple = a + slope·ln L over the trajectory, shrunk towards a prior slope.
+
+    Per-bin ratios are noisy (a ratio of noisy means), so the bins are pooled into up to TREND_GROUPS
+    groups of consecutive bins, each estimated as mean tr(Σ) / mean |G|²; bins still near the initial
+    loss (above EARLY_LOSS_FRACTION of the first bin's) are left out: at initialisation the noise scale
+    is a transient. The fitted slope (weighted by steps) is combined with PRIOR_SLOPE ± PRIOR_SLOPE_SD by
+    precision, so a short or noisy trajectory leans on the prior and a long, clean one on itself.
+    """
+    prior = {"slope": PRIOR_SLOPE, "slope_se": PRIOR_SLOPE_SD, "bins": len(points), "groups": 0}
+    if not points:
+        return {**prior, "status": "prior_only"}
+    start = points[0]["loss"]
+    kept = [p for p in points if p["loss"] <= EARLY_LOSS_FRACTION * start] or list(points)
+    k = min(TREND_GROUPS, len(kept))
+    if k < MIN_GROUPS:
+        return {**prior, "status": "prior_only"}
+    groups = []
+    for i in range(k):
+        part = kept[i * len(kept) // k : (i + 1) * len(kept) // k]
+        n = sum(p["steps"] for p in part)
+        g2 = sum(p["grad_sq"] * p["steps"] for p in part) / n
+        trace = sum(p["trace"] * p["steps"] for p in part) / n
+        loss = sum(p["loss"] * p["steps"] for p in part) / n
+        if g2 > 0 and trace > 0:
+            groups.append((loss, trace / g2, n))
+    if len(groups) < MIN_GROUPS or len({round(g[0], 12) for g in groups}) < 2:
+        return {**prior, "status": "prior_only"}
+    u = np.log([g[0] for g in groups])
+    v = np.log([g[1] for g in groups])
+    w = np.array([g[2] for g in groups], dtype=float)
     mu, mv = np.average(u, weights=w), np.average(v, weights=w)
     var_u = float(np.sum(w * (u - mu) ** 2))
     if var_u <= 0:
-        return {"slope": 0.0, "slope_se": 0.0, "status": "no_trend", "bins": len(points)}
+        return {**prior, "status": "prior_only"}
     slope = float(np.sum(w * (u - mu) * (v - mv)) / var_u)
     resid = v - (mv + slope * (u - mu))
-    dof = max(1, len(points) - 2)
-    sigma2 = float(np.sum(w * resid**2) / np.sum(w)) * len(points) / dof
-    slope_se = math.sqrt(sigma2 * float(np.sum(w)) / len(points) / var_u)
-    clipped = min(max(slope, SLOPE_BOUNDS[0]), SLOPE_BOUNDS[1])
+    dof = max(1, len(groups) - 2)
+    sigma2 = max(float(np.sum(w * resid**2) / np.sum(w)) * len(groups) / dof, TREND_RESIDUAL_FLOOR**2)
+    se = math.sqrt(sigma2 * float(np.sum(w)) / len(groups) / var_u)
+    precision = 1 / se**2 + 1 / PRIOR_SLOPE_SD**2
+    combined = (slope / se**2 + PRIOR_SLOPE / PRIOR_SLOPE_SD**2) / precision
+    clipped = min(max(combined, SLOPE_BOUNDS[0]), SLOPE_BOUNDS[1])
     return {
         "slope": clipped,
-        "slope_se": slope_se,
-        "status": "ok" if clipped == slope else "clipped",
+        "slope_se": math.sqrt(1 / precision),
+        "measured_slope": slope,
+        "measured_slope_se": se,
+        "status": "ok" if clipped == combined else "clipped",
         "bins": len(points),
+        "groups": len(groups),
         "loss_range": [float(np.exp(u.min())), float(np.exp(u.max()))],
     }
 
@@ -125,6 +161,8 @@ def fit_loss_curve(curve: Sequence[tuple[float, float]]) -> dict[str, Any] | Non
     """L(s) = c + a·s^-p (c >= 0, a > 0) over the curve's points with s >= 1, p from POWER_GRID; the
     exponents whose fit is within a factor (1 + 2/dof) of the best SSE give the range of predictions."""
     pts = [(float(s), float(v)) for s, v in curve if s >= 1 and math.isfinite(v)]
+    if pts:  # the tail decides an extrapolation: leave out the first steep twentieth (in steps)
+        pts = [(s, v) for s, v in pts if s >= max(pts)[0] / 20] if len(pts) > 8 else pts
     if len(pts) < 4:
         return None
     s = np.array([p[0] for p in pts])
@@ -207,9 +245,8 @@ def carry_to_horizon(
                 f"the {kind} horizon could not be placed (no race trajectory); B_noise is not carried"
             )
         return _with_bounds(out)
-    curve = _shifted_curve(trajectory, b_noise_level)
-    loss_fit = fit_loss_curve(curve)
-    batch = trajectory["batch_size"]
+    reference = reference_batch_size
+    loss_fit = fit_loss_curve(reference_curve(trajectory, reference, b_noise_level))
     horizon_loss, spread_losses = level, [level]
     if kind == "target_loss":
         gap = _heldout_gap(trajectory)
@@ -223,17 +260,15 @@ def carry_to_horizon(
             )
             horizon_loss = spread_losses[0] = 0.1 * level
     elif kind == "epochs":
+        steps_ref = epochs * dataset_size / reference
+        out["horizon"]["reference_steps"] = steps_ref
         if loss_fit is None:
-            warnings.append("the first race's curve is too short to extrapolate to the horizon's epochs")
+            warnings.append(
+                "the probe's loss curve is too short to place the epochs: kept at the races' level"
+            )
         else:
-            steps_ref = epochs * dataset_size / reference_batch_size
-            b_h = b_noise_level
-            for _ in range(3):  # B_noise at the horizon sets the step conversion, and vice versa
-                s_h = _equivalent_steps(steps_ref, reference_batch_size, batch, b_h)
-                horizon_loss = _loss_at(loss_fit, s_h)
-                b_h = _carry(b_noise_level, level, horizon_loss, trend["slope"])
-            spread_losses = [_loss_at(f, s_h) for f in loss_fit["plausible"]]
-            out["horizon"]["reference_steps"] = steps_ref
+            horizon_loss = _loss_at(loss_fit, steps_ref)
+            spread_losses = [_loss_at(f, steps_ref) for f in loss_fit["plausible"]]
     out["horizon"]["train_loss"] = horizon_loss
     value = _carry(b_noise_level, level, horizon_loss, trend["slope"])
     distance = abs(math.log(horizon_loss / level)) if horizon_loss > 0 else 0.0
@@ -250,7 +285,7 @@ def carry_to_horizon(
             f"no epochs or target_loss given: the answer is for the depth the probe reached (training loss "
             f"{level:.4g}); training further moves B_noise (trend: ln B = {trend['slope']:.2f} ln L + c)"
         )
-    out["s_min"] = _s_min(kind, out, loss_fit, batch, race, epochs, dataset_size, reference_batch_size)
+    out["s_min"] = _s_min(kind, out, loss_fit, race, epochs, dataset_size, reference_batch_size)
     return _with_bounds(out)
 
 
@@ -265,14 +300,27 @@ def _with_bounds(out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _shifted_curve(trajectory: Mapping[str, Any], b_noise: float) -> list[tuple[float, float]]:
-    """The first race's curve with the warm-up's steps (at its own batch) counted in the race's steps."""
+def reference_curve(
+    trajectory: Mapping[str, Any], reference_batch_size: int, b_noise: float
+) -> list[tuple[float, float]]:
+    """The probe's training-loss curve in steps at the reference batch size: the warm-up's windows
+    (mean batch loss, at the warm-up's batch) then the first race's evaluations after them, each
+    converted with S(B) = S_min(1 + B_noise/B)."""
     warm = trajectory.get("warmup") or {}
-    offset = _equivalent_steps(
-        float(warm.get("steps") or 0), float(warm.get("batch_size") or trajectory["batch_size"]),
-        float(trajectory["batch_size"]), b_noise,
-    )  # fmt: skip
-    return [(s + offset, v) for s, v in trajectory["curve"] if s > 0]
+    warm_batch = float(warm.get("batch_size") or reference_batch_size)
+    points = [
+        (_equivalent_steps(w["step"], warm_batch, reference_batch_size, b_noise), w["loss"])
+        for w in trajectory.get("windows") or []
+        if w.get("phase") == "warmup"
+    ]
+    offset = _equivalent_steps(float(warm.get("steps") or 0), warm_batch, reference_batch_size, b_noise)
+    batch = float(trajectory["batch_size"])
+    points += [
+        (offset + _equivalent_steps(st, batch, reference_batch_size, b_noise), v)
+        for st, v in trajectory["curve"]
+        if st > 0
+    ]
+    return points
 
 
 def _heldout_gap(trajectory: Mapping[str, Any]) -> float:
@@ -287,7 +335,6 @@ def _s_min(
     kind: str,
     out: Mapping[str, Any],
     loss_fit: Mapping[str, Any] | None,
-    batch: int,
     race: Mapping[str, Any],
     epochs: float | None,
     dataset_size: int,
@@ -297,11 +344,10 @@ def _s_min(
     b_h = out["value"]
     if kind == "epochs" and epochs is not None:
         return epochs * dataset_size / reference_batch_size / (1 + b_h / reference_batch_size)
-    loss = out["horizon"]["train_loss"]
     if loss_fit is not None:
-        steps = _steps_to(loss_fit, loss)
+        steps = _steps_to(loss_fit, out["horizon"]["train_loss"])  # at the reference batch size
         if steps is not None:
-            return steps / (1 + b_h / batch)
+            return steps / (1 + b_h / reference_batch_size)
     if kind == "probe_depth" and race.get("status") == "ok" and race.get("s_min"):
         return float(race["s_min"])
     return None

@@ -41,24 +41,26 @@ def _races(level: float = 0.4, trajectory: dict | None = None) -> dict:
 
 
 def test_the_trend_is_recovered_from_noise_free_windows() -> None:
-    points = horizon.trajectory_points(_trajectory(slope=-0.5))
+    points = horizon.trajectory_points(_trajectory(slope=-1.0))
     assert len(points) == 6  # 12 windows of 10 steps, pooled in twos (MIN_BIN_STEPS)
-    for p in points[:1]:
-        assert p["b_simple"] > 0
+    assert points[0]["b_simple"] == pytest.approx(50.0 * points[0]["loss"] ** -1.0, rel=0.05)
     trend = horizon.fit_trend(points)
-    assert trend["status"] == "ok"
-    assert trend["slope"] == pytest.approx(-0.5, abs=0.05)  # pooling two windows averages slightly
+    assert trend["status"] == "ok" and trend["measured_slope"] == pytest.approx(-1.0, abs=0.05)
+    # Shrunk towards the prior by precision: between the two, near the measurement.
+    assert -1.0 < trend["slope"] < horizon.PRIOR_SLOPE and trend["slope"] < -0.8
+    assert trend["slope_se"] < horizon.PRIOR_SLOPE_SD
 
 
 def test_windows_of_different_batch_pairs_are_not_pooled() -> None:
     windows = [_window(1.0, 40, 16, 32), _window(0.9, 40, 32, 64), _window(0.8, 40, 32, 64)]
     points = horizon.trajectory_points({"windows": windows})
     assert [p["steps"] for p in points] == [10, 20]  # a half bin at the switch, then a full one
-    assert points[0]["b_simple"] == pytest.approx(40)
+    assert points[1]["b_simple"] == pytest.approx(40)
 
 
-def test_too_few_bins_give_no_trend() -> None:
-    assert horizon.fit_trend([{"loss": 1.0, "b_simple": 10.0, "steps": 20}])["status"] == "no_trend"
+def test_a_short_trajectory_leans_on_the_prior() -> None:
+    trend = horizon.fit_trend([{"loss": 1.0, "b_simple": 10.0, "steps": 20, "grad_sq": 1.0, "trace": 10.0}])
+    assert trend["status"] == "prior_only" and trend["slope"] == horizon.PRIOR_SLOPE
 
 
 def test_loss_curve_fit_and_inverse() -> None:
