@@ -575,6 +575,8 @@ def attach(
         reference_batch_size=spec.reference_batch_size, devices=spec.device_count,
     )  # fmt: skip
     recommendation["horizon"] = block
+    if hasattr(spec, "optimizer_options"):  # the optimizer the probe trained, as the client stated it
+        recommendation["optimizer_settings"] = {"optimizer": spec.optimizer, **spec.optimizer_options()}
     recommendation["warnings"] = list(recommendation.get("warnings", [])) + block["warnings"]
     interval = block.get("interval")
     if interval:

@@ -191,3 +191,28 @@ def test_attach_adds_the_block_and_never_raises_confidence() -> None:
     assert block["interval"]["probability"] == 0.8
     assert rec["confidence"] in ("low", "medium")
     assert rec["confidence_reasons"][-1] == block["interval"]["statement"]
+
+
+def test_a_probe_answers_for_the_clients_horizon_and_echoes_its_optimizer() -> None:
+    import json
+
+    from service.probing import engine
+    from service.probing.spec import ProbeSpec
+
+    spec = ProbeSpec(
+        model_name="mlp", model_config={"hidden_dims": [32]}, optimizer="sgd", momentum=0.0,
+        learning_rate=0.1,
+        memory_budget_bytes=64 * 2**20, time_budget_s=8.0, dataset_size=1797, epochs=20,
+    )  # fmt: skip
+    result = engine.run_probe(spec, lambda event: None)
+    json.dumps(result, allow_nan=False)  # stored as JSON: no numpy scalars, no inf/nan
+    assert result["optimizer_settings"] == {
+        "optimizer": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0
+    }  # fmt: skip
+    block = result["horizon"]
+    assert block["horizon"]["kind"] == "epochs" and block["horizon"]["epochs"] == 20
+    if block["b_noise"] is not None:  # the statistics phase had the time to run
+        assert block["recommended"]["batch_size"] == result["recommended_batch_size"]
+        assert block["reference"]["epochs"] == pytest.approx(20, rel=0.01)
+        assert block["interval"]["probability"] == 0.8
+        assert any("probability" in r for r in result["confidence_reasons"])
