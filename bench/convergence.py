@@ -16,9 +16,9 @@ ORACLE: for every size of the task's sweep, the learning rate is tuned on the gr
 (linear scaling for SGD, square root for Adam-family, from the reference), walking k while it improves;
 every run goes to the deep target and records the steps to both targets, so one grid serves both
 depths; each depth's best lr is re-run with a second minibatch order and the mean of the two is the
-size's steps. Time to target = steps x step time, the step time measured after the sweep in interleaved
-rounds (each size's fastest round). A recommended size outside the sweep (a half-octave) is tuned the
-same way, outside the sweep's cost.
+size's steps. Time to target = steps x step time, the step time measured after the task's sweep in
+interleaved rounds (each size's fastest round). A recommended size outside the sweep (a half-octave) is
+scored log-log between its neighbours (marked ~).
 
 PROBE: what the service runs, minus the memory search (maximum feasible = the sweep's largest size): the
 throughput ladder (service.probing.throughput), the statistics phase (races.run_statistics: warm-up and
@@ -26,14 +26,15 @@ noise trajectory, gradient noise scale, races with a held-out part) and, per dep
 horizon: horizon.carry with `epochs` = the epochs the reference run needed to reach that depth (what a
 client who trains at batch 32 would state), recipe.recommend(horizon=...), horizon.attach. The probe's
 time budget is PROBE_SHARE of the sweep's training seconds in the same run; its cost counts the ladder
-and the statistics (once per task: both depths share it).
+and the statistics (once per task: both depths share it). A task's probe, step timing and check runs
+happen in the main process as soon as its sweep is done, while the pool sweeps the next tasks.
 
 Per task and depth: the oracle's best size and time, the recommended size, ratio = oracle time at the
 recommended size / best time, the stated 80 % interval for that ratio and whether it held, the probe's
 cost as % of the sweep, and whether training at the recommended size with the recommended learning rate
 diverges (one run to the deep target).
 
-    .venv/bin/python bench/convergence.py                    # the suite (~30-60 min on 2 shared cores)
+    .venv/bin/python bench/convergence.py                    # the suite (~40 min on 2 busy shared cores)
     .venv/bin/python bench/convergence.py --tasks digits-mlp-sgd --quick   # smoke test
 """
 
@@ -72,7 +73,7 @@ REFERENCE_BATCH = 32
 SHALLOW_FRACTION = 1 / 8  # the shallow target: the reference run's loss at this fraction of its steps
 LADDER_SHARE = 0.4  # of the probe's budget for the throughput ladder, as engine.THROUGHPUT_TIME_SHARE
 PROBE_SHARE = 0.08  # the probe's budget: this share of the sweep's training seconds in the same run
-MAX_GRID_RUNS = 6
+MAX_GRID_RUNS = 5
 EVAL_SIZE = 512
 HALVES = ("tuning", "held_out")
 
@@ -329,13 +330,16 @@ def tune_size(name: str, batch_size: int, targets: list[float], quick: bool = Fa
         else:
             break
     depths = []
+    repeats: dict[int, dict[str, Any]] = {}
     for d in range(len(targets)):
         reached = {k: r["steps"][d] for k, r in runs.items() if r["steps"][d]}
         if not reached:
             depths.append({"best_lr": None, "steps": None, "steps_per_order": None})
             continue
         k = min(reached, key=lambda k: reached[k])
-        again = run_to_targets(name, batch_size, runs[k]["lr"], targets, cap, seed=1)
+        if k not in repeats:  # one second order per lr, shared by the depths that picked it
+            repeats[k] = run_to_targets(name, batch_size, runs[k]["lr"], targets, cap, seed=1)
+        again = repeats[k]
         both = [reached[k], again["steps"][d]]
         depths.append({
             "best_lr": runs[k]["lr"], "steps_per_order": both,
@@ -463,8 +467,7 @@ def time_at(times: dict[int, float], b: int) -> tuple[float, bool]:
     return math.exp(math.log(times[lo]) + f * (math.log(times[hi]) - math.log(times[lo]))), True
 
 
-def bench_task(name: str, refs: dict[str, Any], tuned: dict[int, Any], args: argparse.Namespace,
-               pool: ProcessPoolExecutor) -> dict[str, Any]:  # fmt: skip
+def bench_task(name: str, refs: dict[str, Any], tuned: dict[int, Any], args: argparse.Namespace) -> dict[str, Any]:
     setup = _setup(name)
     task = setup.task
     targets = refs["targets"]
@@ -482,15 +485,11 @@ def bench_task(name: str, refs: dict[str, Any], tuned: dict[int, Any], args: arg
         b_h = (rec.get("horizon") or {}).get("b_noise")
         print(f"  {label}: epochs {epochs:.2f} -> B={rec['recommended_batch_size']}", end=" ")
         print(f"lr={rec['learning_rate']:.3g} B_h={_fmt(b_h)}", flush=True)
-    extra = sorted({r["recommended_batch_size"] for r in recs} - set(tuned))
-    extra_futures = {b: pool.submit(tune_size, name, b, targets, args.quick) for b in extra}
-    check_futures = [
-        pool.submit(run_to_targets, name, r["recommended_batch_size"], r["learning_rate"], targets,
-                    task.ref_steps * 3)
+    # Training at the recommended size with the recommended lr (here: the pool is busy with other tasks).
+    checks = [
+        run_to_targets(name, r["recommended_batch_size"], r["learning_rate"], targets, task.ref_steps * 3)
         for r in recs
-    ]  # fmt: skip
-    tuned = {**tuned, **{b: f.result() for b, f in extra_futures.items()}}
-    checks = [f.result() for f in check_futures]
+    ]
     step_s = measure_step_times(setup, sorted(tuned), rounds=args.rounds, min_seconds=0.15)
     for d, label in enumerate(("shallow", "deep")):
         times = {b: (t["depths"][d]["steps"] or math.inf) * step_s[b] for b, t in tuned.items()}
@@ -614,7 +613,8 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         "at 1/8 of its steps, deep = at all of them; the probe is told `epochs` = the epochs the reference "
         "needed for that depth",
         "- ratio: oracle time to target at the recommended size / the oracle's best (lr tuned per size and "
-        "depth; a recommended size outside the sweep is tuned too, or interpolated log-log when marked ~); "
+        "depth; a recommended size outside the sweep is interpolated log-log between its neighbours, "
+        "marked ~); "
         "interval: the answer's 80 % upper bound on that ratio; held: ratio <= bound",
         f"- probe budget: {PROBE_SHARE:.0%} of the sweep's training seconds; cost = ladder + statistics "
         "seconds",
@@ -716,17 +716,14 @@ def main() -> None:
             (n, b): pool.submit(tune_size, n, b, refs[n]["targets"], args.quick)
             for n in names for b in TASKS[n].sizes
         }  # fmt: skip
-        tuned: dict[str, dict[int, Any]] = {n: {} for n in names}
-        for (n, b), f in grid.items():
-            tuned[n][b] = f.result()
-        print(f"sweep done in {(time.monotonic() - started) / 60:.1f} min", flush=True)
-        for n in names:
-            print(f"== {n}", flush=True)
-            results.append(bench_task(n, refs[n], tuned[n], args, pool))
-    loads["after"] = _uptime()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_report(results, args, out, time.monotonic() - started, loads)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for n in names:  # each task as soon as its sweep is done, while the pool sweeps the next ones
+            tuned = {b: grid[(n, b)].result() for b in TASKS[n].sizes}
+            print(f"== {n} (sweep done at {(time.monotonic() - started) / 60:.1f} min)", flush=True)
+            results.append(bench_task(n, refs[n], tuned, args))
+            loads["after"] = _uptime()
+            write_report(results, args, out, time.monotonic() - started, loads)  # partial results survive
     print(json.dumps(summarise(results), indent=1))
     for path in _ARCHIVES.values():
         Path(path).unlink(missing_ok=True)
