@@ -467,7 +467,9 @@ def time_at(times: dict[int, float], b: int) -> tuple[float, bool]:
     return math.exp(math.log(times[lo]) + f * (math.log(times[hi]) - math.log(times[lo]))), True
 
 
-def bench_task(name: str, refs: dict[str, Any], tuned: dict[int, Any], args: argparse.Namespace) -> dict[str, Any]:
+def bench_task(
+    name: str, refs: dict[str, Any], tuned: dict[int, Any], args: argparse.Namespace
+) -> dict[str, Any]:
     setup = _setup(name)
     task = setup.task
     targets = refs["targets"]
