@@ -50,6 +50,7 @@ TREND_RESIDUAL_FLOOR = 0.15  # ln-spread assumed at least, so 3 groups on a line
 EARLY_LOSS_FRACTION = 0.9  # bins above this fraction of the initial loss are the initial transient
 MIN_BIN_STEPS = 20  # steps per loss bin of the trajectory
 TIME_SIGMA_FLOOR = 0.05  # ln-spread of every step time beyond its own measured spread (drift)
+GNS_RESOLVABLE = 64  # B_simple above this many times the larger batch it was measured with is noise
 INTERVAL_PROBABILITY = 0.8
 DRAWS = 2000
 CONFIDENCE_BOUNDS = (("high", 1.10), ("medium", 1.25))  # interval upper end -> coarse label
@@ -547,12 +548,26 @@ def carry(statistics: Mapping[str, Any], spec: Any) -> dict[str, Any]:
     to `spec`'s horizon (a ProbeSpec: epochs, target_loss, reference_batch_size, dataset_size)."""
     from service.probing.recipe import choose_noise_scale
 
-    choice = choose_noise_scale(statistics.get("gradient_noise_scale"), statistics.get("races"))
+    choice = choose_noise_scale(_resolved(statistics), statistics.get("races"))
     return carry_to_horizon(
         races=statistics.get("races"), b_noise_level=choice["value"], source=choice["source"],
         reference_batch_size=spec.reference_batch_size, dataset_size=spec.dataset_size,
         epochs=spec.epochs, target_loss=spec.target_loss,
     )  # fmt: skip
+
+
+def _resolved(statistics: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The gradient noise scale, or None when the races fitted B_noise and B_simple was not resolved:
+    an interval open above, or a value more than GNS_RESOLVABLE times b_big (the two-batch estimate's
+    |G|² was noise there, so its geometric mean with the races would only pull a sound fit away)."""
+    gns = statistics.get("gradient_noise_scale")
+    races = statistics.get("races") or {}
+    if not gns or races.get("status") != "ok":
+        return gns
+    high, value, b_big = gns.get("high"), gns.get("value"), gns.get("b_big") or 0
+    if high is None or not math.isfinite(high) or (value is not None and value > GNS_RESOLVABLE * b_big):
+        return None
+    return gns
 
 
 def attach(

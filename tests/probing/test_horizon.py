@@ -216,3 +216,13 @@ def test_a_probe_answers_for_the_clients_horizon_and_echoes_its_optimizer() -> N
         assert block["reference"]["epochs"] == pytest.approx(20, rel=0.01)
         assert block["interval"]["probability"] == 0.8
         assert any("probability" in r for r in result["confidence_reasons"])
+
+
+def test_an_unresolved_gradient_noise_scale_does_not_pull_a_race_fit_away() -> None:
+    races = {"status": "ok", "value": 24.0}
+    wild = {"value": 8.9e9, "low": 5.4e7, "high": math.inf, "b_big": 16, "status": "ok"}
+    assert horizon._resolved({"gradient_noise_scale": wild, "races": races}) is None
+    sound = {"value": 60.0, "low": 40.0, "high": 90.0, "b_big": 16, "status": "ok"}
+    assert horizon._resolved({"gradient_noise_scale": sound, "races": races}) is sound
+    # Without a race fit the noise scale is all there is: kept.
+    assert horizon._resolved({"gradient_noise_scale": wild, "races": {"status": "shallow"}}) is wild
