@@ -627,6 +627,15 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         "depth; a recommended size outside the sweep is interpolated log-log between its neighbours, "
         "marked ~); "
         "interval: the answer's 80 % upper bound on that ratio; held: ratio <= bound",
+        *(
+            [
+                f"- the oracle's sweep (reference runs, steps to target, sweep cost) is the one of "
+                f"{loads['oracle_sweep_from'].get('date')} (`{loads['oracle_sweep_from'].get('command')}`, load "
+                f"{loads['oracle_sweep_from'].get('load')}); everything else was redone by this command"
+            ]
+            if loads.get("oracle_sweep_from")
+            else []
+        ),
         f"- probe budget: {PROBE_SHARE:.0%} of the sweep's training seconds; cost = ladder + statistics "
         "seconds",
         "",
