@@ -629,9 +629,10 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         "interval: the answer's 80 % upper bound on that ratio; held: ratio <= bound",
         *(
             [
-                f"- the oracle's sweep (reference runs, steps to target, sweep cost) is the one of "
-                f"{loads['oracle_sweep_from'].get('date')} (`{loads['oracle_sweep_from'].get('command')}`, load "
-                f"{loads['oracle_sweep_from'].get('load')}); everything else was redone by this command"
+                "- the oracle's sweep (reference runs, steps to target, sweep cost) is the one of "
+                + "{date} (`{command}`, load {load}); everything else was redone by this command".format(
+                    **loads["oracle_sweep_from"]
+                )
             ]
             if loads.get("oracle_sweep_from")
             else []
