@@ -9,8 +9,15 @@ every race reached, read off the (interpolated) steps each needed, and fit S = S
 by least squares in 1/B, weighting each point by 1/S² so every size counts by its relative error.
 
 The time budget is shared between the races: the first race runs its share and sets the loss level;
-later races stop as soon as they reach it. Everything that went wrong is in the result, not hidden: a
-race that diverged, a level not reached, a fit that only bounds B_noise.
+later races stop as soon as they reach it. A fit counts only at a real depth: a level at least
+MIN_DROP_FRACTION below the start, reached in at least MIN_LEVEL_STEPS steps by every race it uses. A
+race that stalls (diverges, or never gets STALL_DROP below its start) is retried once at LR_BACKOFF times
+its lr, and each race reports `stable_learning_rate`, the largest lr it trained stably at. A held-out part
+of the sample (split_heldout) is kept out of all training and evaluated alongside, so the held-out loss
+at equal training loss can be compared across sizes. The first race also records B_simple along its
+trajectory (noise.split_step), which horizon.py carries to the client's horizon. Everything that went
+wrong is in the result, not hidden: a race that diverged or stalled, a level too shallow or not
+reached, a fit that only bounds B_noise.
 """
 
 from __future__ import annotations
