@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.probing.spec import ProbeError, ProbeSpec
+from service.probing.spec import ProbeError, ProbeSpec, training_options
 
 
 def local_probe_spec(
@@ -56,6 +56,7 @@ def local_probe_spec(
         reference_batch_size=settings["reference_batch_size"],
         precision=settings["precision"],
         gradient_checkpointing=settings["gradient_checkpointing"],
+        **training_options(settings),
         device="cuda" if torch.cuda.is_available() else "cpu",
         memory_budget_bytes=settings.get("memory_budget_bytes"),
         time_budget_s=settings["time_budget_s"],

@@ -19,7 +19,7 @@ from service.db.models import Recommendation, Trial
 from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.fleet import device_requirement
-from service.probing.spec import PROBE_VERSION, ProbeSpec
+from service.probing.spec import PROBE_VERSION, ProbeSpec, training_options
 from service.schemas import RecommendationCreate
 from service.status import JobStatus
 
@@ -385,6 +385,7 @@ def probe_spec_from_request(request: dict[str, Any], *, host: HostDevice) -> Pro
         reference_batch_size=training["reference_batch_size"],
         precision=training["precision"],
         gradient_checkpointing=training["gradient_checkpointing"],
+        **training_options(training),
         device=host.type,  # type: ignore[arg-type]
         memory_budget_bytes=request.get("memory_budget_bytes"),
         time_budget_s=float(request["time_budget_s"]),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -22,6 +22,7 @@ from service.security import MAX_JSON_DEPTH, json_depth
 from service.status import JobStatus
 
 MIN_TIME_BUDGET_S = 1.0  # less cannot run even one probe trial
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class _Strict(BaseModel):
@@ -73,6 +74,27 @@ class TrainingSpec(_Strict):
     reference_batch_size: int = Field(32, gt=0, le=10**7)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    # The optimizer exactly as the client runs it (the probe trains with these settings).
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (default 0.9); sgd only.")
+    nesterov: bool = Field(False, description="Nesterov momentum; sgd only, needs momentum > 0.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="Adam/AdamW [beta1, beta2].")
+    eps: float = Field(1e-8, gt=0, le=1, description="Adam/AdamW epsilon.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="Weight decay (AdamW: decoupled).")
+    # The horizon the answer is for; neither: the deepest loss the probe reached (the answer says so).
+    epochs: float | None = Field(
+        None, gt=0, le=1e6, description="Epochs the client plans to train at reference_batch_size."
+    )
+    target_loss: float | None = Field(
+        None, ge=-1e6, le=1e6, description="The loss to train to, on the data sample's held-out part."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ValueError("training.nesterov needs optimizer sgd with momentum > 0")
+        if self.epochs is not None and self.target_loss is not None:
+            raise ValueError("give at most one of training.epochs or training.target_loss")
+        return self
 
 
 class DeviceSpec(_Strict):

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from models.registry import get_model, make_config
-from service.probing import sample_check
+from service.probing import horizon, sample_check
 from service.probing.data import sample_for_model
 from service.probing.memory import (
     check_budget_covers_model,
@@ -437,7 +437,8 @@ def _throughput_phase(
     emit({"event": "phase", "phase": "throughput", "trials_planned": len(sizes)})
 
     def on_point(point: dict[str, Any]) -> None:
-        detail = {k: point[k] for k in ("warmup_steps", "timed_steps", "step_times_s") if k in point}
+        keys = ("warmup_steps", "timed_steps", "step_times_s", "spread", "outlier")
+        detail = {k: point[k] for k in keys if k in point}
         emit(
             {
                 "event": "trial",
@@ -469,6 +470,8 @@ def _throughput_phase(
             "batch_size": p["batch_size"],
             "samples_per_second": p["samples_per_second"],
             "step_time_s": p["step_time_s"],
+            "spread": p.get("spread"),
+            "outlier": p.get("outlier", False),
         }
         for p in points
         if p["outcome"] == "ok"
@@ -627,7 +630,7 @@ def _statistics_phase(
         statistics = run_statistics(
             model,
             model_spec.loss,
-            lambda params, lr: build_optimizer(spec.optimizer, params, lr),
+            lambda params, lr: build_optimizer(spec.optimizer, params, lr, **spec.optimizer_options()),
             sample.x.to(device),
             sample.y.to(device),
             optimizer=spec.optimizer,
@@ -799,6 +802,7 @@ def _assemble_result(
     """The result dict (field names are a client contract, see docs/design.md): recipe.recommend's training
     recipe, plus the memory limit, curves and measurements it was derived from."""
     max_batch = extrapolation["max_batch_size"] if extrapolation else search.max_batch_size
+    carried = horizon.carry(statistics, spec)  # B_noise at the client's horizon
     recommendation = recommend(
         throughput=throughput,
         max_feasible_batch_size=max_batch,
@@ -812,7 +816,12 @@ def _assemble_result(
         races=statistics.get("races"),
         cut_short=statistics.get("cut_short", ()),
         noise_independent=statistics.get("noise_independent"),
+        horizon=carried,
     )
+    horizon.attach(
+        recommendation, carried, statistics=statistics, spec=spec, throughput=throughput,
+        max_micro_batch=max_batch,
+    )  # fmt: skip
     confidence = recommendation["confidence"]
     if extrapolation or search.time_limited:
         confidence = "low"

@@ -32,6 +32,7 @@ from torch import nn
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MIN_DRAWS = 50
+TRACK_WINDOW = 10  # warm-up steps per window of the noise trajectory
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -216,6 +217,40 @@ def exact_noise_scale(
     return {"value": trace_sigma / grad_sq, "grad_sq": grad_sq, "trace_sigma": trace_sigma}
 
 
+def split_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    params: list[nn.Parameter],
+    preconditioner: torch.Tensor | None,
+    window: list[float],
+) -> torch.Tensor:
+    """Backward the batch as two halves (same mean gradient as one pass) and add |G_half|² (mean of
+    the two halves) and |G_full|² to `window` ([sum small, sum big, count]): the two-batch-size
+    estimator with b_small = B/2, b_big = B, from a step that trains anyway (McCandlish et al. note the
+    same trick for data-parallel workers). Returns the batch's mean loss (detached)."""
+    half = len(xb) // 2
+    first = loss_fn(model(xb[:half]), yb[:half])
+    (0.5 * first).backward()
+    g_first = flat_grad(params)
+    second = loss_fn(model(xb[half:]), yb[half:])
+    (0.5 * second).backward()
+    g_full = flat_grad(params)
+    g_second = g_full - g_first
+    if preconditioner is not None:
+        g_first, g_second, g_full = (
+            g_first / preconditioner,
+            g_second / preconditioner,
+            g_full / preconditioner,
+        )
+    # g_first = ∇L1/2, g_second = ∇L2/2: the halves' own mean gradients are twice these.
+    window[0] += 2.0 * (float(g_first.double().square().sum()) + float(g_second.double().square().sum()))
+    window[1] += float(g_full.double().square().sum())
+    window[2] += 1
+    return (0.5 * (first + second)).detach()
+
+
 def warm_up(
     model: nn.Module,
     loss_fn: LossFn,
@@ -227,24 +262,45 @@ def warm_up(
     batch_size: int,
     generator: torch.Generator | None = None,
     deadline: float | None = None,
+    track: list[dict[str, Any]] | None = None,
 ) -> list[float]:
     """Plain training steps on random (with replacement) batches; returns the losses.
 
-    Raises FloatingPointError on a NaN/inf loss (the caller reports it).
+    With `track` (a list) and an even batch size, each step is built from its two halves (split_step)
+    and one window of the noise trajectory is appended every TRACK_WINDOW steps: the mean training
+    loss, |G_half|² and |G_full|² of its steps. Raises FloatingPointError on a NaN/inf loss.
     """
     losses: list[float] = []
+    split = track is not None and batch_size >= 2 and batch_size % 2 == 0
+    params = trainable(model)
+    window = [0.0, 0.0, 0]
+    preconditioner = None
     model.train()
     for step in range(steps):
         if deadline is not None and time.monotonic() > deadline:
             break
         idx = torch.randint(0, len(x), (batch_size,), generator=generator).to(x.device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
+        if split:
+            if step % TRACK_WINDOW == 1:
+                preconditioner = adam_preconditioner(optimizer, params)
+            loss = split_step(model, loss_fn, x[idx], y[idx], params, preconditioner, window)
+        else:
+            loss = loss_fn(model(x[idx]), y[idx])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {float(loss.detach())} at warm-up step {step + 1}")
-        loss.backward()
+        if not split:
+            loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if split and window[2] >= TRACK_WINDOW and track is not None:
+            n = int(window[2])
+            track.append(
+                {"step": step + 1, "loss": sum(losses[-n:]) / n, "small_sq": window[0] / n,
+                 "big_sq": window[1] / n, "steps": n, "b_small": batch_size // 2, "b_big": batch_size,
+                 "phase": "warmup"}
+            )  # fmt: skip
+            window[:] = [0.0, 0.0, 0]
     optimizer.zero_grad(set_to_none=True)
     return losses
 
@@ -283,8 +339,11 @@ def measure_noise_scale(
     time_budget_s: float | None = None,
     measured_on: str = "client",
     seed: int = 0,
+    track: bool = False,
 ) -> dict[str, Any]:
     """Warm up `model` (trained in place) with `optimizer`, then estimate B_simple.
+
+    With `track` the warm-up records the noise trajectory (warm_up's `track`) under "trajectory".
 
     Defaults: b_small = 8; b_big = the largest power-of-two multiple of b_small that lets `draws` draws
     fit in 60 % of the time budget at the warm-up's speed (without a budget: 512), within
@@ -300,13 +359,17 @@ def measure_noise_scale(
     b_small = b_small or min(8, max(1, n // 4))
     base: dict[str, Any] = {"measured_on": measured_on, "method": "two_batch_size", "warmup_steps": 0}
     warm_deadline = None if time_budget_s is None else start + 0.4 * time_budget_s
+    windows: list[dict[str, Any]] | None = [] if track else None
     try:
         losses = warm_up(
             model, loss_fn, optimizer, x, y,
             steps=warmup_steps, batch_size=warmup_batch_size, generator=generator, deadline=warm_deadline,
+            track=windows,
         )  # fmt: skip
     except FloatingPointError as exc:
         return _diverged(base, exc)
+    if windows is not None:
+        base["trajectory"] = windows
     base.update(warmup_steps=len(losses), warmup_final_loss=sum(losses[-10:]) / max(1, len(losses[-10:])))
     if b_big is None:
         b_big = _plan_b_big(

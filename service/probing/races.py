@@ -9,8 +9,15 @@ every race reached, read off the (interpolated) steps each needed, and fit S = S
 by least squares in 1/B, weighting each point by 1/S² so every size counts by its relative error.
 
 The time budget is shared between the races: the first race runs its share and sets the loss level;
-later races stop as soon as they reach it. Everything that went wrong is in the result, not hidden: a
-race that diverged, a level not reached, a fit that only bounds B_noise.
+later races stop as soon as they reach it. A fit counts only at a real depth: a level at least
+MIN_DROP_FRACTION below the start, reached in at least MIN_LEVEL_STEPS steps by every race it uses. A
+race that stalls (diverges, or never gets STALL_DROP below its start) is retried once at LR_BACKOFF times
+its lr, and each race reports `stable_learning_rate`, the largest lr it trained stably at. A held-out part
+of the sample (split_heldout) is kept out of all training and evaluated alongside, so the held-out loss
+at equal training loss can be compared across sizes. The first race also records B_simple along its
+trajectory (noise.split_step), which horizon.py carries to the client's horizon. Everything that went
+wrong is in the result, not hidden: a race that diverged or stalled, a level too shallow or not
+reached, a fit that only bounds B_noise.
 """
 
 from __future__ import annotations
@@ -35,6 +42,18 @@ EVAL_GROWTH = 1.1
 DIVERGED_FACTOR = 3.0  # a loss above 3x the initial loss counts as divergence
 FIT_REACH = 2.0  # a fitted B_noise further than this factor outside the sizes raced is only a bound
 FIRST_RACE_SHARE = 0.25  # of the races' budget: the first race sets the loss level the others must reach
+# A race counts only at a real depth: its level at least MIN_DROP_FRACTION below the races' starting loss,
+# reached in at least MIN_LEVEL_STEPS steps (a level passed after 1-2 steps says nothing about S(B)).
+MIN_DROP_FRACTION = 0.1
+MIN_LEVEL_STEPS = 8
+# A race stalls when it diverges or its loss never gets STALL_DROP below its start: it is run once more
+# with its learning rate times LR_BACKOFF (a reference lr tuned for another optimizer, or too high).
+STALL_DROP = 0.02
+LR_BACKOFF = 0.25
+NOISE_PRECONDITION_EVERY = 10  # steps between refreshes of Adam's preconditioner for the noise track
+HOLDOUT_FRACTION = 0.2  # of the sample kept out of all training, for held-out losses
+HOLDOUT_MAX = 512
+HOLDOUT_MIN_SAMPLE = 100  # smaller samples are not split
 
 
 def race_sizes(prediction: float, *, max_size: int, min_size: int = 1, count: int = 3) -> list[int]:
@@ -94,24 +113,42 @@ def train_race(
     max_steps: int = 1_000_000,
     seed: int = 0,
     eval_growth: float = EVAL_GROWTH,
+    heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    track_noise: bool = False,
 ) -> dict[str, Any]:
     """Train from the model's current weights; the curve is [(step, evaluation loss)] at geometric steps.
 
     Stops after `max_seconds` of training and evaluation, when the evaluation loss falls to `stop_below`,
     at `max_steps`, or when the loss diverges (non-finite or > 3x the initial loss). Evaluations come at
-    steps growing by `eval_growth`.
+    steps growing by `eval_growth`. With `heldout` (x, y) the held-out loss is measured at the same
+    steps ("heldout_curve"). With `track_noise` (and an even batch size) each step's gradient is built
+    from its two halves, which gives the two-batch-size estimate of B_simple along the way at almost no
+    cost: "noise" holds one entry per evaluation window (the mean |G_half|², |G_full|² of its steps).
     """
     generator = torch.Generator().manual_seed(seed)
     initial = _eval_loss(model, loss_fn, eval_x, eval_y)
     curve: list[tuple[int, float]] = [(0, initial)]
+    hold_curve: list[tuple[int, float]] = []
+    if heldout is not None:
+        hold_curve.append((0, _eval_loss(model, loss_fn, *heldout)))
+    split = track_noise and batch_size >= 2 and batch_size % 2 == 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    window = [0.0, 0.0, 0]  # sums of |G_half|², |G_full|², steps since the last evaluation
+    noise_points: list[dict[str, Any]] = []
+    preconditioner: torch.Tensor | None = None
     status, step, train_s, eval_s, next_eval = "time_budget", 0, 0.0, 0.0, 1
     model.train()
     while step < max_steps:
         t0 = time.perf_counter()
         idx = torch.randint(0, len(x), (batch_size,), generator=generator).to(x.device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
-        loss.backward()
+        if split:
+            if step % NOISE_PRECONDITION_EVERY == 1:  # Adam: the preconditioned gradient's noise
+                preconditioner = noise.adam_preconditioner(optimizer, params)
+            loss = noise.split_step(model, loss_fn, x[idx], y[idx], params, preconditioner, window)
+        else:
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
         optimizer.step()
         step += 1
         train_s += time.perf_counter() - t0
@@ -122,8 +159,17 @@ def train_race(
         if step >= next_eval or train_s + eval_s >= max_seconds or step >= max_steps:
             t1 = time.perf_counter()
             value = _eval_loss(model, loss_fn, eval_x, eval_y)
+            if heldout is not None:
+                hold_curve.append((step, _eval_loss(model, loss_fn, *heldout)))
             eval_s += time.perf_counter() - t1
             curve.append((step, value if math.isfinite(value) else math.inf))
+            if split and window[2]:
+                noise_points.append(
+                    {"step": step, "loss": value, "small_sq": window[0] / window[2],
+                     "big_sq": window[1] / window[2], "steps": window[2],
+                     "b_small": batch_size // 2, "b_big": batch_size}
+                )  # fmt: skip
+                window[:] = [0.0, 0.0, 0]
             next_eval = max(step + 1, math.ceil(step * eval_growth))
             if not math.isfinite(value) or value > DIVERGED_FACTOR * initial:
                 status = "diverged"
@@ -137,7 +183,7 @@ def train_race(
         status = "max_steps"
     optimizer.zero_grad(set_to_none=True)
     finite = [v for _, v in curve if math.isfinite(v)]
-    return {
+    result = {
         "batch_size": batch_size,
         "status": status,
         "steps": step,
@@ -147,6 +193,27 @@ def train_race(
         "best_loss": min(finite),
         "curve": curve,
     }
+    if heldout is not None:
+        result["heldout_curve"] = hold_curve
+    if split:
+        result["noise"] = {"b_small": batch_size // 2, "b_big": batch_size, "windows": noise_points}
+    return result
+
+
+def value_at(curve: Sequence[tuple[int, float]], step: float) -> float | None:
+    """The curve's value at `step` (linear in log step between evaluations; None outside the curve)."""
+    if not curve or step > curve[-1][0]:
+        return None
+    prev_step, prev_value = curve[0]
+    for s, v in curve[1:]:
+        if s >= step:
+            if prev_step >= 1 and step > 0:
+                frac = math.log(step / prev_step) / math.log(s / prev_step) if s > prev_step else 1.0
+            else:
+                frac = (step - prev_step) / (s - prev_step) if s > prev_step else 1.0
+            return prev_value + frac * (v - prev_value)
+        prev_step, prev_value = s, v
+    return prev_value
 
 
 def steps_to_level(curve: Sequence[tuple[int, float]], level: float) -> float | None:
@@ -213,25 +280,27 @@ def run_races(
     lr_for_size: Callable[[int], float],
     time_budget_s: float,
     eval_size: int = 512,
-    holdout: bool = False,
+    heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    track_noise: bool = True,
     max_steps: int = 100_000,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Race `sizes` from the model's current weights (restored afterwards) and fit B_noise.
 
-    `make_optimizer(params, lr)` builds a fresh optimizer per race. The loss is measured on a fixed
-    (seeded) subset of `eval_size` examples: training loss, as McCandlish et al. measure steps to a
-    training loss; with `holdout=True` those examples are kept out of training instead. The middle
-    size races first and sets the loss level; the others, largest first, stop when they reach it.
-    Returns the fit (`value`, `status`, `rel_rms`, `level`) and per-race summaries.
+    `make_optimizer(params, lr)` builds a fresh optimizer per race. The level is a training loss,
+    measured on a fixed (seeded) subset of `eval_size` training examples, as McCandlish et al. measure
+    steps to a training loss; `heldout` (x, y), kept out of `x`, is evaluated at the same steps. The
+    middle size races first, sets the loss level and (`track_noise`) records B_simple along its
+    trajectory; the others, largest first, stop when they reach the level. A race that stalls (diverged,
+    or its loss never fell STALL_DROP below its start) is run once more at LR_BACKOFF times its lr; each
+    race reports `stable_learning_rate`, the largest lr it trained stably at (None when none did).
+    Returns the fit (`value`, `status`, `rel_rms`, `level`), per-race summaries and the trajectory.
     """
     start = time.monotonic()
     sizes = sorted(set(int(s) for s in sizes))
     generator = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=generator).to(x.device)
-    n_eval = min(eval_size, len(x) // 4 if holdout else len(x))
-    eval_idx, train_idx = perm[:n_eval], (perm[n_eval:] if holdout else perm)
-    ex, ey, tx, ty = x[eval_idx], y[eval_idx], x[train_idx], y[train_idx]
+    eval_idx = torch.randperm(len(x), generator=generator)[: min(eval_size, len(x))].to(x.device)
+    ex, ey = x[eval_idx], y[eval_idx]
     initial_state = copy.deepcopy(model.state_dict())
     # The middle size first (it sets the level), then the others largest first: big batches reach the
     # level in few steps and hand their unused time to the small ones, which need the most steps.
@@ -239,30 +308,63 @@ def run_races(
     order = [middle] + sorted((s for s in sizes if s != middle), reverse=True)
     races: dict[int, dict[str, Any]] = {}
     level: float | None = None
+    trajectory: dict[str, Any] | None = None
     try:
         for i, size in enumerate(order):
-            # The first race sets the level with FIRST_RACE_SHARE of the budget; the others split the rest
-            # (0.9: the first evaluation and the optimizer's set-up run outside a race's own clock) and
-            # usually stop early, on reaching the level.
-            model.load_state_dict(initial_state)
-            optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr_for_size(size))
-            remaining = time_budget_s - (time.monotonic() - start)  # after a first optimizer's imports
-            share = FIRST_RACE_SHARE * remaining if i == 0 else remaining / (len(order) - i)
-            if share <= 0:
-                races[size] = {"batch_size": size, "status": "skipped", "curve": []}
-                continue
-            race = train_race(
-                model, loss_fn, optimizer, tx, ty, ex, ey,
-                batch_size=size, max_seconds=0.9 * share, stop_below=level,
-                max_steps=max_steps, seed=seed + 1,
-            )  # fmt: skip
-            race["learning_rate"] = lr_for_size(size)
+            lr, attempts = lr_for_size(size), []
+            race: dict[str, Any] = {"batch_size": size, "status": "skipped", "curve": []}
+            for _ in range(2):  # one retry at a backed-off lr when the race stalls
+                # The first race sets the level with FIRST_RACE_SHARE of the budget; the others split the
+                # rest (0.9: the first evaluation and the optimizer's set-up run outside a race's own
+                # clock) and usually stop early, on reaching the level.
+                model.load_state_dict(initial_state)
+                optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr)
+                remaining = time_budget_s - (time.monotonic() - start)  # after a first optimizer's imports
+                share = FIRST_RACE_SHARE * remaining if i == 0 else remaining / (len(order) - i)
+                if share <= 0:
+                    break
+                race = train_race(
+                    model, loss_fn, optimizer, x, y, ex, ey,
+                    batch_size=size, max_seconds=0.9 * share, stop_below=level,
+                    max_steps=max_steps, seed=seed + 1, heldout=heldout, track_noise=track_noise and i == 0,
+                )  # fmt: skip
+                race["learning_rate"] = lr
+                attempts.append({"learning_rate": lr, "status": race["status"], "steps": race["steps"]})
+                if not _stalled(race):
+                    break
+                lr *= LR_BACKOFF
+            race["attempts"] = attempts
+            race["stable_learning_rate"] = race["learning_rate"] if attempts and not _stalled(race) else None
             races[size] = race
-            if level is None and race["status"] != "diverged":
+            if level is None and race["stable_learning_rate"] is not None:
                 level = _level_from(race)
+                trajectory = race.get("noise")
     finally:
         model.load_state_dict(initial_state)
-    return _summarise(races, time.monotonic() - start)
+    summary = _summarise(races, time.monotonic() - start)
+    summary["trajectory"] = _trajectory(trajectory, races.get(middle))
+    return summary
+
+
+def _stalled(race: dict[str, Any]) -> bool:
+    """Diverged, or its loss never got STALL_DROP below where it started."""
+    if race["status"] == "diverged":
+        return True
+    start = race["initial_loss"]
+    return race["status"] != "reached" and race["best_loss"] > start - STALL_DROP * abs(start)
+
+
+def _trajectory(noise_track: dict[str, Any] | None, race: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The first race's B_simple windows with its curves (horizon.py reads them)."""
+    if not noise_track or race is None:
+        return None
+    return {
+        **noise_track,
+        "batch_size": race["batch_size"],
+        "learning_rate": race.get("learning_rate"),
+        "curve": race["curve"],
+        "heldout_curve": race.get("heldout_curve"),
+    }
 
 
 def _level_from(race: dict[str, Any]) -> float:
@@ -275,47 +377,90 @@ _PROBLEMS = {
     "diverged": "diverged",
     "skipped": "skipped: the time budget ran out",
     "no_progress": "made no progress (its loss never fell below the start)",
+    "too_fast": f"reached the level in fewer than {MIN_LEVEL_STEPS} steps: too shallow to count",
 }
+_ROW_KEYS = (
+    "batch_size", "learning_rate", "stable_learning_rate", "status", "steps", "best_loss", "train_seconds",
+    "attempts",
+)  # fmt: skip
 
 
 def _summarise(races: dict[int, dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Pick the loss level all usable races reached, read steps to it, and fit S(B)."""
+    """Pick the loss level all usable races reached, read steps to it, and fit S(B) if it is deep enough."""
     for r in races.values():  # e.g. a fresh Adam's first steps raise the loss, and the share ran out
         if r["status"] not in ("diverged", "skipped") and r["best_loss"] >= r["initial_loss"]:
             r["status"] = "no_progress"
     usable = {b: r for b, r in races.items() if r["status"] not in ("diverged", "skipped", "no_progress")}
-    warnings = [
-        f"race at batch size {b} {_PROBLEMS[r['status']]}"
-        + (
-            f" (lr {r['learning_rate']:.3g}, {r['steps']} steps)"
-            if r.get("learning_rate") is not None
-            else ""
-        )
-        for b, r in races.items()
-        if r["status"] in _PROBLEMS
-    ]
     summary: dict[str, Any] = {
-        "races": [
-            {
-                k: r.get(k)
-                for k in ("batch_size", "learning_rate", "status", "steps", "best_loss", "train_seconds")
-            }
-            for r in races.values()
-        ],
+        "races": [{k: r.get(k) for k in _ROW_KEYS} for r in races.values()],
         "seconds": seconds,
-        "warnings": warnings,
+        "warnings": [],
     }
+    if len(usable) >= 2:
+        level = max(r["best_loss"] for r in usable.values())
+        start = min(r["initial_loss"] for r in usable.values())
+        steps = {b: steps_to_level(r["curve"], level) for b, r in usable.items()}
+        for b, s in steps.items():
+            if s is not None and s < MIN_LEVEL_STEPS:
+                races[b]["status"] = "too_fast"
+        for row in summary["races"]:
+            race = races[row["batch_size"]]
+            row["status"] = race["status"]
+            s = steps.get(row["batch_size"])
+            row["steps_to_level"] = s
+            if s is not None:
+                row["train_loss_at_level"] = level
+                if race.get("heldout_curve"):
+                    row["heldout_loss_at_level"] = value_at(race["heldout_curve"], s)
+        points = {b: s for b, s in steps.items() if s is not None and s >= MIN_LEVEL_STEPS}
+        drop = (start - level) / abs(start) if start else 0.0
+        summary.update(level=level, start_loss=start, drop_fraction=drop)
+    summary["warnings"] = _race_warnings(races)
     if len(usable) < 2:
         return {**summary, "status": "insufficient", "value": None, "level": None}
-    level = max(r["best_loss"] for r in usable.values())
-    if level >= min(r["initial_loss"] for r in usable.values()):
-        return {**summary, "status": "no_progress", "value": None, "level": level}
-    steps = {b: steps_to_level(r["curve"], level) for b, r in usable.items()}
-    points = {b: s for b, s in steps.items() if s is not None and s > 0}
-    for row in summary["races"]:
-        row["steps_to_level"] = steps.get(row["batch_size"])
+    if level >= start:
+        return {**summary, "status": "no_progress", "value": None}
+    if drop < MIN_DROP_FRACTION:
+        summary["warnings"].append(
+            f"races reached only loss {level:.4g}, {drop:.1%} below their start {start:.4g} (< "
+            f"{MIN_DROP_FRACTION:.0%}): too shallow to fit B_noise"
+        )
+        return {**summary, "status": "shallow", "value": None}
+    if len(points) < 2:
+        return {**summary, "status": "shallow", "value": None}
     fit = fit_steps(list(points), list(points.values()))
-    return {**summary, **fit, "level": level, "method": "races"}
+    return {**summary, **fit, "method": "races"}
+
+
+def _race_warnings(races: dict[int, dict[str, Any]]) -> list[str]:
+    warnings = []
+    for b, r in races.items():
+        if len(r.get("attempts") or ()) > 1:
+            first = r["attempts"][0]
+            warnings.append(
+                f"race at batch size {b} stalled at lr {first['learning_rate']:.3g} ({first['status']}, "
+                f"{first['steps']} steps); retried at lr {r['attempts'][-1]['learning_rate']:.3g}"
+            )
+        if r["status"] in _PROBLEMS:
+            lr = r.get("learning_rate")
+            warnings.append(
+                f"race at batch size {b} {_PROBLEMS[r['status']]}"
+                + (f" (lr {lr:.3g}, {r.get('steps')} steps)" if lr is not None else "")
+            )
+    return warnings
+
+
+def split_heldout(
+    x: torch.Tensor, y: torch.Tensor, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(train x, train y, held-out (x, y) or None): HOLDOUT_FRACTION of the sample, at most HOLDOUT_MAX
+    examples, kept out of all training; samples under HOLDOUT_MIN_SAMPLE are not split."""
+    n = len(x)
+    if n < HOLDOUT_MIN_SAMPLE:
+        return x, y, None
+    k = min(HOLDOUT_MAX, int(HOLDOUT_FRACTION * n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7)).to(x.device)
+    return x[perm[k:]], y[perm[k:]], (x[perm[:k]], y[perm[:k]])
 
 
 def run_statistics(
@@ -344,17 +489,21 @@ def run_statistics(
     optimizer; `optimizer` is its name ("sgd", "adam", "adamw") for the learning-rate rule. Races use
     sizes in [min_batch_size, min(max_batch_size, len(x) // 2)]: tiny batches are slow per sample and
     only cost time (pass the throughput ladder's smallest size).
-    Returns {"gradient_noise_scale", "races" (None when skipped), "cut_short": [messages]}: the
-    arguments `recipe.recommend` takes.
+    A held-out part of the sample (split_heldout) is kept out of the warm-up, the noise scale and the
+    races, which evaluate it. Returns {"gradient_noise_scale", "races" (None when skipped), "cut_short":
+    [messages]}: the arguments `recipe.recommend` takes.
     """
     start = time.monotonic()
     cut_short: list[str] = []
+    x, y, heldout = split_heldout(x, y, seed)
+    warmup_batch = min(reference_batch_size, len(x))
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], learning_rate)
     gns = noise.measure_noise_scale(
         model, loss_fn, opt, x, y,
-        warmup_batch_size=min(reference_batch_size, len(x)), warmup_steps=warmup_steps,
-        time_budget_s=noise_share * time_budget_s, measured_on=measured_on, seed=seed,
+        warmup_batch_size=warmup_batch, warmup_steps=warmup_steps,
+        time_budget_s=noise_share * time_budget_s, measured_on=measured_on, seed=seed, track=True,
     )  # fmt: skip
+    warmup_windows = gns.pop("trajectory", [])
     if gns.get("warmup_steps", 0) < warmup_steps and gns["status"] != "non_finite_loss":
         cut_short.append(f"warm-up cut to {gns['warmup_steps']} of {warmup_steps} steps by the time budget")
     if "cut_short" in gns:
@@ -375,7 +524,11 @@ def run_statistics(
 
     race = run_races(
         model, loss_fn, make_optimizer, x, y,
-        sizes=sizes, lr_for_size=lr_for_size, time_budget_s=remaining, seed=seed,
+        sizes=sizes, lr_for_size=lr_for_size, time_budget_s=remaining, seed=seed, heldout=heldout,
     )  # fmt: skip
+    race["heldout_size"] = 0 if heldout is None else len(heldout[0])
+    if race.get("trajectory"):  # the races start after the warm-up: horizon.py counts its steps too
+        race["trajectory"]["warmup"] = {"steps": gns.get("warmup_steps", 0), "batch_size": warmup_batch}
+        race["trajectory"]["windows"] = warmup_windows + race["trajectory"]["windows"]
     cut_short.extend(race["warnings"])  # diverged races are reported, never dropped silently
     return {"gradient_noise_scale": gns, "races": race, "cut_short": cut_short}

@@ -546,6 +546,7 @@ def recommend(
     step_overhead_s: float = 0.0,
     cut_short: Sequence[str] = (),
     noise_independent: str | None = None,
+    horizon: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full training recipe (the result fields of docs/design.md plus the estimates behind them).
 
@@ -555,6 +556,7 @@ def recommend(
     `reference_batch_size` is the client's reference; `cut_short`: phases the time budget truncated;
     `noise_independent`: why the time-to-target choice is the same for any B_noise (the statistics were
     skipped on purpose): without a noise estimate it is then still answered as time_to_target.
+    `horizon`: horizon.carry's result (the batch is then chosen for B_noise at the client's horizon).
     """
     if max_feasible_batch_size < 1:
         raise ValueError("max_feasible_batch_size must be >= 1")
@@ -569,10 +571,12 @@ def recommend(
         warnings += choice["warnings"]
     choice = _bound_implausible_noise_scale(choice, gradient_noise_scale, races, dataset_size, warnings)
     b_noise = choice["value"]
+    # horizon.carry's B_noise at the client's horizon, when given, is what the batch is chosen for.
+    horizon_noise = (horizon or {}).get("value")
     picked = choose_batch(
         throughput=throughput,
         max_feasible_batch_size=max_feasible_batch_size,
-        b_noise=1.0 if settled else b_noise,  # any value: the choice does not depend on it
+        b_noise=1.0 if settled else (horizon_noise if horizon_noise is not None else b_noise),
         objective=objective,
         devices=devices,
         dataset_size=dataset_size,

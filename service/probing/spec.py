@@ -10,8 +10,10 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Objective = Literal["time_to_target", "throughput", "max_feasible"]
 
+SGD_DEFAULT_MOMENTUM = 0.9
+
 # Bump when the probe's method changes in a way that changes answers: it is part of the fingerprint.
-PROBE_VERSION = "1"
+PROBE_VERSION = "2"
 
 
 @dataclass
@@ -23,6 +25,16 @@ class ProbeSpec:
     optimizer: Optimizer = "sgd"
     learning_rate: float = 0.1
     reference_batch_size: int = 32
+    # The client's optimizer settings: the probe trains exactly the optimizer the client runs.
+    momentum: float = SGD_DEFAULT_MOMENTUM  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw only
+    eps: float = 1e-8  # adam/adamw only
+    weight_decay: float = 0.0
+    # The training horizon the answer is for: epochs at reference_batch_size, or a loss on the data
+    # sample's held-out part; neither: the deepest loss the probe reached (the answer says which).
+    epochs: float | None = None
+    target_loss: float | None = None
     precision: Precision = "fp32"
     gradient_checkpointing: bool = False
     device: Literal["cpu", "cuda"] = "cpu"  # the host device the probe runs on
@@ -42,6 +54,16 @@ class ProbeSpec:
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def optimizer_options(self) -> dict[str, Any]:
+        """The keyword arguments `step.build_optimizer` takes for this optimizer (only those it uses)."""
+        if self.optimizer == "sgd":
+            return {"momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+        return {"betas": tuple(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def horizon(self) -> dict[str, Any]:
+        """The training horizon as the client stated it (both None: not stated)."""
+        return {"epochs": self.epochs, "target_loss": self.target_loss}
+
 
 class ProbeError(Exception):
     """A probe failure with a stable code and a message meant for the client."""
@@ -50,3 +72,9 @@ class ProbeError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def training_options(training: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer settings and horizon of a stored request's `training` (older requests lack them)."""
+    keys = ("momentum", "nesterov", "betas", "eps", "weight_decay", "epochs", "target_loss")
+    return {k: list(training[k]) if k == "betas" else training[k] for k in keys if k in training}

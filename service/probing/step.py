@@ -23,7 +23,7 @@ from torch import nn
 
 from models.base import ModelSpec
 from service.probing.memory import FORWARD_BACKWARD, OPTIMIZER_STEP
-from service.probing.spec import ProbeError, ProbeSpec
+from service.probing.spec import SGD_DEFAULT_MOMENTUM, ProbeError, ProbeSpec
 
 MEASURED_CONVENTION = (
     "zero_grad(set_to_none=True) after optimizer.step(): gradients are freed before the next forward; "
@@ -32,7 +32,7 @@ MEASURED_CONVENTION = (
 )
 
 OPTIMIZER_STATE_COPIES = {"sgd": 1, "adam": 2, "adamw": 2}  # fp32 copies of the trainable parameters
-SGD_MOMENTUM = 0.9
+SGD_MOMENTUM = SGD_DEFAULT_MOMENTUM  # when the client does not say
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,15 +47,29 @@ NO_PHASES = _NoPhases()
 
 
 def build_optimizer(
-    name: str, parameters: Iterator[nn.Parameter], learning_rate: float
+    name: str,
+    parameters: Iterator[nn.Parameter] | list[nn.Parameter],
+    learning_rate: float,
+    *,
+    momentum: float = SGD_MOMENTUM,
+    nesterov: bool = False,
+    betas: tuple[float, float] | list[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9, Adam or AdamW (torch defaults otherwise)."""
+    """The client's optimizer: SGD (momentum, nesterov, weight decay), Adam or AdamW (betas, eps,
+    weight decay). Options that do not apply to `name` are ignored."""
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=learning_rate, momentum=SGD_MOMENTUM)
-    if name == "adam":
-        return torch.optim.Adam(parameters, lr=learning_rate)
-    if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=learning_rate)
+        if nesterov and momentum <= 0:
+            raise ProbeError("invalid_spec", "nesterov needs a momentum > 0")
+        return torch.optim.SGD(
+            parameters, lr=learning_rate, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+        )
+    if name in ("adam", "adamw"):
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ProbeError("invalid_spec", f"betas must be two numbers in [0, 1), got {list(betas)}")
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(parameters, lr=learning_rate, betas=(float(betas[0]), float(betas[1])), eps=eps, weight_decay=weight_decay)
     raise ProbeError("invalid_spec", f"unknown optimizer {name!r}; expected sgd, adam or adamw")
 
 
@@ -115,6 +129,7 @@ class TrainingStep:
         gradient_checkpointing: bool = False,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        optimizer_options: dict[str, Any] | None = None,
     ) -> None:
         self.model_spec = model_spec
         self.config = config
@@ -135,7 +150,9 @@ class TrainingStep:
         # Sized on the host first, so a model that cannot fit is refused before it is moved.
         self.state_bytes_estimate = _state_bytes(model, optimizer)
         self.model = model.to(self.device).train()
-        self.optimizer = build_optimizer(optimizer, self.model.parameters(), learning_rate)
+        self.optimizer = build_optimizer(
+            optimizer, self.model.parameters(), learning_rate, **(optimizer_options or {})
+        )
         self.optimizer_name = optimizer
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         # Batches come from a CPU generator so one seed gives the same data on every device.
@@ -153,6 +170,7 @@ class TrainingStep:
             gradient_checkpointing=spec.gradient_checkpointing,
             device=spec.device,
             seed=spec.seed,
+            optimizer_options=spec.optimizer_options(),
         )
 
     # -- running steps

@@ -1,14 +1,19 @@
 """Throughput curve: samples per second at the recipe's candidate batch sizes up to the maximum.
 
 Each size gets warm-up steps (allocator, kernel selection, caches), then timed steps with the device
-synchronised before each clock read, interleaved across sizes, and reports the median: CPU step times
-vary 1.2-2x between passes.
+synchronised before each clock read, interleaved across sizes in rounds, and reports the median (a
+robust statistic: CPU step times vary 1.2-2x between passes) with its spread (relative median absolute
+deviation). A size whose median breaks the curve's shape (a step time off by more than OUTLIER_FACTOR
+from what its neighbours predict, or below a smaller size's) is flagged, re-timed in extra rounds while
+the budget allows, and stays flagged (`"outlier": true`) when it still does; `monotone_step_times` gives
+the non-decreasing step times the recipe may interpolate between.
 Works with any object that has `make_batch(batch_size)`, `train_on(inputs, targets)` and
 `synchronize()` (a `step.TrainingStep`), so other phases and benchmarks can reuse it.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +24,8 @@ from service.probing.recipe import micro_batch_grid
 MAX_POINTS = 16
 WARMUP_STEPS = 2
 TIMED_STEPS = 7
+OUTLIER_FACTOR = 1.5  # a median this far off its neighbours' log-log interpolation is flagged
+EXTRA_ROUNDS = 4  # further timed rounds for flagged sizes, budget permitting
 
 
 class Trainable(Protocol):
@@ -89,7 +96,16 @@ def measure_throughput(
             break
         for batch_size in sizes:
             times[batch_size].append(_timed_step(step, batch_size, clock))
+    flagged = find_outliers({b: statistics.median(times[b]) for b in sizes})
+    for _ in range(EXTRA_ROUNDS if flagged else 0):  # a second look at sizes that break the shape
+        if clock() >= deadline:
+            break
+        for batch_size in flagged:
+            times[batch_size].append(_timed_step(step, batch_size, clock))
+    flagged = find_outliers({b: statistics.median(times[b]) for b in sizes})
     points = [_point(batch_size, times[batch_size], warmups[batch_size]) for batch_size in sizes]
+    for point in points:
+        point["outlier"] = point["batch_size"] in flagged
     if failed is not None:
         points.append(failed)
     for point in points:
@@ -123,8 +139,61 @@ def _timed_step(step: Trainable, batch_size: int, clock: Callable[[], float]) ->
     return clock() - t0
 
 
+def find_outliers(step_times: dict[int, float]) -> list[int]:
+    """Sizes whose median step time breaks the shape of a step time overhead + cost·B.
+
+    That shape bounds an interior size B between neighbours B0 < B < B1 with times t0, t1: from above by
+    the log-log chord between them (the curve is convex in log-log), from below by max(t0, t1·B/B1) (a
+    step cannot get cheaper with a larger batch, nor cheaper per sample with a smaller one). The size
+    furthest outside its bounds, when more than OUTLIER_FACTOR, is flagged and left out of its
+    neighbours' bounds; repeated until none is (one bad point does not condemn the points beside it).
+    An end size is judged only by the lower bound from the size before it.
+    """
+    kept = sorted(b for b, t in step_times.items() if t > 0)
+    flagged: list[int] = []
+    while len(kept) >= 2:
+        worst, worst_score = None, OUTLIER_FACTOR
+        for i, b in enumerate(kept):
+            t = step_times[b]
+            if i == 0:
+                continue
+            t0 = step_times[kept[i - 1]]
+            if i == len(kept) - 1:
+                score = t0 / t
+            else:
+                b0, b1, t1 = kept[i - 1], kept[i + 1], step_times[kept[i + 1]]
+                frac = math.log(b / b0) / math.log(b1 / b0)
+                upper = math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0)))
+                lower = max(t0, t1 * b / b1)
+                score = max(t / max(upper, lower), min(upper, lower) / t)
+            if score > worst_score:
+                worst, worst_score = b, score
+        if worst is None:
+            break
+        flagged.append(worst)
+        kept.remove(worst)
+    return sorted(flagged)
+
+
+def monotone_step_times(points: list[dict[str, Any]]) -> dict[int, float]:
+    """Step time per size, made non-decreasing in the batch size by pooling violators (isotonic
+    regression, pool-adjacent-violators, each size weighted by its timed steps)."""
+    rows = sorted(
+        (p["batch_size"], p["step_time_s"], p.get("timed_steps", 1)) for p in points if p.get("step_time_s")
+    )
+    blocks: list[list[float]] = []  # [mean step time, weight, count]
+    for _, t, w in rows:
+        blocks.append([t, float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2, n2), (m1, w1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    fitted = [m for m, _, n in blocks for _ in range(int(n))]
+    return {b: t for (b, _, _), t in zip(rows, fitted, strict=True)}
+
+
 def _point(batch_size: int, times: list[float], warmups: int) -> dict[str, Any]:
     median = statistics.median(times)
+    spread = statistics.median(abs(t - median) for t in times) / median if median > 0 else None
     return {
         "batch_size": batch_size,
         "outcome": "ok",
@@ -133,4 +202,5 @@ def _point(batch_size: int, times: list[float], warmups: int) -> dict[str, Any]:
         "warmup_steps": warmups,
         "timed_steps": len(times),
         "step_times_s": times,
+        "spread": spread,  # median absolute deviation / median
     }

@@ -28,6 +28,13 @@ def test_post_queues_a_job_with_the_contract_fields(client: TestClient) -> None:
         "reference_batch_size": 32,
         "precision": "fp32",
         "gradient_checkpointing": False,
+        "momentum": 0.9,
+        "nesterov": False,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "epochs": None,
+        "target_loss": None,
     }
     assert request["input"]["shape"] == [64]
     assert request["device"]["type"] == "cpu"

@@ -187,3 +187,34 @@ def test_non_finite_loss_is_reported_not_raised(digits, calls, where):
     )
     assert r["status"] == "non_finite_loss" and r["value"] is None
     assert where in r["error"]
+
+
+def test_the_split_step_estimate_matches_the_exact_noise_scale(digits):
+    """Averaged over many steps at fixed weights, the half-batch estimator targets B_simple."""
+    x, y = digits
+    model = _mlp()
+    params = [p for p in model.parameters() if p.requires_grad]
+    window = [0.0, 0.0, 0]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        idx = torch.randint(0, len(x), (64,), generator=generator)
+        noise.split_step(model, LOSS, x[idx], y[idx], params, None, window)
+        for p in params:
+            p.grad = None
+    small, big = window[0] / window[2], window[1] / window[2]
+    g2 = (64 * big - 32 * small) / 32
+    trace = (small - big) / (1 / 32 - 1 / 64)
+    exact = noise.exact_noise_scale(model, LOSS, x, y)["value"]
+    assert trace / g2 == pytest.approx(exact, rel=0.25)
+
+
+def test_a_tracked_warm_up_records_the_noise_trajectory(digits):
+    x, y = digits
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    track: list = []
+    losses = noise.warm_up(model, LOSS, opt, x, y, steps=40, batch_size=32, track=track)
+    assert len(losses) == 40 and len(track) == 40 // noise.TRACK_WINDOW
+    assert [w["step"] for w in track] == [10, 20, 30, 40]
+    assert all(w["b_small"] == 16 and w["b_big"] == 32 and w["small_sq"] > w["big_sq"] > 0 for w in track)
+    assert track[0]["loss"] > track[-1]["loss"]  # it trained

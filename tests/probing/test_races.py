@@ -150,7 +150,12 @@ def test_everything_diverging_is_insufficient(digits):
         _mlp(), LOSS, _sgd, x, y, sizes=[16, 64], lr_for_size=lambda b: 1e5, time_budget_s=1.0
     )
     assert result["status"] == "insufficient" and result["value"] is None
-    assert len(result["warnings"]) == 2
+    # Each race stalled, was retried once at a backed-off lr, diverged again: both reported, no stable lr.
+    for b in (16, 64):
+        assert sum(f"batch size {b} " in w for w in result["warnings"]) == 2
+    for row in result["races"]:
+        assert row["stable_learning_rate"] is None
+        assert [a["learning_rate"] for a in row["attempts"]] == [1e5, 1e5 * races.LR_BACKOFF]
 
 
 def test_run_statistics_end_to_end(digits):
@@ -169,7 +174,7 @@ def test_run_statistics_end_to_end(digits):
 def test_run_statistics_reports_a_diverging_reference_lr(digits):
     x, y = digits
     stats = races.run_statistics(
-        _mlp(), LOSS, _sgd, x, y, optimizer="sgd", learning_rate=1e8, reference_batch_size=32,
+        _mlp(), LOSS, _sgd, x, y, optimizer="sgd", learning_rate=1e12, reference_batch_size=32,
         max_batch_size=512, time_budget_s=2.0,
     )  # fmt: skip
     assert stats["gradient_noise_scale"]["status"] == "non_finite_loss"
@@ -195,3 +200,52 @@ def test_a_race_without_progress_is_dropped_and_reported():
     assert result["level"] == 1.0
     assert {r["batch_size"]: r["status"] for r in result["races"]}[256] == "no_progress"
     assert any("256 made no progress" in w for w in result["warnings"])
+
+
+def test_a_stalled_race_backs_its_lr_off_once_and_reports_the_stable_lr(digits):
+    x, y = digits
+    # 8.0 diverges with momentum SGD on this MLP at batch 64; 8.0 x LR_BACKOFF = 2.0 trains.
+    result = races.run_races(
+        _mlp(), LOSS, _sgd, x, y, sizes=[16, 64], lr_for_size=lambda b: 8.0 if b == 64 else 0.05,
+        time_budget_s=2.0,
+    )  # fmt: skip
+    rows = {r["batch_size"]: r for r in result["races"]}
+    assert [a["learning_rate"] for a in rows[64]["attempts"]] == [8.0, 8.0 * races.LR_BACKOFF]
+    assert rows[64]["attempts"][0]["status"] == "diverged"
+    assert rows[64]["stable_learning_rate"] == 8.0 * races.LR_BACKOFF
+    assert rows[16]["stable_learning_rate"] == 0.05 and len(rows[16]["attempts"]) == 1
+    assert any("64 stalled" in w for w in result["warnings"])
+
+
+def test_races_that_reach_their_level_in_a_few_steps_do_not_count():
+    curve16 = [(0, 2.0), (1, 1.95), (2, 1.9), (3, 1.85), (4, 1.8)]  # 4 steps to the level
+    curve64 = [(0, 2.0), (1, 1.85), (2, 1.8)]
+    result = races._summarise({16: _race(16, curve16), 64: _race(64, curve64)}, 1.0)
+    assert result["status"] == "shallow" and result["value"] is None
+    assert {r["status"] for r in result["races"]} == {"too_fast"}
+
+
+def test_a_level_barely_below_the_start_is_too_shallow():
+    curve16 = [(0, 2.0), (40, 1.95), (80, 1.9)]  # 5 % below the start
+    curve64 = [(0, 2.0), (20, 1.95), (30, 1.9)]
+    result = races._summarise({16: _race(16, curve16), 64: _race(64, curve64)}, 1.0)
+    assert result["status"] == "shallow" and result["value"] is None
+    assert any("too shallow" in w for w in result["warnings"])
+
+
+def test_races_report_held_out_loss_at_the_level_and_a_noise_trajectory(digits):
+    x, y, heldout = races.split_heldout(*digits)
+    assert (
+        len(heldout[0]) == int(races.HOLDOUT_FRACTION * len(digits[0])) and len(x) + len(heldout[0]) == 1797
+    )
+    result = races.run_races(
+        _mlp(), LOSS, _sgd, x, y, sizes=[16, 64, 256], lr_for_size=lambda b: 0.02 * (b / 16) ** 0.5,
+        time_budget_s=3.0, heldout=heldout,
+    )  # fmt: skip
+    counted = [r for r in result["races"] if r.get("steps_to_level")]
+    assert counted and all(r["heldout_loss_at_level"] > 0 for r in counted)
+    trajectory = result["trajectory"]
+    assert trajectory["batch_size"] == 64 and trajectory["b_small"] == 32
+    windows = trajectory["windows"]
+    assert len(windows) >= 5
+    assert all(w["small_sq"] > w["big_sq"] > 0 for w in windows[:3])  # halves are noisier than the whole

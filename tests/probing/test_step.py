@@ -144,3 +144,35 @@ def test_failed_step_leaves_no_gradients_behind() -> None:
     assert trial.outcome == "over_budget"
     assert all(p.grad is None for p in step.model.parameters())
     assert step.run(2).isfinite()  # and the next step runs normally
+
+
+def test_the_probe_trains_the_clients_optimizer_settings() -> None:
+    spec = get_model("mlp")
+    probe = ProbeSpec(
+        model_name="mlp", optimizer="sgd", momentum=0.0, nesterov=False, weight_decay=1e-3, learning_rate=0.05
+    )
+    step = TrainingStep.from_spec(probe, spec, make_config(spec, TINY_MLP))
+    group = step.optimizer.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.0, False, 1e-3)
+    step.warm_up(2)
+    assert not any(
+        "momentum_buffer" in s and s["momentum_buffer"] is not None for s in step.optimizer.state.values()
+    )
+
+    probe = ProbeSpec(model_name="mlp", optimizer="adamw", betas=[0.9, 0.95], eps=1e-6, weight_decay=0.1)
+    group = TrainingStep.from_spec(probe, spec, make_config(spec, TINY_MLP)).optimizer.param_groups[0]
+    assert isinstance(
+        TrainingStep.from_spec(probe, spec, make_config(spec, TINY_MLP)).optimizer, torch.optim.AdamW
+    )
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.95), 1e-6, 0.1)
+
+    default = TrainingStep.from_spec(ProbeSpec(model_name="mlp"), spec, make_config(spec, TINY_MLP))
+    assert default.optimizer.param_groups[0]["momentum"] == 0.9  # sgd's documented default
+
+
+def test_nesterov_without_momentum_is_refused() -> None:
+    spec = get_model("mlp")
+    probe = ProbeSpec(model_name="mlp", optimizer="sgd", momentum=0.0, nesterov=True)
+    with pytest.raises(ProbeError) as info:
+        TrainingStep.from_spec(probe, spec, make_config(spec, TINY_MLP))
+    assert info.value.code == "invalid_spec"

@@ -115,3 +115,47 @@ def test_on_a_real_step() -> None:
     points = measure_throughput(step, throughput_ladder(64), time_budget_s=2.0)
     assert [p["batch_size"] for p in points] == throughput_ladder(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
     assert all(p["samples_per_second"] > 0 and p["step_time_s"] > 0 for p in points)
+
+
+def test_outliers_are_flagged_against_their_neighbours() -> None:
+    from service.probing.throughput import find_outliers
+
+    # The ladder a user saw: 24 five times slower per sample than 8 and 48 say it should be.
+    times = {8: 8 / 5387, 24: 24 / 2125, 48: 48 / 17108, 96: 96 / 20000}
+    assert find_outliers(times) == [24]
+    smooth = {b: 0.001 + 1e-4 * b for b in (8, 16, 32, 64, 128)}
+    assert find_outliers(smooth) == []
+    assert find_outliers({8: 0.01, 16: 0.002, 32: 0.012}) == [16]  # much cheaper than a smaller size
+
+
+def test_a_slow_spell_on_one_size_is_re_timed() -> None:
+    clock = FakeClock()
+    step = FakeStep(clock)
+    slow = {"left": 7}
+
+    def train_on(inputs: int, targets: None) -> None:
+        FakeStep.train_on(step, inputs, targets)
+        if inputs == 32 and step.first_steps[32] > 1 and slow["left"] > 0:
+            slow["left"] -= 1
+            step.queued += 0.5  # a neighbour's job lands on this size's first timed steps
+
+    step.train_on = train_on  # type: ignore[method-assign]
+    points = measure_throughput(step, [8, 16, 32, 64, 128], time_budget_s=100.0, clock=clock)
+    by_size = {p["batch_size"]: p for p in points}
+    assert by_size[32]["timed_steps"] > TIMED_STEPS  # flagged, then timed again
+    assert all("spread" in p and "outlier" in p for p in points)
+
+
+def test_monotone_step_times_pool_violators() -> None:
+    from service.probing.throughput import monotone_step_times
+
+    points = [
+        {"batch_size": 8, "step_time_s": 0.010, "timed_steps": 5},
+        {"batch_size": 16, "step_time_s": 0.014, "timed_steps": 5},
+        {"batch_size": 32, "step_time_s": 0.012, "timed_steps": 5},
+        {"batch_size": 64, "step_time_s": 0.030, "timed_steps": 5},
+    ]
+    fitted = monotone_step_times(points)
+    assert fitted[16] == fitted[32] == pytest.approx(0.013)
+    assert fitted[8] == 0.010 and fitted[64] == 0.030
+    assert list(fitted.values()) == sorted(fitted.values())
