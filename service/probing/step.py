@@ -69,7 +69,8 @@ def build_optimizer(
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ProbeError("invalid_spec", f"betas must be two numbers in [0, 1), got {list(betas)}")
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(parameters, lr=learning_rate, betas=(float(betas[0]), float(betas[1])), eps=eps, weight_decay=weight_decay)
+        beta1, beta2 = float(betas[0]), float(betas[1])
+        return cls(parameters, lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
     raise ProbeError("invalid_spec", f"unknown optimizer {name!r}; expected sgd, adam or adamw")
 
 
