@@ -176,6 +176,21 @@ class ProbeInfo(OpenModel):
 # ---------------------------------------------------------------------------------------- result
 
 
+class Phase(OpenModel):
+    phase: str | None = Field(None, description="`setup`, `memory`, `throughput` or `statistics`.")
+    ran: bool | None = Field(None, description="False when the objective or the time budget skipped it.")
+    seconds: float | None = Field(None, description="Wall time it took.")
+    note: str | None = Field(None, description="Why it was skipped or cut short.")
+
+
+class LearningRateCeiling(OpenModel):
+    value: float | None = Field(None, description="The cap applied at the recommended batch size.")
+    batch_size: int | None = Field(None, description="The batch size it was observed at.")
+    learning_rate: float | None = Field(None, description="The learning rate seen training stably there.")
+    source: str | None = Field(None, description="`warmup`, `race` or `reference` (nothing observed).")
+    capped: bool | None = Field(None, description="The scaling rule asked for more and was capped.")
+
+
 class RecommendationResult(OpenModel):
     """A succeeded recommendation: the training recipe, and the measurements it was derived from."""
 
@@ -198,17 +213,40 @@ class RecommendationResult(OpenModel):
         None,
         description="The objective applied (`throughput` when no noise estimate allowed time to target).",
     )
+    learning_rate_scaled: float | None = Field(
+        None, description="What the scaling rule alone gave, before the ceiling."
+    )
+    learning_rate_ceiling: LearningRateCeiling | None = Field(
+        None, description="The largest learning rate the probe saw train stably, and whether it capped."
+    )
+    optimizer_settings: dict[str, Any] | None = Field(
+        None, description="The optimizer the probe trained (momentum, nesterov, betas, eps, weight_decay)."
+    )
+    horizon: dict[str, Any] | None = Field(
+        None,
+        description="B_noise carried to the client's horizon (epochs or target_loss) with an interval; "
+        "steps, epochs and predicted time for the recommended and reference sizes; the time-ratio interval.",
+    )
     # Memory
     max_feasible_batch_size: int | None = Field(None, description="Largest micro-batch that fits the budget.")
     max_feasible_batch_size_aligned: int | None = Field(None, description="The same, a multiple of 8.")
+    max_feasible_is_lower_bound: bool | None = Field(
+        None, description="The time budget ended the search: the true maximum may be larger."
+    )
     memory: MemoryModel | None = Field(None, description="The fitted memory model.")
     # Speed and statistics
     throughput: list[ThroughputPoint] | None = Field(None, description="Samples/s per micro-batch size.")
+    throughput_source: str | None = Field(
+        None, description="`ladder`, or `memory_search` when the search's own steps were reused."
+    )
     throughput_model: ThroughputModel | None = Field(None, description="Step-time model used.")
     time_to_target_curve: list[TimeToTargetPoint] | None = Field(
         None, description="Predicted relative time to target around the recommendation."
     )
     b_noise: float | None = Field(None, description="The critical batch B_noise the recipe used.")
+    b_noise_bound: str | None = Field(
+        None, description="`lower` when B_noise is only known to exceed `b_noise` (implausibly large)."
+    )
     noise_scale_source: str | None = Field(
         None, description="Where B_noise came from: `races`, `gradient_noise_scale` or `combined`."
     )
@@ -225,6 +263,8 @@ class RecommendationResult(OpenModel):
     probe: ProbeInfo | None = Field(None, description="Probe version, torch version, duration.")
     confidence: str | None = Field(None, description="`high`, `medium` or `low`.")
     confidence_reasons: list[str] | None = Field(None, description="What lowered the confidence.")
+    partial: bool | None = Field(None, description="The time budget cut a phase the objective needs.")
+    phases: list[Phase] | None = Field(None, description="Each probe phase: whether it ran, its seconds.")
     warnings: list[str] | None = Field(None, description="Things to know before using the recipe.")
 
 

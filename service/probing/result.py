@@ -8,7 +8,7 @@ or null, and newer fields may be added.
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
 
 class ThroughputPoint(TypedDict, total=False):
@@ -105,6 +105,21 @@ class ProbeInfo(TypedDict, total=False):
     duration_s: float
 
 
+class Phase(TypedDict, total=False):
+    phase: str
+    ran: bool
+    seconds: float
+    note: str
+
+
+class LearningRateCeiling(TypedDict, total=False):
+    value: float
+    batch_size: int
+    learning_rate: float
+    source: str
+    capped: bool
+
+
 class ProbeResult(TypedDict, total=False):
     """The recipe, and the measurements it was derived from (field names: a client contract)."""
 
@@ -122,15 +137,22 @@ class ProbeResult(TypedDict, total=False):
     steps_per_epoch: int
     objective: str
     objective_used: str
+    learning_rate_scaled: float
+    learning_rate_ceiling: LearningRateCeiling
+    optimizer_settings: dict[str, Any]
+    horizon: dict[str, Any]
     # Memory (search)
     max_feasible_batch_size: int
     max_feasible_batch_size_aligned: int
+    max_feasible_is_lower_bound: bool
     memory: MemoryModel
     # Speed and statistics
     throughput: list[ThroughputPoint]
+    throughput_source: str
     throughput_model: ThroughputModel
     time_to_target_curve: list[TimeToTargetPoint]
     b_noise: float | None
+    b_noise_bound: str | None
     noise_scale_source: str | None
     gradient_noise_scale: NoiseScale | None
     races: Races | None
@@ -143,4 +165,6 @@ class ProbeResult(TypedDict, total=False):
     probe: ProbeInfo
     confidence: str
     confidence_reasons: list[str]
+    partial: bool
+    phases: list[Phase]
     warnings: list[str]

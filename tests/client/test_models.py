@@ -66,12 +66,12 @@ def test_every_result_field_is_typed_and_described_in_openapi(tmp_path: Path) ->
 
 
 def test_reading_and_writing_a_result_keeps_it_as_it_was() -> None:
-    stored = seed.result(objective_used="throughput", phases={"memory": 1.5}, learning_rate_cap=None)
+    stored = seed.result(objective_used="throughput", future_field={"memory": 1.5}, learning_rate_cap=None)
     stored["throughput"][0]["extra"] = 1
     parsed = models.RecommendationResult.model_validate(stored)
     assert parsed.model_dump(mode="json") == stored  # no null added, the unknown fields kept
     assert parsed.memory.per_sample_bytes == seed.MEMORY["per_sample_bytes"]
-    assert parsed.model_extra == {"phases": {"memory": 1.5}, "learning_rate_cap": None}
+    assert parsed.model_extra == {"future_field": {"memory": 1.5}, "learning_rate_cap": None}
     recipe = Recipe.from_result(stored, recommendation_id="abc")
     assert (recipe.id, recipe.batch_size, recipe.result) == ("abc", 128, stored)
 
