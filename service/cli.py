@@ -283,6 +283,11 @@ def recommend(
     devices: int = typer.Option(1, "--devices", help="Data-parallel devices the training will use."),
     target_type: str = typer.Option(None, "--target-device", help="cpu or cuda, when it is not this host's."),
     target_memory: str = typer.Option(None, "--target-memory", help="Target device memory, e.g. 80GB."),
+    allow_extrapolation: bool = typer.Option(
+        False,
+        "--allow-extrapolation",
+        help="Let a worker on another device answer for the target by extrapolation when none has it.",
+    ),
     memory_budget: str = typer.Option(None, "--memory-budget", help="Per-device budget, e.g. 256MiB."),
     objective: Objective = typer.Option("time_to_target", "--objective", help="What to optimise."),
     time_budget: float = typer.Option(120.0, "--time-budget", help="Seconds the probe may take."),
@@ -312,10 +317,12 @@ def recommend(
         "num_classes": num_classes,
     }
     if model_file is not None and loss is None:
-        raise _fail("--model-file needs --loss (cross_entropy, mse or model_returns_loss)", 2)
+        raise _fail("--model-file needs --loss (cross_entropy, mse, l1, huber or model_returns_loss)", 2)
     device = None
     if target_type or target_memory:
         device = {"type": target_type, "memory_bytes": parse_size(target_memory), "count": devices}
+        if allow_extrapolation:
+            device["allow_extrapolation"] = True
     elif devices != 1:
         device = {"count": devices}
     settings = {

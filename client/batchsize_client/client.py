@@ -33,7 +33,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 Optimizer = Literal["sgd", "adam", "adamw"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Objective = Literal["time_to_target", "throughput", "max_feasible"]
-Loss = Literal["cross_entropy", "mse", "model_returns_loss"]
+Loss = Literal["cross_entropy", "mse", "l1", "huber", "model_returns_loss"]
 ProgressCallback = Callable[[Job], Any]
 """Called with the job after every poll (status, `progress.phase`, `trials_done`/`trials_planned`)."""
 
