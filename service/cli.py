@@ -3,8 +3,10 @@ upload."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -162,6 +164,18 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
     Console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
     return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _client_errors() -> Iterator[None]:
+    """A BatchsizeError from the client (a refused request, an unreachable server) becomes
+    `error: <message>` on stderr and exit status 1."""
+    from batchsize_client import BatchsizeError
+
+    try:
+        yield
+    except BatchsizeError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _print_json(value: object) -> None:
@@ -408,9 +422,9 @@ def _recommend_remote(
     as_json: bool,
     progress: bool,
 ) -> dict:
-    from batchsize_client import BatchsizeError, RecommendationFailed, build_request
+    from batchsize_client import RecommendationFailed, build_request
 
-    with _client(url, api_key) as client:
+    with _client(url, api_key) as client, _client_errors():
         try:
             if model_file is not None:
                 artifact = client.upload_model(
@@ -430,8 +444,6 @@ def _recommend_remote(
                 done = client.wait(job.id, timeout_s=wait_timeout, on_progress=bar.on_job)
         except RecommendationFailed as exc:
             raise _fail(f"recommendation {exc.job.id} {exc.job.status}: {exc.code}: {exc.message}") from None
-        except BatchsizeError as exc:
-            raise _fail(str(exc)) from None
     job_json = done.model_dump(mode="json")
     if as_json:
         _print_json(job_json)
@@ -503,13 +515,8 @@ def status(
     as_json: bool = JsonOption,
 ) -> None:
     """Show a recommendation: status, progress, and its recipe or error."""
-    from batchsize_client import BatchsizeError
-
-    with _client(url, api_key) as client:
-        try:
-            job = client.get(resolve_id(client, recommendation_id))
-        except BatchsizeError as exc:
-            raise _fail(str(exc)) from None
+    with _client(url, api_key) as client, _client_errors():
+        job = client.get(resolve_id(client, recommendation_id))
     if as_json:
         _print_json(job.model_dump(mode="json"))
         return
@@ -537,13 +544,8 @@ def list_recommendations(
     from rich.console import Console
     from rich.table import Table
 
-    from batchsize_client import BatchsizeError
-
-    with _client(url, api_key) as client:
-        try:
-            page = client.list(status=status_filter, model=model, limit=limit).model_dump(mode="json")
-        except BatchsizeError as exc:
-            raise _fail(str(exc)) from None
+    with _client(url, api_key) as client, _client_errors():
+        page = client.list(status=status_filter, model=model, limit=limit).model_dump(mode="json")
     if as_json:
         _print_json(page)
         return
@@ -581,18 +583,13 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    from batchsize_client import BatchsizeError
-
     if local:
         from service.zoo import describe_zoo
 
         zoo = describe_zoo()
     else:
-        with _client(url, api_key) as client:
-            try:
-                zoo = client.models()
-            except BatchsizeError as exc:
-                raise _fail(str(exc)) from None
+        with _client(url, api_key) as client, _client_errors():
+            zoo = client.models()
     if as_json:
         _print_json(zoo)
         return
@@ -612,8 +609,6 @@ def device(
     as_json: bool = JsonOption,
 ) -> None:
     """The device the service probes on (or this machine's, with --local)."""
-    from batchsize_client import BatchsizeError
-
     if local:
         import torch
 
@@ -622,11 +617,8 @@ def device(
         info = describe_device("cuda" if torch.cuda.is_available() else "cpu")
         info = {key: info[key] for key in ("type", "name", "memory_bytes", "free_bytes", "count")}
     else:
-        with _client(url, api_key) as client:
-            try:
-                info = client.device()
-            except BatchsizeError as exc:
-                raise _fail(str(exc)) from None
+        with _client(url, api_key) as client, _client_errors():
+            info = client.device()
     if as_json:
         _print_json(info)
         return
@@ -650,26 +642,21 @@ def upload(
     as_json: bool = JsonOption,
 ) -> None:
     """Upload an exported model (.pt2) or a data sample; prints its artifact id."""
-    from batchsize_client import BatchsizeError
-
     if kind not in ("model", "sample"):
         raise _fail("--kind must be model or sample", 2)
     if kind == "model" and loss is None:
         raise _fail("a model upload needs --loss (cross_entropy, mse or model_returns_loss)", 2)
-    with _client(url, api_key) as client:
-        try:
-            if kind == "model":
-                artifact = client.upload_model(
-                    file,
-                    loss=loss,  # type: ignore[arg-type]
-                    input=_json_option(input_spec, "--input"),
-                    target=_json_option(target_spec, "--target"),
-                    num_classes=num_classes,
-                )
-            else:
-                artifact = client.upload_sample(file)
-        except BatchsizeError as exc:
-            raise _fail(str(exc)) from None
+    with _client(url, api_key) as client, _client_errors():
+        if kind == "model":
+            artifact = client.upload_model(
+                file,
+                loss=loss,  # type: ignore[arg-type]
+                input=_json_option(input_spec, "--input"),
+                target=_json_option(target_spec, "--target"),
+                num_classes=num_classes,
+            )
+        else:
+            artifact = client.upload_sample(file)
     if as_json:
         _print_json(artifact)
     else:

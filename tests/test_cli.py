@@ -89,6 +89,24 @@ def test_upload_and_errors(server: str, tmp_path: Path) -> None:
     assert unreachable.exit_code == 1 and "cannot reach" in unreachable.stderr
 
 
+def test_every_server_command_reports_a_client_error_the_same_way(tmp_path: Path) -> None:
+    """One unreachable server: each command prints `error: <the client's message>` and exits 1."""
+    sample = tmp_path / "sample.npz"
+    sample.write_bytes(b"unread")
+    commands = [
+        ["models"],
+        ["device"],
+        ["list"],
+        ["status", "abc"],
+        ["upload", str(sample), "--kind", "sample"],
+        ["recommend", "-m", "mlp", "--no-progress"],
+    ]
+    for command in commands:
+        result = runner.invoke(app, [*command, "--url", "http://127.0.0.1:9"])
+        assert result.exit_code == 1, (command, result.output, result.exception)
+        assert result.stderr.startswith("error: ") and "cannot reach" in result.stderr, command
+
+
 def test_recommend_local_runs_the_probe_in_process() -> None:
     result = _ok(
         ["recommend", "--local", *TINY, "--time-budget", "3", "--objective", "max_feasible", "--json"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -22,6 +24,18 @@ def _code(excinfo: pytest.ExceptionInfo[ArchiveError]) -> str:
 def test_a_real_export_archive_passes_inspection() -> None:
     summary = inspect_archive(em.cnn_archive())
     assert summary["weights"] >= 6 and summary["constants"] == 0
+
+
+def test_inspection_runs_without_importing_torch() -> None:
+    """The service process inspects uploads; that path must not pull torch into it."""
+    code = (
+        "import sys\n"
+        "from service.probing.exported import inspect_archive\n"
+        f"inspect_archive({str(em.cnn_archive())!r})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_inspection_refuses_files_that_are_not_export_archives(tmp_path: Path) -> None:
@@ -98,6 +112,31 @@ def test_other_pickled_or_compiled_payloads_are_refused(tmp_path: Path) -> None:
         with pytest.raises(ArchiveError) as excinfo:
             inspect_archive(target)
         assert _code(excinfo) == code, name
+
+
+def test_a_torch_whose_loader_internals_changed_is_refused_as_unsupported_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each way a private torch API can move: gone (ImportError), renamed (AttributeError), new signature."""
+    from torch._export.serde import schema
+    from torch.export.pt2_archive import _package
+
+    def _load_state_dict(archive_reader: object) -> dict:  # one argument fewer than torch's
+        raise AssertionError("called despite the signature mismatch")
+
+    changes = [
+        lambda m: m.delattr(_package, "_load_constants"),
+        lambda m: m.delattr(schema, "ExportedProgram"),
+        lambda m: m.setattr(_package, "_load_state_dict", _load_state_dict),
+    ]
+    for change in changes:
+        with monkeypatch.context() as m:
+            change(m)
+            with pytest.raises(ArchiveError) as excinfo:
+                load_program.__wrapped__(str(em.cnn_archive()))
+        assert _code(excinfo) == "unsupported_torch"
+        assert "cannot load export archives" in excinfo.value.message
+    assert "_load_state_dict" in excinfo.value.message  # names what changed
 
 
 def test_dry_run_infers_a_classifier_task_from_the_program() -> None:
@@ -275,7 +314,7 @@ def test_the_expression_grammar_takes_what_torch_writes_and_nothing_that_runs() 
         exported.check_sympy_expression(text)
         sympy.sympify(text, locals={"int_oo": sympy.oo})  # and it is valid sympy
     for text in EXPRESSIONS_REFUSED:
-        with pytest.raises(exported._Unsafe):
+        with pytest.raises(exported.archive._Unsafe):
             exported.check_sympy_expression(text)
 
 

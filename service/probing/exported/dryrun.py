@@ -1,0 +1,111 @@
+"""The dry run of an uploaded archive: load it, infer its training task, train at batch sizes 2, 3 and 1.
+
+`main` is the entry point of `python -m service.probing.exported` (through `__main__.py`), which the
+service runs in a sandboxed subprocess: a JSON request on stdin (`{"path", "declared"}`), JSON lines
+out (`{"event": "result", ...}` or `{"event": "error", ...}`), exactly like `service.probing.runner`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import traceback
+from typing import IO, Any
+
+import torch
+
+from service.probing.exported.adapt import describe_program, infer_config, model_spec_for, step_failed
+from service.probing.exported.archive import ArchiveError
+from service.probing.exported.loader import load_program
+from service.probing.spec import ProbeError
+
+DRY_RUN_BATCH_SIZES = (2, 3, 1)  # 2 and 3: the batch dimension is dynamic; 1: where the probe starts
+
+
+def dry_run(path: str, declared: dict[str, Any]) -> dict[str, Any]:
+    """Load the archive, infer its training task, and run real training steps at batch sizes 2, 3, 1.
+
+    Returns {"config", "parameters", "parameter_bytes", "trainable_parameter_bytes", "losses",
+    "inputs", "batch"}; raises ArchiveError with a client-facing message on any problem.
+    """
+    from service.probing.step import TrainingStep
+
+    try:
+        program = load_program(path)
+    except ArchiveError:
+        raise
+    except Exception as exc:
+        raise ArchiveError(
+            "not_an_export_archive", f"the archive cannot be loaded as a torch.export program: {exc}"
+        ) from exc
+    config = infer_config(program, declared)
+    spec = model_spec_for(path, config)
+    try:
+        step = TrainingStep(spec, config, optimizer="sgd", learning_rate=1e-3, device="cpu", seed=0)
+    except ProbeError as exc:
+        raise ArchiveError("dry_run_failed", exc.message) from exc
+    losses: dict[str, float] = {}
+    for batch_size in DRY_RUN_BATCH_SIZES:
+        try:
+            loss = float(step.run(batch_size))
+        except Exception as exc:
+            step.discard_gradients()
+            text = str(exc)
+            if batch_size == 3 and ("[0]" in text or "shape[0]" in text or "size()[0]" in text):
+                raise ArchiveError(
+                    "static_batch_dimension",
+                    f"the batch dimension is static: batch size 2 trains but 3 fails ({type(exc).__name__}: "
+                    f"{text[:300]}). Export with dynamic_shapes={{'x': {{0: torch.export.Dim('batch')}}}}",
+                ) from exc
+            raise step_failed(batch_size, exc) from exc
+        if not math.isfinite(loss):
+            raise ArchiveError(
+                "dry_run_failed", f"the loss is {loss} at a training step at batch size {batch_size}"
+            )
+        losses[str(batch_size)] = loss
+    model = step.model
+    described = describe_program(program)
+    return {
+        "config": config.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameter_bytes": step.state_bytes_estimate["parameters"],
+        "trainable_parameter_bytes": step.state_bytes_estimate["gradients"],
+        "losses": losses,
+        "inputs": described["inputs"],
+        "batch": described["batch"],
+        "torch": torch.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point: python -m service.probing.exported
+
+
+def _protocol_stream() -> IO[str]:
+    """The real stdout becomes a private protocol descriptor; fd 1 goes to stderr (as in runner.py)."""
+    sys.stdout.flush()
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    return os.fdopen(protocol_fd, "w", buffering=1, encoding="utf-8")
+
+
+def main() -> int:
+    protocol = _protocol_stream()
+
+    def emit(message: dict[str, Any]) -> None:
+        protocol.write(json.dumps(message, default=str) + "\n")
+        protocol.flush()
+
+    try:
+        request = json.loads(sys.stdin.read())
+        result = dry_run(str(request["path"]), dict(request.get("declared") or {}))
+        emit({"event": "result", "result": result})
+    except ArchiveError as exc:
+        emit({"event": "error", "code": exc.code, "message": exc.message})
+    except Exception as exc:
+        traceback.print_exc()
+        emit({"event": "error", "code": "dry_run_failed", "message": f"{type(exc).__name__}: {exc}"})
+    return 0
