@@ -7,6 +7,10 @@ The protocol stream is the process's *original* stdout, duplicated to a private 
 fd 1 is pointed at stderr: anything model code prints (Python or C++) lands in stderr and cannot
 corrupt the protocol. Exit status is 0 whenever a result or error line was written.
 
+With `--standby` (a worker's waiting process, service.probing.subprocess.ProbeStandby) it imports
+torch and the engine before reading its request, and the probe's time budget starts when the request
+has been read instead of when the process started.
+
 Test hook: when the environment variable BATCHSIZE_PROBE_TEST_FAULT is set, the runner misbehaves
 on purpose after writing its first event, so the parent's handling can be tested:
     crash   -> exits with status 3 without a result
@@ -111,7 +115,15 @@ def _process_started() -> float:
     return now - age if 0 <= age < 600 else now
 
 
-def main() -> int:
+def _load_engine() -> Any:
+    from service.probing.engine import run_probe
+
+    gc.freeze()  # torch's import-time objects: keeps gc.collect() after each failed trial cheap
+    return run_probe
+
+
+def main(argv: list[str] | None = None) -> int:
+    standby = "--standby" in (sys.argv[1:] if argv is None else argv)
     started = _process_started()
     _exit_with_parent()
     protocol = _protocol_stream()
@@ -122,16 +134,18 @@ def main() -> int:
 
     fault = os.environ.get(TEST_FAULT_ENV)
     try:
+        run_probe = _load_engine() if standby else None
         spec = _parse_spec(sys.stdin.read())
+        if standby:
+            started = time.monotonic()  # the wait for a job is not the job's time
         if fault:
             emit({"event": "phase", "phase": "setup", "trials_planned": 0})
             if fault == "garbage":
                 protocol.write("this is not json\n")
                 protocol.flush()
             _apply_test_fault(fault)
-        from service.probing.engine import run_probe  # imported late: a bad spec fails fast
-
-        gc.freeze()  # torch's import-time objects: keeps gc.collect() after each failed trial cheap
+        if run_probe is None:
+            run_probe = _load_engine()  # imported after the spec is read: a bad spec fails fast
         result = run_probe(spec, emit, started=started)
         emit({"event": "result", "result": result})
     except ProbeError as exc:
