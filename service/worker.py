@@ -151,6 +151,11 @@ class Worker:
         if self._standby is not None and not self.stop_event.is_set():
             self._standby.ensure()
 
+    def standby_ready(self) -> bool:
+        """Whether a standby probe process is waiting with its start-up done (False when off)."""
+        standby = self._standby
+        return standby is not None and standby.ready()
+
     def _close_standby(self) -> None:
         standby, self._standby = self._standby, None
         if standby is not None:

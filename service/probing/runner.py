@@ -8,8 +8,8 @@ fd 1 is pointed at stderr: anything model code prints (Python or C++) lands in s
 corrupt the protocol. Exit status is 0 whenever a result or error line was written.
 
 With `--standby` (a worker's waiting process, service.probing.subprocess.ProbeStandby) it imports
-torch and the engine before reading its request, and the probe's time budget starts when the request
-has been read instead of when the process started.
+torch and the engine, writes `{"event": "ready"}`, then reads its request; the probe's time budget
+starts when the request has been read instead of when the process started.
 
 Test hook: when the environment variable BATCHSIZE_PROBE_TEST_FAULT is set, the runner misbehaves
 on purpose after writing its first event, so the parent's handling can be tested:
@@ -37,6 +37,7 @@ from typing import IO, Any
 from service.probing.spec import ProbeError, ProbeSpec
 
 TEST_FAULT_ENV = "BATCHSIZE_PROBE_TEST_FAULT"
+READY_EVENT = "ready"  # written by a standby once its imports are done, before it reads its request
 
 
 def _protocol_stream() -> IO[str]:
@@ -134,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
     fault = os.environ.get(TEST_FAULT_ENV)
     try:
-        run_probe = _load_engine() if standby else None
+        run_probe = None
+        if standby:
+            run_probe = _load_engine()
+            emit({"event": READY_EVENT})  # start-up done: lets the worker tell a ready standby apart
         spec = _parse_spec(sys.stdin.read())
         if standby:
             started = time.monotonic()  # the wait for a job is not the job's time

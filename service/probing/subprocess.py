@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from service.probing.runner import READY_EVENT
 from service.probing.spec import ProbeError, ProbeSpec
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ def _read_protocol(
                     continue
                 if message.get("event") in ("result", "error"):
                     final = message
+                elif message.get("event") == READY_EVENT:
+                    continue  # a standby's start-up notice, not part of the job's events
                 elif on_event is not None:
                     on_event(message)
     return final
@@ -309,6 +312,19 @@ class ProbeStandby:
     def process(self) -> subprocess.Popen[bytes] | None:
         """The waiting process, if any (dead or alive)."""
         return self._warm.process if self._warm is not None else None
+
+    def ready(self) -> bool:
+        """Whether a standby is waiting with its start-up done (its ready line is there to read). Only
+        looks, so another thread may ask (a benchmark waiting for the machine to be quiet)."""
+        warm = self._warm
+        if warm is None or not warm.alive():
+            return False
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(warm.process.stdout, selectors.EVENT_READ)
+                return bool(selector.select(timeout=0))
+        except (OSError, ValueError):  # closed meanwhile: taken by a job or cleaned up
+            return False
 
     def ensure(self) -> bool:
         """Start the standby when there is none or it died while waiting. True when one is waiting."""

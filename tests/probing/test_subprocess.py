@@ -220,10 +220,14 @@ def test_a_job_takes_the_standby_which_serves_it_alone_then_exits() -> None:
         assert process is not None
         tmp = _tmpdir_of(process.pid)
         assert tmp.name.startswith("batchsize-probe-") and tmp.is_dir()
+        _wait_until(standby.ready)  # its imports are done and it says so
+        assert standby.process is process and process.poll() is None
         events: list[dict] = []
         result = run_probe_subprocess(SPEC, events.append, timeout_s=300, standby=standby)
         assert 1 <= result["max_feasible_batch_size"] <= 512
         assert any(e["event"] == "trial" for e in events)
+        assert all(e["event"] in ("phase", "trial") for e in events)  # its ready notice is not an event
+        assert not standby.ready()
         assert standby.process is None  # taken: it served this job, it does not come back
         assert process.returncode == 0 and not tmp.exists()
     finally:
