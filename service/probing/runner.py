@@ -8,8 +8,9 @@ fd 1 is pointed at stderr: anything model code prints (Python or C++) lands in s
 corrupt the protocol. Exit status is 0 whenever a result or error line was written.
 
 With `--standby` (a worker's waiting process, service.probing.subprocess.ProbeStandby) it imports
-torch and the engine, writes `{"event": "ready"}`, then reads its request; the probe's time budget
-starts when the request has been read instead of when the process started.
+torch and the engine, runs one tiny CPU training step per optimizer (torch's lazy first-step set-up),
+writes `{"event": "ready"}`, then reads its request; the probe's time budget starts when the request
+has been read instead of when the process started.
 
 Test hook: when the environment variable BATCHSIZE_PROBE_TEST_FAULT is set, the runner misbehaves
 on purpose after writing its first event, so the parent's handling can be tested:
@@ -116,11 +117,30 @@ def _process_started() -> float:
     return now - age if 0 <= age < 600 else now
 
 
-def _load_engine() -> Any:
+def _load_engine(*, prewarm: bool = False) -> Any:
     from service.probing.engine import run_probe
 
+    if prewarm:
+        _first_steps()
+        gc.collect()  # the prewarm's garbage, before the rest is frozen
     gc.freeze()  # torch's import-time objects: keeps gc.collect() after each failed trial cheap
     return run_probe
+
+
+def _first_steps() -> None:
+    """One training step of a tiny CPU model per optimizer the engine builds. Torch initialises much
+    lazily on a process's first step (seconds on a small CPU host, the bulk of a small probe's setup); a
+    standby pays that while it waits. Its tensors are freed before the request is read."""
+    import torch
+
+    from service.probing.step import build_optimizer
+
+    for name in ("sgd", "adam", "adamw"):
+        model = torch.nn.Linear(4, 2)
+        optimizer = build_optimizer(name, model.parameters(), 1e-3)
+        model(torch.randn(2, 4)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_probe = None
         if standby:
-            run_probe = _load_engine()
+            run_probe = _load_engine(prewarm=True)
             emit({"event": READY_EVENT})  # start-up done: lets the worker tell a ready standby apart
         spec = _parse_spec(sys.stdin.read())
         if standby:
