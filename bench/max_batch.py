@@ -788,6 +788,11 @@ def end_to_end_section(cases: list[dict]) -> list[str]:
             f"median {100 * statistics.median(setups):.0f} % of its time; a failed Lightning run has no "
             "ratio.",
         ]
+    lines += [
+        "",
+        "Start-up with and without the worker's standby probe process (BATCHSIZE_PROBE_STANDBY): "
+        "`bench/probe_standby.py`, results in max_batch_standby.md.",
+    ]
     return lines
 
 
