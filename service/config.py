@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         description="RLIMIT_NPROC of probe and dry-run processes: threads and processes of the service's "
         "user (0: off; the kernel does not apply it to root).",
     )
+    probe_standby: bool = Field(
+        True,
+        description="Each worker keeps one probe process waiting with torch and the engine imported (its "
+        "sandbox applied), so that a job skips that start-up; it serves one job, then a new one is started. "
+        "Costs that process's memory while idle.",
+    )
     sqlite_busy_timeout_ms: int = 5000
     api_key: str | None = Field(None, description="When set, every /v1 route requires it (X-API-Key header).")
     log_format: Literal["json", "text"] = Field(

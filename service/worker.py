@@ -81,6 +81,7 @@ class Worker:
         self._run_probe = run_probe
         self.metrics = metrics  # service.observability.Metrics, when the app exposes /metrics
         self._thread: threading.Thread | None = None
+        self._standby: Any = None  # service.probing.subprocess.ProbeStandby, while run_forever runs
         self.current_job: str | None = None
         self.device = repository.WorkerDevice(type=host.type, name=host.name, memory_bytes=host.memory_bytes)
 
@@ -101,6 +102,18 @@ class Worker:
 
     def run_forever(self) -> None:
         log.info("worker %s started on %s (%s)", self.worker_id, self.host.type, self.host.name)
+        self._standby = self._new_standby()
+        try:
+            self._loop()
+        finally:
+            self._close_standby()
+        try:
+            self._write(repository.unregister_worker, self.worker_id)
+        except Exception:  # the database may be gone; the row then ages out (prune_workers)
+            log.warning("worker %s could not unregister", self.worker_id)
+        log.info("worker %s stopped", self.worker_id)
+
+    def _loop(self) -> None:
         last_beat = last_maintenance = -float("inf")
         while not self.stop_event.is_set():
             try:
@@ -116,15 +129,37 @@ class Worker:
                     self.route_waiting_jobs()
                     last_maintenance = time.monotonic()
                 if not self.run_next():
+                    self.keep_standby()  # also replaces one that died while waiting
                     self.stop_event.wait(self.settings.poll_interval_s)
             except Exception:  # the loop must survive anything, e.g. the database being away for a while
                 log.exception("worker loop error; retrying")
                 self.stop_event.wait(min(5.0, self.settings.poll_interval_s * 4))
-        try:
-            self._write(repository.unregister_worker, self.worker_id)
-        except Exception:  # the database may be gone; the row then ages out (prune_workers)
-            log.warning("worker %s could not unregister", self.worker_id)
-        log.info("worker %s stopped", self.worker_id)
+
+    # --- standby probe process ----------------------------------------------------------------------
+
+    def _new_standby(self) -> Any:
+        """The standby probe process holder while run_forever runs (BATCHSIZE_PROBE_STANDBY), started as
+        a job's probe would be on this worker's device. None when off or with an injected run_probe."""
+        if not self.settings.probe_standby or self._run_probe is not None:
+            return None
+        from service.probing.subprocess import ProbeStandby, SandboxLimits
+
+        return ProbeStandby(limits=SandboxLimits.from_settings(self.settings), cuda=self.host.type == "cuda")
+
+    def keep_standby(self) -> None:
+        """Have one probe process waiting for the next job; start a new one when it was taken or died."""
+        if self._standby is not None and not self.stop_event.is_set():
+            self._standby.ensure()
+
+    def standby_ready(self) -> bool:
+        """Whether a standby probe process is waiting with its start-up done (False when off)."""
+        standby = self._standby
+        return standby is not None and standby.ready()
+
+    def _close_standby(self) -> None:
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            standby.close()
 
     # --- registration ------------------------------------------------------------------------------
 
@@ -279,7 +314,7 @@ class Worker:
             from service.probing.subprocess import SandboxLimits, run_probe_subprocess
 
             limits = SandboxLimits.from_settings(self.settings)
-            run_probe = functools.partial(run_probe_subprocess, limits=limits)
+            run_probe = functools.partial(run_probe_subprocess, limits=limits, standby=self._standby)
 
         last_beat = [0.0]
 
@@ -309,7 +344,12 @@ class Worker:
             # True also when the job is no longer this worker's: its probe stops, its outcome is dropped.
             return bool(self._write(repository.heartbeat, job_id, worker_id=self.worker_id))
 
-        return run_probe(spec, on_event=on_event, timeout_s=timeout_s, should_cancel=should_cancel)
+        try:
+            return run_probe(spec, on_event=on_event, timeout_s=timeout_s, should_cancel=should_cancel)
+        finally:
+            # The next standby starts once this job's probe is done, so that its start-up (several
+            # CPU-seconds of imports) does not run beside the job's timed trials.
+            self.keep_standby()
 
     def _write(self, operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one repository write in its own transaction, retrying briefly if the database is locked."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +18,7 @@ from service.probing.spec import ProbeError, ProbeSpec
 from service.recommendations import HostDevice
 from service.worker import Worker
 from tests.conftest import BOTH_DATABASES
-from tests.helpers import make_worker
+from tests.helpers import make_worker, wait_for_job
 
 pytestmark = BOTH_DATABASES
 
@@ -309,3 +312,109 @@ def test_the_heartbeat_interval_setting_paces_job_heartbeats(
     worker.settings = worker.settings.model_copy(update={"heartbeat_interval_s": interval_s})
     assert worker.run_next()
     assert written == [job["id"]] * beats
+
+
+# --- the standby probe process (real subprocesses) -------------------------------------------------
+
+TINY_REAL = {
+    "model": {"name": "mlp", "config": {"hidden_dims": [16]}},
+    "dataset": {"size": 512},
+    "memory_budget_bytes": 64 * 2**20,
+    "time_budget_s": 5,
+}
+
+
+def _runner_children() -> list[int]:
+    """Pids of `python -m service.probing.runner` processes whose parent is this process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "")
+        if ppid == str(os.getpid()) and b"service.probing.runner" in cmdline and "State:\tZ" not in status:
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_for(predicate: Any, timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout_s} s")
+
+
+def _waiting_standby(worker: Worker) -> Any:
+    """The worker's standby process once it is running, else None."""
+    process = worker._standby.process if worker._standby is not None else None
+    return process if process is not None and process.poll() is None else None
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+
+
+@needs_proc
+def test_a_running_worker_keeps_a_standby_that_takes_the_next_job(client: TestClient) -> None:
+    worker = make_worker(client.app)
+    worker.start_in_thread()
+    try:
+        first = _wait_for(lambda: _waiting_standby(worker))
+        assert _runner_children() == [first.pid]  # one process waits, and only one
+        job = client.post("/v1/recommendations", json=TINY_REAL).json()
+        done = wait_for_job(client, job["id"])
+        assert done["status"] == "succeeded", done["error"]
+        assert first.returncode == 0  # the standby ran the job, then exited
+        second = _wait_for(lambda: _waiting_standby(worker))  # and a new one waits for the next
+        assert second.pid != first.pid
+    finally:
+        worker.stop(timeout=60)
+    assert not worker.alive
+
+
+@needs_proc
+def test_stopping_the_worker_leaves_no_standby_process_behind(client: TestClient) -> None:
+    worker = make_worker(client.app)
+    worker.start_in_thread()
+    try:
+        standby = _wait_for(lambda: _waiting_standby(worker))
+    finally:
+        worker.stop(timeout=60)
+    assert not worker.alive
+    assert standby.returncode is not None
+    assert _runner_children() == []
+    with pytest.raises(ProcessLookupError):
+        os.killpg(standby.pid, 0)  # nothing it started survives either
+
+
+@needs_proc
+def test_a_standby_that_died_while_idle_is_replaced(client: TestClient) -> None:
+    worker = make_worker(client.app)
+    worker.start_in_thread()
+    try:
+        first = _wait_for(lambda: _waiting_standby(worker))
+        os.kill(first.pid, signal.SIGKILL)  # e.g. the kernel's OOM killer
+        second = _wait_for(lambda: (p := _waiting_standby(worker)) is not None and p.pid != first.pid and p)
+        assert first.poll() == -signal.SIGKILL
+        assert _runner_children() == [second.pid]
+    finally:
+        worker.stop(timeout=60)
+    assert _runner_children() == []
+
+
+@needs_proc
+def test_the_standby_can_be_turned_off(client: TestClient) -> None:
+    worker = make_worker(client.app, probe_standby=False)
+    worker.start_in_thread()
+    try:
+        job = client.post("/v1/recommendations", json=TINY_REAL).json()
+        assert wait_for_job(client, job["id"])["status"] == "succeeded"
+        time.sleep(3 * client.app.state.batchsize.settings.poll_interval_s)  # a few idle loops
+        assert worker._standby is None and _runner_children() == []
+    finally:
+        worker.stop(timeout=60)

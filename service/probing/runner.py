@@ -7,6 +7,11 @@ The protocol stream is the process's *original* stdout, duplicated to a private 
 fd 1 is pointed at stderr: anything model code prints (Python or C++) lands in stderr and cannot
 corrupt the protocol. Exit status is 0 whenever a result or error line was written.
 
+With `--standby` (a worker's waiting process, service.probing.subprocess.ProbeStandby) it imports
+torch and the engine, runs one tiny CPU training step per optimizer (torch's lazy first-step set-up),
+writes `{"event": "ready"}`, then reads its request; the probe's time budget starts when the request
+has been read instead of when the process started.
+
 Test hook: when the environment variable BATCHSIZE_PROBE_TEST_FAULT is set, the runner misbehaves
 on purpose after writing its first event, so the parent's handling can be tested:
     crash   -> exits with status 3 without a result
@@ -33,6 +38,7 @@ from typing import IO, Any
 from service.probing.spec import ProbeError, ProbeSpec
 
 TEST_FAULT_ENV = "BATCHSIZE_PROBE_TEST_FAULT"
+READY_EVENT = "ready"  # written by a standby once its imports are done, before it reads its request
 
 
 def _protocol_stream() -> IO[str]:
@@ -111,7 +117,34 @@ def _process_started() -> float:
     return now - age if 0 <= age < 600 else now
 
 
-def main() -> int:
+def _load_engine(*, prewarm: bool = False) -> Any:
+    from service.probing.engine import run_probe
+
+    if prewarm:
+        _first_steps()
+        gc.collect()  # the prewarm's garbage, before the rest is frozen
+    gc.freeze()  # torch's import-time objects: keeps gc.collect() after each failed trial cheap
+    return run_probe
+
+
+def _first_steps() -> None:
+    """One training step of a tiny CPU model per optimizer the engine builds. Torch initialises much
+    lazily on a process's first step (seconds on a small CPU host, the bulk of a small probe's setup); a
+    standby pays that while it waits. Its tensors are freed before the request is read."""
+    import torch
+
+    from service.probing.step import build_optimizer
+
+    for name in ("sgd", "adam", "adamw"):
+        model = torch.nn.Linear(4, 2)
+        optimizer = build_optimizer(name, model.parameters(), 1e-3)
+        model(torch.randn(2, 4)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    standby = "--standby" in (sys.argv[1:] if argv is None else argv)
     started = _process_started()
     _exit_with_parent()
     protocol = _protocol_stream()
@@ -122,16 +155,21 @@ def main() -> int:
 
     fault = os.environ.get(TEST_FAULT_ENV)
     try:
+        run_probe = None
+        if standby:
+            run_probe = _load_engine(prewarm=True)
+            emit({"event": READY_EVENT})  # start-up done: lets the worker tell a ready standby apart
         spec = _parse_spec(sys.stdin.read())
+        if standby:
+            started = time.monotonic()  # the wait for a job is not the job's time
         if fault:
             emit({"event": "phase", "phase": "setup", "trials_planned": 0})
             if fault == "garbage":
                 protocol.write("this is not json\n")
                 protocol.flush()
             _apply_test_fault(fault)
-        from service.probing.engine import run_probe  # imported late: a bad spec fails fast
-
-        gc.freeze()  # torch's import-time objects: keeps gc.collect() after each failed trial cheap
+        if run_probe is None:
+            run_probe = _load_engine()  # imported after the spec is read: a bad spec fails fast
         result = run_probe(spec, emit, started=started)
         emit({"event": "result", "result": result})
     except ProbeError as exc:

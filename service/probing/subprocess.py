@@ -10,6 +10,10 @@ as JSON only (never pickle), and every way it can end maps to a result or a Prob
     should_cancel() turned true  -> ProbeError("cancelled", ...) (process group killed)
     anything else                -> ProbeError("crashed", "probe process exited with signal 9 ...")
 
+A worker may keep one probe process on standby (ProbeStandby): started the same way, sandbox
+included, it imports torch and the engine, then waits for its request; a job takes it instead of
+starting a process, and it still serves that one job only and is killed on any failure as above.
+
 This module is the one place probe and dry-run processes are started (`sandboxed_module`). The child
 reads untrusted files (uploaded archives and samples), so it also gets the operating system's cheap
 protections, applied with `prlimit` after it starts and before it is sent its request:
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import selectors
@@ -35,19 +40,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from service.probing.runner import READY_EVENT
 from service.probing.spec import ProbeError, ProbeSpec
+
+log = logging.getLogger(__name__)
 
 # The directory holding the `service` and `models` packages, put on the child's PYTHONPATH.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+RUNNER = "service.probing.runner"
+# Tells the runner to import torch and the engine first, then wait for its request (ProbeStandby).
+STANDBY_ARG = "--standby"
 STDERR_TAIL_LINES = 20
 POLL_INTERVAL_S = 0.1
 # After the protocol stream closes, how long the child may take to exit before it is killed.
 EXIT_GRACE_S = 10.0
+# After a standby died while waiting, or could not start, how long until the next try (no restart loop).
+STANDBY_RESTART_DELAY_S = 5.0
 
 
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
@@ -114,20 +127,29 @@ def run_probe_subprocess(
     *,
     env: Mapping[str, str] | None = None,
     limits: SandboxLimits | None = None,
+    standby: ProbeStandby | None = None,
 ) -> dict[str, Any]:
     """Run the probe for `spec` in a child process and return its result dict.
 
     `on_event(event)` is called, in this thread, for every event line as it arrives (not for the final
     result or error). `timeout_s` bounds the whole run (None: no limit). `should_cancel` is polled
     about every POLL_INTERVAL_S. `env` adds or overrides environment variables for the child.
-    `limits`: the child's operating-system limits (default: SandboxLimits()).
+    `limits`: the child's operating-system limits (default: SandboxLimits()). `standby`: the job
+    takes its waiting process when that was started exactly as this job's would be (see
+    ProbeStandby), else a fresh process is started; either way the process serves this job alone.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     cuda = spec.device == "cuda"
-    with (
-        tempfile.TemporaryFile(mode="w+b") as stderr_file,
-        sandboxed_module("service.probing.runner", stderr_file, env, limits=limits, cuda=cuda) as process,
-    ):
+    with contextlib.ExitStack() as stack:
+        warm = standby.take(env=env, limits=limits, cuda=cuda) if standby is not None else None
+        if warm is not None:
+            stack.enter_context(warm)  # on exit: killed if still running, its TMPDIR removed
+            process, stderr_file = warm.process, warm.stderr_file
+        else:
+            stderr_file = stack.enter_context(tempfile.TemporaryFile(mode="w+b"))
+            process = stack.enter_context(
+                sandboxed_module(RUNNER, stderr_file, env, limits=limits, cuda=cuda)
+            )
         try:
             _send(process, json.dumps(spec.to_json_dict()))
             final = _read_protocol(process, on_event, deadline, should_cancel, timeout_s)
@@ -185,6 +207,8 @@ def _read_protocol(
                     continue
                 if message.get("event") in ("result", "error"):
                     final = message
+                elif message.get("event") == READY_EVENT:
+                    continue  # a standby's start-up notice, not part of the job's events
                 elif on_event is not None:
                     on_event(message)
     return final
@@ -210,6 +234,143 @@ def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:
         return process.wait()
 
 
+def _launch_key(
+    env: Mapping[str, str] | None, limits: SandboxLimits | None, cuda: bool
+) -> tuple[dict[str, str], dict[str, str], SandboxLimits, bool]:
+    """What a probe process's start depends on: the environment it inherits, its overrides, its limits
+    and its device kind. A standby serves a job only when both keys are equal."""
+    return scrubbed_environment(os.environ), dict(env or {}), limits or SandboxLimits(), cuda
+
+
+class WarmProbe:
+    """A probe process started before its job (`runner --standby`): sandboxed as `sandboxed_module` does
+    it, torch and the engine imported, waiting for its one request on stdin. It serves one job and
+    exits; as a context manager, leaving it kills its process group if still running and removes its
+    private TMPDIR."""
+
+    def __init__(
+        self,
+        key: tuple[Any, ...],
+        stack: contextlib.ExitStack,
+        process: subprocess.Popen[bytes],
+        stderr_file: IO[bytes],
+    ) -> None:
+        self.key = key
+        self._stack = stack
+        self.process = process
+        self.stderr_file = stderr_file
+
+    @classmethod
+    def start(cls, *, env: Mapping[str, str] | None, limits: SandboxLimits | None, cuda: bool) -> WarmProbe:
+        key = _launch_key(env, limits, cuda)
+        with contextlib.ExitStack() as stack:
+            stderr_file = stack.enter_context(tempfile.TemporaryFile(mode="w+b"))
+            process = stack.enter_context(
+                sandboxed_module(RUNNER, stderr_file, env, limits=limits, cuda=cuda, args=(STANDBY_ARG,))
+            )
+            return cls(key, stack.pop_all(), process, stderr_file)  # started: it owns them from here
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        self._stack.close()  # kills the group if still running, removes TMPDIR, closes the stderr file
+        for pipe in (self.process.stdin, self.process.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    def __enter__(self) -> WarmProbe:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ProbeStandby:
+    """One worker's standby probe process: at most one WarmProbe, started with the environment
+    overrides, limits and device kind the worker's jobs get, so that a job skips the interpreter's,
+    torch's and the engine's start-up. A job whose process would start differently, or that finds the
+    standby dead, gets a fresh process (`run_probe_subprocess`). Used from one thread (the worker's).
+    """
+
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        limits: SandboxLimits | None = None,
+        cuda: bool = False,
+        restart_delay_s: float = STANDBY_RESTART_DELAY_S,
+    ) -> None:
+        self._env = dict(env or {})
+        self._limits = limits or SandboxLimits()
+        self._cuda = cuda
+        self._restart_delay_s = restart_delay_s
+        self._not_before = 0.0  # time.monotonic() before which no new standby is started
+        self._warm: WarmProbe | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The waiting process, if any (dead or alive)."""
+        return self._warm.process if self._warm is not None else None
+
+    def ready(self) -> bool:
+        """Whether a standby is waiting with its start-up done (its ready line is there to read). Only
+        looks, so another thread may ask (a benchmark waiting for the machine to be quiet)."""
+        warm = self._warm
+        if warm is None or not warm.alive():
+            return False
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(warm.process.stdout, selectors.EVENT_READ)
+                return bool(selector.select(timeout=0))
+        except (OSError, ValueError):  # closed meanwhile: taken by a job or cleaned up
+            return False
+
+    def ensure(self) -> bool:
+        """Start the standby when there is none or it died while waiting. True when one is waiting."""
+        if self._warm is not None:
+            if self._warm.alive():
+                return True
+            status = self._warm.process.poll()
+            log.warning("the standby probe process exited while waiting (status %s)", status)
+            self._discard()
+            self._not_before = time.monotonic() + self._restart_delay_s
+        if time.monotonic() < self._not_before:
+            return False
+        try:
+            self._warm = WarmProbe.start(env=self._env, limits=self._limits, cuda=self._cuda)
+        except (OSError, ProbeError) as exc:  # the next job starts its own process and reports the cause
+            log.warning("could not start a standby probe process: %s", exc)
+            self._not_before = time.monotonic() + self._restart_delay_s
+            return False
+        return True
+
+    def take(
+        self, *, env: Mapping[str, str] | None, limits: SandboxLimits | None, cuda: bool
+    ) -> WarmProbe | None:
+        """Hand the standby to a job whose process would be started the same way; None otherwise (a
+        standby that does not match stays; one that died is cleaned up)."""
+        warm = self._warm
+        if warm is None:
+            return None
+        if not warm.alive():
+            self._discard()
+            return None
+        if warm.key != _launch_key(env, limits, cuda):
+            return None
+        self._warm = None
+        return warm
+
+    def close(self) -> None:
+        """Kill the waiting process (and its group) and remove its TMPDIR."""
+        self._discard()
+
+    def _discard(self) -> None:
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.close()
+
+
 @contextlib.contextmanager
 def sandboxed_module(
     module: str,
@@ -219,6 +380,7 @@ def sandboxed_module(
     limits: SandboxLimits | None = None,
     cuda: bool = False,
     niceness: int = 0,
+    args: Sequence[str] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m module` under the protections in this module's docstring; yields the process.
 
@@ -233,7 +395,7 @@ def sandboxed_module(
         child_env = scrubbed_environment(os.environ)
         child_env.update(TMPDIR=private_tmp, TMP=private_tmp, TEMP=private_tmp)
         child_env.update(env or {})
-        process = start_module(module, stderr_file, child_env, inherit=False)
+        process = start_module(module, stderr_file, child_env, inherit=False, args=args)
         try:
             apply_limits(process.pid, limits, cuda=cuda)
             if niceness > 0 and hasattr(os, "setpriority"):
@@ -278,9 +440,14 @@ def apply_limits(pid: int, limits: SandboxLimits, *, cuda: bool) -> None:
 
 
 def start_module(
-    module: str, stderr_file: IO[bytes], env: Mapping[str, str] | None = None, *, inherit: bool = True
+    module: str,
+    stderr_file: IO[bytes],
+    env: Mapping[str, str] | None = None,
+    *,
+    inherit: bool = True,
+    args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """`python -m module` from the project root, pipes for stdin/stdout, in its own process group.
+    """`python -m module *args` from the project root, pipes for stdin/stdout, in its own process group.
 
     The child sees `env` on top of this process's environment (`inherit=False`: `env` alone), plus
     the project on PYTHONPATH and unbuffered output. Untrusted work goes through `sandboxed_module`.
@@ -292,7 +459,7 @@ def start_module(
     )
     child_env["PYTHONUNBUFFERED"] = "1"
     return subprocess.Popen(
-        [sys.executable, "-m", module],
+        [sys.executable, "-m", module, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=stderr_file,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from service.probing.runner import TEST_FAULT_ENV
 from service.probing.spec import ProbeError, ProbeSpec
 from service.probing.subprocess import (
     PROJECT_ROOT,
+    ProbeStandby,
     SandboxLimits,
     default_address_space_bytes,
     run_probe_subprocess,
@@ -191,3 +193,120 @@ def test_a_niceness_lowers_the_child_priority() -> None:
     assert _in_sandbox({"action": "report"})["nice"] == own
     if own < 10:
         assert _in_sandbox({"action": "report"}, niceness=10)["nice"] == 10
+
+
+# --------------------------------------------------------------------------------------------------
+# The standby process: waits with the engine imported, serves one job, cleaned up however it ends
+
+
+def _tmpdir_of(pid: int) -> Path:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return Path(next(v for v in environ if v.startswith(b"TMPDIR=")).split(b"=", 1)[1].decode())
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_a_job_takes_the_standby_which_serves_it_alone_then_exits() -> None:
+    standby = ProbeStandby()
+    try:
+        assert standby.ensure()
+        process = standby.process
+        assert process is not None
+        tmp = _tmpdir_of(process.pid)
+        assert tmp.name.startswith("batchsize-probe-") and tmp.is_dir()
+        _wait_until(standby.ready)  # its imports are done and it says so
+        assert standby.process is process and process.poll() is None
+        events: list[dict] = []
+        result = run_probe_subprocess(SPEC, events.append, timeout_s=300, standby=standby)
+        assert 1 <= result["max_feasible_batch_size"] <= 512
+        assert any(e["event"] == "trial" for e in events)
+        assert all(e["event"] in ("phase", "trial") for e in events)  # its ready notice is not an event
+        assert not standby.ready()
+        assert standby.process is None  # taken: it served this job, it does not come back
+        assert process.returncode == 0 and not tmp.exists()
+    finally:
+        standby.close()
+
+
+def test_a_standby_that_fails_its_job_is_killed_like_a_fresh_process() -> None:
+    standby = ProbeStandby(env=_fault("hang"))
+    try:
+        assert standby.ensure()
+        process = standby.process
+        assert process is not None
+        with pytest.raises(ProbeError) as info:
+            run_probe_subprocess(SPEC, timeout_s=2.0, env=_fault("hang"), standby=standby)
+        assert info.value.code == "timeout"
+        assert process.returncode == -9 and standby.process is None
+    finally:
+        standby.close()
+
+
+def test_a_job_whose_process_would_start_differently_gets_a_fresh_one() -> None:
+    standby = ProbeStandby(limits=SandboxLimits(file_bytes=2**30))
+    try:
+        assert standby.ensure()
+        waiting = standby.process
+        assert waiting is not None
+        # Other environment overrides, then other limits: neither may run in the waiting process.
+        with pytest.raises(ProbeError, match="test fault: crashing"):
+            run_probe_subprocess(SPEC, timeout_s=60, env=_fault("crash"), standby=standby)
+        run_probe_subprocess(SPEC, timeout_s=300, limits=SandboxLimits(file_bytes=2**29), standby=standby)
+        assert standby.process is waiting and waiting.poll() is None
+    finally:
+        standby.close()
+    assert waiting.returncode == -9
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_closing_the_standby_kills_it_and_removes_its_temporary_directory() -> None:
+    standby = ProbeStandby()
+    assert standby.ensure()
+    process = standby.process
+    assert process is not None
+    tmp = _tmpdir_of(process.pid)
+    standby.close()
+    assert process.returncode is not None and standby.process is None
+    assert not tmp.exists()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # its process group is gone too
+
+
+def test_a_standby_that_died_while_waiting_is_replaced_after_the_delay() -> None:
+    standby = ProbeStandby(restart_delay_s=0.5)
+    try:
+        assert standby.ensure()
+        first = standby.process
+        assert first is not None
+        first.kill()
+        first.wait()
+        assert not standby.ensure()  # found dead: cleaned up, not restarted at once (no restart loop)
+        assert standby.process is None
+        _wait_until(standby.ensure, timeout_s=30)
+        second = standby.process
+        assert second is not None and second.pid != first.pid and second.poll() is None
+        # A job finds the replacement and runs in it.
+        assert run_probe_subprocess(SPEC, timeout_s=300, standby=standby)["max_feasible_batch_size"] >= 1
+        assert second.returncode == 0
+    finally:
+        standby.close()
+
+
+def test_a_dead_standby_is_not_handed_to_a_job() -> None:
+    standby = ProbeStandby()
+    try:
+        assert standby.ensure()
+        process = standby.process
+        assert process is not None
+        process.kill()
+        process.wait()
+        assert run_probe_subprocess(SPEC, timeout_s=300, standby=standby)["max_feasible_batch_size"] >= 1
+        assert standby.process is None  # the dead one was cleaned up; the job ran in a fresh process
+    finally:
+        standby.close()
