@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,3 +47,23 @@ def finish_job(client: TestClient, job_id: str, result: dict[str, Any]) -> None:
         assert job is not None and job.id == job_id
     with session_scope(state.writes) as session:
         repository.finish(session, job_id, status=JobStatus.SUCCEEDED, result=result)
+
+
+def probe_children(parent_pid: int, *, zombies: bool = True) -> list[int]:
+    """Pids of probe processes (`python -m service.probing.runner`) whose parent is `parent_pid`
+    (exited ones not yet reaped included unless `zombies` is False)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        match = re.search(r"^PPid:\s+(\d+)", status, re.MULTILINE)
+        if not match or int(match.group(1)) != parent_pid or b"service.probing.runner" not in cmdline:
+            continue
+        if zombies or "State:\tZ" not in status:
+            found.append(int(entry.name))
+    return found

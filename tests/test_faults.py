@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import sqlite3
@@ -33,7 +32,7 @@ from service.config import Settings
 from service.probing.spec import ProbeSpec
 from service.probing.subprocess import run_probe_subprocess
 from service.worker import Worker
-from tests.helpers import make_worker
+from tests.helpers import make_worker, probe_children
 from tests.live_server import live_server
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
@@ -53,22 +52,6 @@ def _variant(**changes: Any) -> dict[str, Any]:
     """TINY with other fields, so each job has its own fingerprint."""
     return {**TINY, **changes}
 
-
-def _probe_children(parent_pid: int) -> list[int]:
-    """Pids of probe subprocesses (`python -m service.probing.runner`) whose parent is `parent_pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        match = re.search(r"^PPid:\s+(\d+)", status, re.MULTILINE)
-        if match and int(match.group(1)) == parent_pid and b"service.probing.runner" in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -103,7 +86,7 @@ def test_probe_sigkilled_mid_trial_fails_the_job_and_the_service_goes_on(client:
         def kill_on_trial(event: dict) -> None:
             on_event(event)
             if event.get("event") == "trial" and not killed:
-                children = _probe_children(os.getpid())
+                children = probe_children(os.getpid())
                 assert len(children) == 1
                 os.kill(children[0], signal.SIGKILL)  # as the kernel's OOM killer would
                 killed.append(children[0])
@@ -124,7 +107,7 @@ def test_probe_sigkilled_mid_trial_fails_the_job_and_the_service_goes_on(client:
     assert failed["error"]["code"] == "crashed"
     assert "signal 9 (SIGKILL)" in failed["error"]["message"]
     assert failed["progress"]["trials_done"] >= 1  # it was mid-trial: the trials it finished are kept
-    assert not _probe_children(os.getpid())
+    assert not probe_children(os.getpid())
     assert client.get("/readyz").status_code == 200
 
 
@@ -156,7 +139,7 @@ def test_a_probe_that_hangs_is_killed_at_its_time_limit(
     assert failed["status"] == "failed" and failed["error"]["code"] == "timeout"
     assert "did not finish within 2 s and was killed" in failed["error"]["message"]
     assert 1.9 < elapsed < 30
-    assert not _probe_children(os.getpid())  # the hung process is gone
+    assert not probe_children(os.getpid())  # the hung process is gone
 
 
 def test_oom_at_the_smallest_batch_size_fails_the_job(client: TestClient) -> None:
@@ -245,7 +228,7 @@ class Service:
 
     def kill_everything(self) -> None:
         if self.process is not None and self.process.poll() is None:
-            for pid in _probe_children(self.process.pid):
+            for pid in probe_children(self.process.pid):
                 os.kill(pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait(timeout=30)
@@ -286,7 +269,7 @@ def _post_and_wait_running(service: Service, body: dict) -> tuple[str, int]:
     job_id = response.json()["id"]
     _wait_for(lambda: service.job(job_id)["status"] == "running", 60, "the job to start")
     assert service.process is not None
-    children = _wait_for(lambda: _probe_children(service.process.pid), 30, "the probe subprocess")
+    children = _wait_for(lambda: probe_children(service.process.pid), 30, "the probe subprocess")
     return job_id, children[0]
 
 
@@ -312,7 +295,7 @@ def test_sigterm_requeues_sigkill_recovers_and_the_job_finishes_once(service: Se
     service.start(fault="hang")
     _wait_for(lambda: service.job(job_id)["status"] == "running", 60, "the job to start again")
     assert service.process is not None
-    probe_pid = _wait_for(lambda: _probe_children(service.process.pid), 30, "the probe subprocess")[0]
+    probe_pid = _wait_for(lambda: probe_children(service.process.pid), 30, "the probe subprocess")[0]
     assert service.stop(signal.SIGKILL) == -signal.SIGKILL
     # The orphaned probe is in its own session; in production its next write fails and it exits. Here
     # it hangs on purpose, so end it.

@@ -18,7 +18,7 @@ from service.probing.spec import ProbeError, ProbeSpec
 from service.recommendations import HostDevice
 from service.worker import Worker
 from tests.conftest import BOTH_DATABASES
-from tests.helpers import make_worker, wait_for_job
+from tests.helpers import make_worker, probe_children, wait_for_job
 
 pytestmark = BOTH_DATABASES
 
@@ -324,22 +324,6 @@ TINY_REAL = {
 }
 
 
-def _runner_children() -> list[int]:
-    """Pids of `python -m service.probing.runner` processes whose parent is this process."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "")
-        if ppid == str(os.getpid()) and b"service.probing.runner" in cmdline and "State:\tZ" not in status:
-            found.append(int(entry.name))
-    return found
-
 
 def _wait_for(predicate: Any, timeout_s: float = 60) -> Any:
     deadline = time.monotonic() + timeout_s
@@ -365,7 +349,7 @@ def test_a_running_worker_keeps_a_standby_that_takes_the_next_job(client: TestCl
     worker.start_in_thread()
     try:
         first = _wait_for(lambda: _waiting_standby(worker))
-        assert _runner_children() == [first.pid]  # one process waits, and only one
+        assert probe_children(os.getpid(), zombies=False) == [first.pid]  # one process waits, and only one
         job = client.post("/v1/recommendations", json=TINY_REAL).json()
         done = wait_for_job(client, job["id"])
         assert done["status"] == "succeeded", done["error"]
@@ -387,7 +371,7 @@ def test_stopping_the_worker_leaves_no_standby_process_behind(client: TestClient
         worker.stop(timeout=60)
     assert not worker.alive
     assert standby.returncode is not None
-    assert _runner_children() == []
+    assert probe_children(os.getpid(), zombies=False) == []
     with pytest.raises(ProcessLookupError):
         os.killpg(standby.pid, 0)  # nothing it started survives either
 
@@ -401,10 +385,10 @@ def test_a_standby_that_died_while_idle_is_replaced(client: TestClient) -> None:
         os.kill(first.pid, signal.SIGKILL)  # e.g. the kernel's OOM killer
         second = _wait_for(lambda: (p := _waiting_standby(worker)) is not None and p.pid != first.pid and p)
         assert first.poll() == -signal.SIGKILL
-        assert _runner_children() == [second.pid]
+        assert probe_children(os.getpid(), zombies=False) == [second.pid]
     finally:
         worker.stop(timeout=60)
-    assert _runner_children() == []
+    assert probe_children(os.getpid(), zombies=False) == []
 
 
 @needs_proc
@@ -415,6 +399,6 @@ def test_the_standby_can_be_turned_off(client: TestClient) -> None:
         job = client.post("/v1/recommendations", json=TINY_REAL).json()
         assert wait_for_job(client, job["id"])["status"] == "succeeded"
         time.sleep(3 * client.app.state.batchsize.settings.poll_interval_s)  # a few idle loops
-        assert worker._standby is None and _runner_children() == []
+        assert worker._standby is None and probe_children(os.getpid(), zombies=False) == []
     finally:
         worker.stop(timeout=60)
