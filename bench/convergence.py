@@ -44,6 +44,7 @@ import argparse
 import copy
 import datetime as dt
 import functools
+import itertools
 import json
 import math
 import os
@@ -142,7 +143,7 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _mlp(sizes: list[int]) -> nn.Module:
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
+    for a, b in itertools.pairwise(sizes[:-1]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
 

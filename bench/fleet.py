@@ -180,7 +180,7 @@ def run_fleet(
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", url,
                    str(logs / f"worker-{serial[0]}.log"), "--probe-ms", str(args.probe_ms),
                    "--stale-after", str(args.stale_after)]  # fmt: skip
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(logs / "stderr.log", "a"))  # noqa: SIM115
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(logs / "stderr.log", "a"))
 
     rng = random.Random(args.seed)
     cpu_before = _cpu_seconds(args.postmaster)

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
-        },  # fmt: skip
+        },
         "client": client,
         "duration_s": args.duration,
         "command": " ".join(["python", "bench/load.py", *(argv if argv is not None else sys.argv[1:])]),

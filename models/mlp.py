@@ -6,6 +6,7 @@ step rather than in activations, so this model keeps the probe engine honest abo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ class MLP(nn.Module):
 def parameter_count(config: MLPConfig) -> int:
     """Weights and biases of every Linear layer, counted without building the module."""
     widths = [config.input_dim, *config.hidden_dims, config.num_classes]
-    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(widths, widths[1:], strict=False))
+    return sum(fan_in * fan_out + fan_out for fan_in, fan_out in itertools.pairwise(widths))
 
 
 def build(config: MLPConfig, gradient_checkpointing: bool = False) -> MLP:

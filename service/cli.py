@@ -153,7 +153,7 @@ def _json_option(text: str | None, name: str) -> dict | None:
     return value
 
 
-def _client(url: str, api_key: str | None):  # noqa: ANN202 - batchsize_client is imported lazily
+def _client(url: str, api_key: str | None):  # returns a BatchsizeClient, imported lazily
     from batchsize_client import BatchsizeClient
 
     return BatchsizeClient(url, api_key=api_key)
@@ -223,7 +223,7 @@ class _ProgressBar:
     def show(self, label: str, done: int, planned: int) -> None:
         self.progress.update(self.task, description=label, completed=done, total=max(planned, done, 1))
 
-    def on_job(self, job) -> None:  # noqa: ANN001 - batchsize_client.Job, imported lazily
+    def on_job(self, job) -> None:  # job: batchsize_client.Job, imported lazily
         """client.wait's callback: the job as GET /v1/recommendations/{id} shows it."""
         progress = job.progress
         label = (progress.phase or job.status) if job.status == "running" else job.status
@@ -240,7 +240,7 @@ class _ProgressBar:
         self.show(getattr(self, "phase", "setup"), self.done, self.planned)
 
 
-def _recipe_table(result: dict, title: str = "Recommended training recipe"):  # noqa: ANN202
+def _recipe_table(result: dict, title: str = "Recommended training recipe"):
     from rich.table import Table
 
     from service.recipe_text import recipe_items
@@ -483,7 +483,7 @@ def _recommend_local(
 PREFIX_SEARCH_LIMIT = 200
 
 
-def resolve_id(client, recommendation_id: str) -> str:  # noqa: ANN001 - batchsize_client.BatchsizeClient
+def resolve_id(client, recommendation_id: str) -> str:  # client: batchsize_client.BatchsizeClient
     """The full id for `recommendation_id`: itself when it exists, else the one recent id it prefixes."""
     from batchsize_client import BatchsizeError
 

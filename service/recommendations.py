@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import uuid
@@ -336,7 +337,7 @@ def _training_flops_per_sample(name: str, config: Any) -> float:
     by arithmetic on its config: the largest layers only, no model built."""
     if name == "mlp":
         dims = [config.input_dim, *config.hidden_dims, config.num_classes]
-        return 6.0 * sum(a * b for a, b in zip(dims, dims[1:], strict=False))
+        return 6.0 * sum(a * b for a, b in itertools.pairwise(dims))
     if name == "gpt":
         return 6.0 * config.block_size * config.n_layer * 12 * config.n_embd**2
     if name == "resnet":  # the last stage alone: 3x3 convs at width 8w over (image/8)^2 or (image/32)^2

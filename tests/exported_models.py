@@ -174,7 +174,7 @@ def _program_json(source: Path) -> dict:
         return json.loads(archive.read(f"{root}/models/model.json"))
 
 
-def rewritten_program_archive(target: Path, mutate, source: Path | None = None) -> Path:  # noqa: ANN001
+def rewritten_program_archive(target: Path, mutate, source: Path | None = None) -> Path:
     """The CNN archive (or `source`) with `mutate(program_json_dict)` applied to models/model.json."""
     source = source or cnn_archive()
     program = _program_json(source)

@@ -15,7 +15,7 @@ from tests import exported_models as em
 from tests.helpers import wait_for_job
 
 
-def _upload(client: TestClient, path: Path, kind: str = "model", **fields: str):  # noqa: ANN202
+def _upload(client: TestClient, path: Path, kind: str = "model", **fields: str):
     with path.open("rb") as handle:
         return client.post(
             "/v1/artifacts",
@@ -24,7 +24,7 @@ def _upload(client: TestClient, path: Path, kind: str = "model", **fields: str):
         )
 
 
-def _error(response) -> dict:  # noqa: ANN001
+def _error(response) -> dict:
     assert 400 <= response.status_code < 500, response.text
     return response.json()["error"]
 

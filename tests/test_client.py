@@ -169,9 +169,9 @@ def test_the_async_client_waits_with_progress_and_raises_the_same_errors(idle_se
 
 
 def test_build_request_needs_exactly_one_model() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="give exactly one of model"):
         build_request()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="give exactly one of model"):
         build_request("mlp", artifact_id="abc")
     body = build_request("mlp", config={"hidden_dims": [8]}, memory_budget_bytes=10**6)
     assert body["model"] == {"name": "mlp", "config": {"hidden_dims": [8]}}

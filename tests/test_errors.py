@@ -26,7 +26,7 @@ from service.worker import Worker
 MLP = {"model": {"name": "mlp", "config": {"hidden_dims": [8]}}, "time_budget_s": 30}
 
 
-def _envelope(response) -> dict:  # noqa: ANN001
+def _envelope(response) -> dict:
     assert response.headers["content-type"] == "application/json", response.text
     return response.json()["error"]
 

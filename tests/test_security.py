@@ -27,7 +27,7 @@ def _npz() -> bytes:
     return buffer.getvalue()
 
 
-def _error(response) -> dict:  # noqa: ANN001
+def _error(response) -> dict:
     assert response.headers["content-type"] == "application/json", response.text
     return response.json()["error"]
 

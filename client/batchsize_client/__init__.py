@@ -31,7 +31,7 @@ __all__ = [
     "RecommendationResult",
     "RecommendationTimeout",
     "Trial",
+    "__version__",
     "build_request",
     "recommend",
-    "__version__",
 ]

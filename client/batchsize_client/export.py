@@ -353,6 +353,6 @@ def dataset_size(dataset: Any) -> int | None:
     if isinstance(target, tuple) and len(target) == 2:
         target = target[0]
     try:
-        return int(len(target))
+        return len(target)
     except TypeError:
         return None

@@ -35,7 +35,7 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
     """WAL lets readers run while the worker writes; the busy timeout makes writers wait, not fail."""
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001
+    def _on_connect(dbapi_connection, _record) -> None:
         # pysqlite's own transaction handling defers BEGIN; take it over so BEGIN IMMEDIATE works.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -46,7 +46,7 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(connection) -> None:  # noqa: ANN001
+    def _on_begin(connection) -> None:
         # Writers take the lock up front: a deferred transaction that reads and then writes can fail
         # with "database is locked" at once, without waiting for the busy timeout. Readers stay
         # deferred so WAL lets them run alongside a writer.

@@ -305,7 +305,7 @@ def run_races(
     # The middle size first (it sets the level), then the others largest first: big batches reach the
     # level in few steps and hand their unused time to the small ones, which need the most steps.
     middle = sizes[len(sizes) // 2]
-    order = [middle] + sorted((s for s in sizes if s != middle), reverse=True)
+    order = [middle, *sorted((s for s in sizes if s != middle), reverse=True)]
     races: dict[int, dict[str, Any]] = {}
     level: float | None = None
     trajectory: dict[str, Any] | None = None

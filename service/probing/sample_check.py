@@ -232,7 +232,7 @@ def dry_step(model: Any, loss_fn: Callable[[Any, Any], Any], x: Any, y: Any, tas
         if not math.isfinite(float(loss.detach())):
             raise ValueError(f"the loss is {float(loss.detach())}")
         loss.backward()
-    except Exception as exc:  # noqa: BLE001 - model code can raise anything; the client gets it named
+    except Exception as exc:  # model code can raise anything; the client gets it named
         text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)
         raise ValueError(
             f"a training step on the first {len(xs)} examples of the sample failed ({shown} per example; "

@@ -124,14 +124,14 @@ class MemoryModel:
 
     @property
     def fixed_bytes(self) -> int:
-        return int(round(self.fwd_bwd.intercept))
+        return round(self.fwd_bwd.intercept)
 
     @property
     def per_sample_bytes(self) -> float:
         return self.fwd_bwd.slope
 
     def optimizer_peak_bytes(self, batch_size: int) -> int:
-        return int(round(self.optimizer_step.at(batch_size)))
+        return round(self.optimizer_step.at(batch_size))
 
     def peak_bytes(self, batch_size: float) -> float:
         return self.overhead_ratio * max(self.fwd_bwd.at(batch_size), self.optimizer_step.at(batch_size))
@@ -145,7 +145,7 @@ class MemoryModel:
         """The result's `memory` fields, with the optimizer peak evaluated at `batch_size`."""
         return {
             "fixed_bytes": self.fixed_bytes,
-            "per_sample_bytes": int(round(self.per_sample_bytes)),
+            "per_sample_bytes": round(self.per_sample_bytes),
             "optimizer_peak_bytes": self.optimizer_peak_bytes(batch_size),
             "overhead_ratio": round(self.overhead_ratio, 4),
         }
@@ -404,4 +404,4 @@ def _clamp_int(value: float, low: int, high: int) -> int:
         return low
     if math.isinf(value):
         return high if value > 0 else low
-    return max(low, min(high, int(math.floor(value))))
+    return max(low, min(high, math.floor(value)))

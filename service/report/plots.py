@@ -250,6 +250,6 @@ def safe(build: Callable[[], Markup], *, name: str, title: str) -> Markup:
     """A plot that fails to draw (unexpected data) must not take the page down with it."""
     try:
         return build()
-    except Exception:  # noqa: BLE001 - logged; the page shows the placeholder
+    except Exception:  # logged; the page shows the placeholder
         log.exception("could not draw the %s plot", name)
         return not_measured(name=name, title=title, reason="could not be drawn from this result")

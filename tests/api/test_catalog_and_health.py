@@ -62,7 +62,7 @@ def test_every_route_documents_its_errors_and_has_a_summary(client: TestClient) 
             if path.startswith("/v1"):
                 codes = set(operation["responses"])
                 assert "401" in codes, f"{method} {path} does not document 401"
-                assert "422" in codes or method == "get" and "{" not in path, f"{method} {path}: 422"
+                assert "422" in codes or (method == "get" and "{" not in path), f"{method} {path}: 422"
                 if "{" in path:
                     assert "404" in codes, f"{method} {path} does not document 404"
     post = schema["paths"]["/v1/recommendations"]["post"]

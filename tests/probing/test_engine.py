@@ -194,7 +194,7 @@ class _Exploding(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "spec, broken, code, text",
+    ("spec", "broken", "code", "text"),
     [
         (_spec(memory_budget_bytes=2**60), None, "budget_exceeds_device", "exceeds"),
         (_spec(memory_budget_bytes=100_000), None, "budget_below_model", "bytes the model needs"),

@@ -112,7 +112,7 @@ def test_bad_batch_sizes_are_rejected(digits):
     x, y = digits
     with pytest.raises(ValueError, match="multiple"):
         noise.gradient_noise_scale(_mlp(), LOSS, x, y, b_small=8, b_big=12)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need 1 <= b_small < b_big"):
         noise.gradient_noise_scale(_mlp(), LOSS, x, y, b_small=8, b_big=8)
 
 
@@ -177,7 +177,9 @@ def _nan_after(calls: int):
     return loss
 
 
-@pytest.mark.parametrize("calls, where", [(3, "warm-up step 4"), (12, "measuring the gradient noise scale")])
+@pytest.mark.parametrize(
+    ("calls", "where"), [(3, "warm-up step 4"), (12, "measuring the gradient noise scale")]
+)
 def test_non_finite_loss_is_reported_not_raised(digits, calls, where):
     x, y = digits
     model = _mlp()

@@ -58,7 +58,7 @@ def test_fit_tolerates_a_few_percent_of_noise():
 
 
 @pytest.mark.parametrize(
-    "b_noise, status, value",
+    ("b_noise", "status", "value"),
     [(3 * 256, "above_range", 256), (256 * races.FIT_REACH * 0.9, "ok", None), (16 / 3, "below_range", 16)],
 )
 def test_a_fit_far_outside_the_sizes_raced_is_only_a_bound(b_noise, status, value):
@@ -99,7 +99,7 @@ def test_sparse_evaluations_of_a_power_law_still_give_the_exact_crossing():
 
 
 @pytest.mark.parametrize(
-    "prediction, lo, hi, expected",
+    ("prediction", "lo", "hi", "expected"),
     [
         (64, 1, 4096, [16, 64, 256]),
         (60, 8, 512, [16, 64, 256]),

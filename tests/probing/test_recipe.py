@@ -91,7 +91,7 @@ def test_throughput_peak():
 
 
 @pytest.mark.parametrize(
-    "global_batch, max_micro, devices, expected",
+    ("global_batch", "max_micro", "devices", "expected"),
     [
         (256, 512, 1, (256, 1, 256)),
         (1024, 256, 1, (256, 4, 1024)),
@@ -307,9 +307,9 @@ def test_adam_uses_the_square_root_rule():
 
 
 def test_invalid_inputs():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_feasible_batch_size must be >= 1"):
         _recommend(max_feasible_batch_size=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="devices must be >= 1"):
         _recommend(devices=0)
 
 
@@ -432,7 +432,7 @@ def test_throughput_objective_is_the_knee_not_the_cap():
 
 
 @pytest.mark.parametrize(
-    "value, dataset, expected_bound",
+    ("value", "dataset", "expected_bound"),
     [(8.4e4, 1797, 1797), (2e4, 50_000, 10 * 512)],  # above the dataset; 10x above b_big = 512
 )
 def test_an_implausible_noise_scale_is_reported_as_a_bound(value, dataset, expected_bound):

@@ -32,7 +32,7 @@ def test_float_targets_fit_a_regression_model() -> None:
     x, y = torch.randn(20, 10), torch.randn(20, 1)
     assert problem(_described(x, y), REGRESSION) is None
     assert problem(_described(x, y[:, 0]), REGRESSION) is None  # [N] for one output is read as [N, 1]
-    xs, ys = prepare(x, y[:, 0], REGRESSION)
+    _xs, ys = prepare(x, y[:, 0], REGRESSION)
     assert ys.shape == (20, 1) and ys.dtype == torch.float32
     counts = torch.randint(0, 50, (20, 1))  # integer targets are regression targets too
     assert prepare(x, counts, REGRESSION)[1].dtype == torch.float32
@@ -91,7 +91,7 @@ def test_the_dry_step_settles_what_shapes_cannot() -> None:
     task = Task("mse", (10,))  # a zoo-like task: the output shape is only known once the model runs
     x, y = torch.randn(20, 10), torch.randn(20, 1)
     before = two_outputs[1].running_mean.clone()
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="a training step on the first") as info:
         dry_step(two_outputs, nn.functional.mse_loss, x, y, task)
     message = str(info.value)
     assert "the model's output is [2] per example but y is [1]" in message

@@ -254,7 +254,7 @@ def test_aligned_batch_size() -> None:
 
 
 def test_measure_must_return_the_size_asked_for() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"returned a trial for batch size \d+"):
         search_max_batch_size(lambda b: Trial(b + 1, "ok", 1, 1, 1), GIB, 100)
 
 

@@ -50,7 +50,7 @@ def test_normal_run_streams_events_then_returns_the_result() -> None:
     assert 1 <= result["max_feasible_batch_size"] <= 512
     assert result["device"]["type"] == "cpu"
     assert any(e["event"] == "trial" and e["phase"] == "memory" for e in events)
-    assert [e["phase"] for e in events if e["event"] == "phase"][0] == "setup"
+    assert next(e["phase"] for e in events if e["event"] == "phase") == "setup"
     assert all(e["event"] in ("phase", "trial") for e in events)
 
 

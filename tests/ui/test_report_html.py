@@ -40,7 +40,7 @@ def test_finished_report_has_the_recipe_every_plot_and_the_trials(client: TestCl
     assert set(plots) == {"memory", "throughput", "time_to_target", "noise_scale"}
     for name, svg in plots.items():
         assert "not measured" not in svg, name
-        assert "<path" in svg and "<circle" in svg or name == "noise_scale" and "<path" in svg, name
+        assert ("<path" in svg and "<circle" in svg) or (name == "noise_scale" and "<path" in svg), name
     assert "budget 256 MiB" in plots["memory"] and "max feasible 2043" in plots["memory"]
     assert "recommended 128" in plots["time_to_target"]
     assert 'class="band"' in plots["noise_scale"]
