@@ -232,8 +232,11 @@ def steps_to_level(curve: Sequence[tuple[int, float]], level: float) -> float | 
                 return float(step)
             if prev_step >= 1 and loss > 0:
                 frac = math.log(prev_loss / level) / math.log(prev_loss / loss)
-                return prev_step * (step / prev_step) ** frac
-            return prev_step + (prev_loss - level) / (prev_loss - loss) * (step - prev_step)
+                crossing = prev_step * (step / prev_step) ** frac
+            else:
+                crossing = prev_step + (prev_loss - level) / (prev_loss - loss) * (step - prev_step)
+            # Inside the two evaluations: rounding must not put a crossing at the last one past the curve.
+            return min(float(step), max(float(prev_step), crossing))
         prev_step, prev_loss = step, loss
     return None
 

@@ -249,3 +249,12 @@ def test_races_report_held_out_loss_at_the_level_and_a_noise_trajectory(digits):
     windows = trajectory["windows"]
     assert len(windows) >= 5
     assert all(w["small_sq"] > w["big_sq"] > 0 for w in windows[:3])  # halves are noisier than the whole
+
+
+def test_a_crossing_at_the_last_evaluation_stays_on_the_curve():
+    """Log-log interpolation to a level reached exactly at the last point must not round past it."""
+    for first, last in [(3, 7), (5, 11), (13, 101), (17, 190)]:
+        curve = [(0, 3.0), (first, 2.0), (last, 0.7137)]
+        crossing = races.steps_to_level(curve, 0.7137)
+        assert first <= crossing <= last
+        assert races.value_at(curve, crossing) is not None
