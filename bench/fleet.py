@@ -63,7 +63,7 @@ def run_worker(url: str, log_path: str, *, probe_ms: float, stale_after_s: float
     """The real worker loop with a fake probe; logs each claim and each outcome it stored to log_path."""
     from service.config import Settings
     from service.db.session import make_engine, make_session_factories
-    from service.recommendations import HostDevice
+    from service.recommendations.service import HostDevice
     from service.worker import Worker
 
     log = open(log_path, "a", buffering=1)  # noqa: SIM115  (line-buffered: a SIGKILL loses at most a line)

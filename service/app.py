@@ -13,15 +13,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import __version__
-from service.api import artifacts, catalog, health, recommendations, ui, workers
+from service.api import catalog, health, ui, workers
 from service.api import metrics as metrics_api
 from service.api.cached_reads import CachedAnswers
 from service.api.deps import require_api_key, require_page_access
+from service.artifacts import routes as artifacts
 from service.config import Settings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factories, session_scope
 from service.errors import UnexpectedErrors, error_responses, install_error_handlers
 from service.observability import Metrics, RequestContext
+from service.recommendations import routes as recommendations
 from service.security import UNSAFE_METHODS, CrossSiteGuard
 from service.state import AppState, detect_host
 from service.worker import Worker

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.recommendations import HostDevice
+from service.recommendations.service import HostDevice
 from service.worker import Worker
 
 V = TypeVar("V")

@@ -28,7 +28,7 @@ from service.config import Settings
 from service.db.session import session_scope
 from service.errors import client_message
 from service.probing.spec import ProbeError
-from service.recommendations import HostDevice, probe_spec_from_request
+from service.recommendations.service import HostDevice, probe_spec_from_request
 from service.status import JobStatus
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service import repository
 from service.db.session import session_scope
-from service.recommendations import HostDevice
+from service.recommendations.service import HostDevice
 from service.status import ACTIVE, JobStatus
 from service.worker import Worker
 

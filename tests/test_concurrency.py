@@ -15,11 +15,11 @@ import pytest
 from fastapi import FastAPI
 
 from service import repository
-from service.api import recommendations as recommendation_routes
 from service.app import create_app
 from service.config import Settings
 from service.db.session import session_scope
 from service.probing.spec import ProbeSpec
+from service.recommendations import routes as recommendation_routes
 from tests.conftest import BOTH_DATABASES
 from tests.helpers import make_worker
 from tests.live_server import live_server

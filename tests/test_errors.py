@@ -186,7 +186,7 @@ def test_storage_errors_on_commit_are_503s_with_a_clear_code(
 def test_a_full_disk_under_an_upload_is_a_503(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from service import artifacts
+    from service.artifacts import service as artifacts
 
     def no_space(*_args: Any, **_kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

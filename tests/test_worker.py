@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from service import repository
 from service.db.session import session_scope
 from service.probing.spec import ProbeError, ProbeSpec
-from service.recommendations import HostDevice
+from service.recommendations.service import HostDevice
 from service.worker import Worker
 from tests.conftest import BOTH_DATABASES
 from tests.helpers import make_worker, probe_children, wait_for_job

@@ -2,7 +2,7 @@
 
 - `GET /v1/recommendations/{id}` of a finished job. Pipelines poll a recommendation until it finishes
   and then keep reading it; a finished job never changes, so its JSON is kept in
-  `AppState.finished_jobs` (filled by the routes in recommendations.py).
+  `AppState.finished_jobs` (filled by `service/recommendations/routes.py`).
 - `POST /v1/recommendations` repeating a request that already succeeded. The route remembers which
   request bodies validated to a memoisable request (`AppState.request_keys`: digest of content type
   and body -> answer key); the same bytes again are answered from `AppState.memoised_answer` without

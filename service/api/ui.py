@@ -15,7 +15,6 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from service import recommendations as use_cases
 from service.api.deps import (
     SESSION_COOKIE,
     SESSION_MAX_AGE_S,
@@ -25,6 +24,7 @@ from service.api.deps import (
     session_valid,
 )
 from service.errors import error_responses
+from service.recommendations import service as use_cases
 from service.report import build_report, index_row
 from service.zoo import describe_zoo
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service import recommendations as use_cases
 from service.api import cached_reads
-from service.api import recommendations as routes
 from service.app import create_app
 from service.config import Settings
+from service.recommendations import routes
+from service.recommendations import service as use_cases
 from service.schemas import RecommendationCreate
 from tests.helpers import finish_job
 

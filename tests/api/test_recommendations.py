@@ -66,7 +66,7 @@ def test_identical_requests_share_one_job_and_cached_results_come_back_200(clien
 
 
 def test_a_repeated_succeeded_request_is_answered_from_memory(client: TestClient, monkeypatch) -> None:
-    from service import recommendations as use_cases
+    from service.recommendations import service as use_cases
 
     first = client.post("/v1/recommendations", json=MLP).json()
     finish_job(client, first["id"], {"max_feasible_batch_size": 123})
@@ -96,7 +96,7 @@ def test_a_repeated_succeeded_request_is_answered_from_memory(client: TestClient
 
 
 def test_requests_that_reference_artifacts_are_never_memoised() -> None:
-    from service.recommendations import answer_key
+    from service.recommendations.service import answer_key
 
     assert answer_key(RecommendationCreate.model_validate(MLP)) is not None
     assert answer_key(RecommendationCreate.model_validate({**MLP, "force": True})) == answer_key(

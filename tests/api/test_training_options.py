@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from service.recommendations import probe_spec_from_request, training_options
+from service.recommendations.service import probe_spec_from_request, training_options
 
 MLP = {"model": {"name": "mlp"}}
 

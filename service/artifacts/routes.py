@@ -1,4 +1,4 @@
-"""/v1/artifacts: upload exported models and data samples; thin handlers over service.artifacts."""
+"""/v1/artifacts: upload exported models and data samples; thin handlers over service.artifacts.service."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
 from pydantic import BaseModel, Field
 
-from service import artifacts as use_cases
 from service.api.deps import ReadSession, State, WriteSession
+from service.artifacts import service as use_cases
 from service.errors import error_responses
 from service.security import check_form_json
 

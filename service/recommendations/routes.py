@@ -1,4 +1,4 @@
-"""/v1/recommendations: thin handlers; the logic is in service.recommendations."""
+"""/v1/recommendations: thin handlers; the logic is in service.recommendations.service."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from service import recommendations as use_cases
 from service.api.cached_reads import BODY_DIGEST
 from service.api.deps import ReadSession, State, WriteSession
 from service.db.session import session_scope
 from service.errors import error_responses
+from service.recommendations import service as use_cases
 from service.schemas import RecommendationCreate, RecommendationOut, RecommendationPage, TrialOut
 from service.state import AppState
 from service.status import FINISHED, JobStatus

@@ -1,0 +1,1 @@
+"""Recommendations: the use cases (`service`) and their HTTP routes (`routes`)."""
