@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.probing.spec import ProbeError, ProbeSpec, training_options
+from service.probing.spec import ProbeError, ProbeSpec, build_probe_spec
 
 
 def local_probe_spec(
@@ -46,17 +46,11 @@ def local_probe_spec(
             raise ProbeError("invalid_config", f"--config: {exc}") from None
         name, artifact_path = str(model), None
     target = settings.get("device") or {}
-    max_batch = min(65_536, settings["dataset_size"], config.get("max_batch_size") or 65_536)
-    return ProbeSpec(
+    return build_probe_spec(
         model_name=name,
         model_config=config,
         model_artifact_path=artifact_path,
-        optimizer=settings["optimizer"],
-        learning_rate=settings["learning_rate"],
-        reference_batch_size=settings["reference_batch_size"],
-        precision=settings["precision"],
-        gradient_checkpointing=settings["gradient_checkpointing"],
-        **training_options(settings),
+        training=settings,
         device="cuda" if torch.cuda.is_available() else "cpu",
         memory_budget_bytes=settings.get("memory_budget_bytes"),
         time_budget_s=settings["time_budget_s"],
@@ -65,7 +59,6 @@ def local_probe_spec(
         device_count=int(target.get("count") or 1),
         target_device=target if target.get("type") or target.get("memory_bytes") else None,
         sample_path=str(sample_file) if sample_file else None,
-        max_batch_size=max_batch,
     )
 
 

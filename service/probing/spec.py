@@ -15,6 +15,9 @@ SGD_DEFAULT_MOMENTUM = 0.9
 # Bump when the probe's method changes in a way that changes answers: it is part of the fingerprint.
 PROBE_VERSION = "2"
 
+# The search's hard cap on the batch size, whatever the dataset size or the model allows.
+MAX_BATCH_SIZE = 65_536
+
 
 @dataclass
 class ProbeSpec:
@@ -48,7 +51,7 @@ class ProbeSpec:
     # An uploaded torch.export archive (.pt2): model_name is then only a label and model_config holds
     # its training task (service.probing.exported.ExportedConfig: loss, input and target specs).
     model_artifact_path: str | None = None
-    max_batch_size: int = 65_536  # hard cap for the search (also capped by dataset_size)
+    max_batch_size: int = MAX_BATCH_SIZE  # hard cap for the search (also capped by dataset_size)
     seed: int = 0
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -78,3 +81,49 @@ def training_options(training: dict[str, Any]) -> dict[str, Any]:
     """The optimizer settings and horizon of a stored request's `training` (older requests lack them)."""
     keys = ("momentum", "nesterov", "betas", "eps", "weight_decay", "epochs", "target_loss")
     return {k: list(training[k]) if k == "betas" else training[k] for k in keys if k in training}
+
+
+def build_probe_spec(
+    *,
+    model_name: str,
+    model_config: dict[str, Any],
+    training: dict[str, Any],
+    device: Literal["cpu", "cuda"],
+    dataset_size: int,
+    time_budget_s: float,
+    objective: Objective,
+    memory_budget_bytes: int | None = None,
+    device_count: int = 1,
+    target_device: dict[str, Any] | None = None,
+    model_artifact_path: str | None = None,
+    sample_path: str | None = None,
+) -> ProbeSpec:
+    """The ProbeSpec for a request, whether the worker runs it or a client runs it in process.
+
+    `training`: optimizer, learning_rate, reference_batch_size, precision, gradient_checkpointing and
+    any of `training_options`' keys. The search is capped at MAX_BATCH_SIZE, the dataset size and, for
+    an exported model, the upper bound of its batch dimension (`model_config["max_batch_size"]`).
+    """
+    caps = [MAX_BATCH_SIZE, dataset_size]
+    if model_config.get("max_batch_size"):
+        caps.append(int(model_config["max_batch_size"]))
+    return ProbeSpec(
+        model_name=model_name,
+        model_config=model_config,
+        model_artifact_path=model_artifact_path,
+        optimizer=training["optimizer"],
+        learning_rate=training["learning_rate"],
+        reference_batch_size=training["reference_batch_size"],
+        precision=training["precision"],
+        gradient_checkpointing=training["gradient_checkpointing"],
+        **training_options(training),
+        device=device,
+        memory_budget_bytes=memory_budget_bytes,
+        time_budget_s=float(time_budget_s),
+        objective=objective,
+        dataset_size=dataset_size,
+        device_count=device_count,
+        target_device=target_device,
+        sample_path=sample_path,
+        max_batch_size=min(caps),
+    )

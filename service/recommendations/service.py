@@ -20,7 +20,7 @@ from service.db.models import Recommendation, Trial
 from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.fleet import device_requirement
-from service.probing.spec import PROBE_VERSION, ProbeSpec, training_options
+from service.probing.spec import PROBE_VERSION, ProbeSpec, build_probe_spec
 from service.schemas import RecommendationCreate
 from service.status import JobStatus
 
@@ -371,30 +371,20 @@ def fingerprint_request(request: dict[str, Any], *, host: HostDevice) -> str:
 
 def probe_spec_from_request(request: dict[str, Any], *, host: HostDevice) -> ProbeSpec:
     """Translate a stored (canonical) request into the probe subprocess's input."""
-    training = request["training"]
     target = request["device"]
     differs = target["type"] != host.type or target["memory_bytes"] != host.memory_bytes
     model = request["model"]
-    max_batch_size = min(65_536, request["dataset"]["size"])
-    if model.get("artifact_id") and model["config"].get("max_batch_size"):
-        max_batch_size = min(max_batch_size, int(model["config"]["max_batch_size"]))
-    return ProbeSpec(
+    return build_probe_spec(
         model_name=model["name"] or f"artifact:{model['artifact_id'][:12]}",
         model_config=model["config"],
-        optimizer=training["optimizer"],
-        learning_rate=training["learning_rate"],
-        reference_batch_size=training["reference_batch_size"],
-        precision=training["precision"],
-        gradient_checkpointing=training["gradient_checkpointing"],
-        **training_options(training),
+        training=request["training"],
         device=host.type,  # type: ignore[arg-type]
         memory_budget_bytes=request.get("memory_budget_bytes"),
-        time_budget_s=float(request["time_budget_s"]),
+        time_budget_s=request["time_budget_s"],
         objective=request["objective"],
         dataset_size=request["dataset"]["size"],
         device_count=target["count"],
         target_device=target if differs else None,
-        max_batch_size=max_batch_size,
     )
 
 

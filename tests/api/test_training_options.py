@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from service.recommendations.service import probe_spec_from_request, training_options
+from service.probing.spec import training_options
+from service.recommendations.service import probe_spec_from_request
 
 MLP = {"model": {"name": "mlp"}}
 
@@ -63,3 +64,21 @@ def test_the_probe_spec_carries_the_settings(client: TestClient) -> None:
     assert spec.optimizer_options() == {"betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.0}
     # A request stored before these fields existed keeps the probe's defaults.
     assert training_options({"optimizer": "sgd"}) == {}
+
+
+def test_a_local_run_builds_the_same_spec_as_the_worker(client: TestClient) -> None:
+    from service.local import local_probe_spec
+
+    job = _post(client, {"optimizer": "adam", "learning_rate": 0.01, "epochs": 2}).json()
+    request = job["request"]
+    settings = {
+        **request["training"],
+        "dataset_size": request["dataset"]["size"],
+        "device": None,
+        "memory_budget_bytes": request["memory_budget_bytes"],
+        "objective": request["objective"],
+        "time_budget_s": request["time_budget_s"],
+    }
+    local = local_probe_spec("mlp", request["model"]["config"], None, {}, None, settings)
+    served = probe_spec_from_request(request, host=client.app.state.batchsize.host)
+    assert local.to_json_dict() == served.to_json_dict()
