@@ -81,7 +81,7 @@ class Worker:
         self._run_probe = run_probe
         self.metrics = metrics  # service.observability.Metrics, when the app exposes /metrics
         self._thread: threading.Thread | None = None
-        self._standby: Any = None  # service.probing.subprocess.ProbeStandby, while run_forever runs
+        self._standby: Any = None  # service.probing.sandbox.ProbeStandby, while run_forever runs
         self.current_job: str | None = None
         self.device = repository.WorkerDevice(type=host.type, name=host.name, memory_bytes=host.memory_bytes)
 
@@ -142,7 +142,7 @@ class Worker:
         a job's probe would be on this worker's device. None when off or with an injected run_probe."""
         if not self.settings.probe_standby or self._run_probe is not None:
             return None
-        from service.probing.subprocess import ProbeStandby, SandboxLimits
+        from service.probing.sandbox import ProbeStandby, SandboxLimits
 
         return ProbeStandby(limits=SandboxLimits.from_settings(self.settings), cuda=self.host.type == "cuda")
 
@@ -311,7 +311,7 @@ class Worker:
         if run_probe is None:
             import functools
 
-            from service.probing.subprocess import SandboxLimits, run_probe_subprocess
+            from service.probing.sandbox import SandboxLimits, run_probe_subprocess
 
             limits = SandboxLimits.from_settings(self.settings)
             run_probe = functools.partial(run_probe_subprocess, limits=limits, standby=self._standby)

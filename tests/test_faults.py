@@ -29,8 +29,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
+from service.probing.sandbox import run_probe_subprocess
 from service.probing.spec import ProbeSpec
-from service.probing.subprocess import run_probe_subprocess
 from service.worker import Worker
 from tests.helpers import make_worker, probe_children
 from tests.live_server import live_server

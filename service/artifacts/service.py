@@ -18,7 +18,7 @@ Every zip is opened through `service.probing.untrusted` (end record checked befo
 parsed, members read in bounded chunks). Uploads are checked on a small thread pool of their own
 (`settings.artifact_check_concurrency`), never on the event loop or the request thread pool, so a
 burst of uploads queues without stalling other requests. The dry run's process is sandboxed by
-`service.probing.subprocess.sandboxed_module` (resource limits, private TMPDIR, no secrets).
+`service.probing.sandbox.sandboxed_module` (resource limits, private TMPDIR, no secrets).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from service.config import Settings
 from service.db.models import Artifact
 from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceError
+from service.probing.sandbox import SandboxLimits, kill_group, sandboxed_module  # torch-free
 from service.probing.spec import ProbeError  # torch-free
-from service.probing.subprocess import SandboxLimits, kill_group, sandboxed_module  # torch-free
 
 log = logging.getLogger(__name__)
 

@@ -2,12 +2,13 @@
 
 Imports torch, numpy, the standard library and `models` only (import-linter checks it), so it runs on
 a bare GPU box. This package's top level imports nothing heavy: the service process uses only `spec`
-and `subprocess` (torch-free), while the probe itself runs in a child process
+and `sandbox` (torch-free), while the probe itself runs in a child process
 (`python -m service.probing.runner`).
 
 Modules:
     spec        ProbeSpec (the job), ProbeError(code, message), PROBE_VERSION
-    subprocess  run_probe_subprocess(spec, on_event, timeout_s, should_cancel) -> result dict
+    sandbox     run_probe_subprocess(spec, on_event, timeout_s, should_cancel) -> result dict; the one
+                place probe and dry-run processes are started (sandboxed, with a standby)
     runner      the child's entry point (JSON in on stdin, JSON lines out)
     engine      run_probe(spec, emit) -> result dict (in-process; what the runner calls)
     search      search_max_batch_size(measure, budget, cap) -> SearchResult (pure, no torch)
@@ -22,7 +23,7 @@ Modules:
     exported    bring your own model: a torch.export archive inspected, loaded without pickle, trained
 """
 
+from service.probing.sandbox import run_probe_subprocess
 from service.probing.spec import PROBE_VERSION, ProbeError, ProbeSpec
-from service.probing.subprocess import run_probe_subprocess
 
 __all__ = ["PROBE_VERSION", "ProbeError", "ProbeSpec", "run_probe_subprocess"]

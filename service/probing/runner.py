@@ -7,7 +7,7 @@ The protocol stream is the process's *original* stdout, duplicated to a private 
 fd 1 is pointed at stderr: anything model code prints (Python or C++) lands in stderr and cannot
 corrupt the protocol. Exit status is 0 whenever a result or error line was written.
 
-With `--standby` (a worker's waiting process, service.probing.subprocess.ProbeStandby) it imports
+With `--standby` (a worker's waiting process, service.probing.sandbox.ProbeStandby) it imports
 torch and the engine, runs one tiny CPU training step per optimizer (torch's lazy first-step set-up),
 writes `{"event": "ready"}`, then reads its request; the probe's time budget starts when the request
 has been read instead of when the process started.

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
+from service.probing.sandbox import run_probe_subprocess
 from service.probing.spec import ProbeSpec
-from service.probing.subprocess import run_probe_subprocess
 
 # Beyond the budget: assembling the answer, the process's exit, the timing noise of one step.
 SLACK_S = 5.0

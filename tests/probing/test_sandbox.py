@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from service.probing.runner import TEST_FAULT_ENV
-from service.probing.spec import ProbeError, ProbeSpec
-from service.probing.subprocess import (
+from service.probing.sandbox import (
     PROJECT_ROOT,
     ProbeStandby,
     SandboxLimits,
@@ -29,6 +28,7 @@ from service.probing.subprocess import (
     sandboxed_module,
     scrubbed_environment,
 )
+from service.probing.spec import ProbeError, ProbeSpec
 
 SPEC = ProbeSpec(
     model_name="mlp",
