@@ -87,6 +87,16 @@ class TrainingSpec(_Strict):
     target_loss: float | None = Field(
         None, ge=-1e6, le=1e6, description="The loss to train to, on the data sample's held-out part."
     )
+    ignore_index: int = Field(
+        -100,
+        ge=-(2**31),
+        lt=2**31,
+        description=(
+            "cross_entropy targets equal to this value are left out of the loss and of the data sample's "
+            "class-id checks (PyTorch's default -100; e.g. the padding id). Uploaded models only; "
+            "a model that computes its own loss applies its own."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:

@@ -1,5 +1,7 @@
 """Turn the user's own `nn.Module` and data into what the service takes: a `torch.export` archive (.pt2)
-with a dynamic batch dimension, and a data sample (.npz with arrays `x` and `y`).
+with a dynamic batch dimension, and a data sample (.npz with arrays `x` and `y`; for a model with
+several inputs, one array per forward argument, e.g. `input_ids` and `attention_mask`, plus the target:
+`y`, or the forward's own target argument such as `labels` with loss=model_returns_loss).
 
 Imports torch and numpy; `import batchsize_client` does not import this module until it is used.
 """
@@ -38,9 +40,15 @@ class ExportedModel:
     """An exported model and what the upload needs to know about it."""
 
     path: Path
-    input_names: list[str]  # the forward's argument names, in order
+    input_names: list[str]  # the forward's argument names, in order (the target too, when it takes one)
     batch_size: int  # of the example
     declared: dict[str, Any] = field(default_factory=dict)  # upload form fields: input/target specs
+    target_name: str | None = None  # loss=model_returns_loss: the argument that takes the target
+
+    @property
+    def model_inputs(self) -> list[str]:
+        """The inputs a data sample must hold (the target aside)."""
+        return [name for name in self.input_names if name != self.target_name]
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -193,15 +201,7 @@ def export_model(
         raise ExportError(f"loss must be one of {list(LOSSES)}, got {loss!r}", code="invalid_inputs")
     named = _at_least_two({k: v.detach().cpu() for k, v in named_inputs(model, example_inputs).items()})
     names = list(named)
-    expected = 2 if loss == "model_returns_loss" else 1
-    if len(names) != expected:
-        shape = "forward(inputs, target) returning the loss" if expected == 2 else "forward(inputs)"
-        raise ExportError(
-            f"loss={loss} needs {shape}: one input{' and the target' if expected == 2 else ''}, but the "
-            f"example gives {len(names)} ({', '.join(names)}). The service trains models with one input "
-            "tensor (plus the target when the model computes its own loss)",
-            code="invalid_inputs",
-        )
+    target_name = _target_argument(names, loss)
     batch = torch.export.Dim("batch")
     with _train_mode_on_cpu(model) as cpu_model:
         module = _wrapper(cpu_model, names, loss)
@@ -218,9 +218,49 @@ def export_model(
     if not first.is_floating_point() and first.dtype != torch.bool:
         high = input_high or _vocabulary(model) or int(first.max()) + 1
         declared["input"] = {"high": int(high)}
-        if loss == "model_returns_loss":
-            declared["target"] = {"high": int(high)}
-    return ExportedModel(path=path, input_names=names, batch_size=batch_size_of(named), declared=declared)
+    if target_name is not None:
+        target = named[target_name]
+        if not target.is_floating_point() and target.dtype != torch.bool:
+            declared["target"] = {"high": int(_target_bound(model, target, input_high))}
+    return ExportedModel(
+        path=path,
+        input_names=names,
+        batch_size=batch_size_of(named),
+        declared=declared,
+        target_name=target_name,
+    )
+
+
+def _target_argument(names: list[str], loss: str) -> str | None:
+    """The argument that takes the target (model_returns_loss: the one named like a target, else the
+    last), None for a loss computed outside the model; ExportError for inputs that cannot be right."""
+    targets = [name for name in names if name in TARGET_KEYS]  # the service picks the target alike
+    if loss != "model_returns_loss":
+        if targets:
+            raise ExportError(
+                f"the example gives {', '.join(names)}: {targets[0]!r} looks like the target, but with "
+                f"loss={loss} the loss is computed outside the model. Leave the target out of "
+                "example_inputs, or use loss=model_returns_loss when forward computes the loss",
+                code="invalid_inputs",
+            )
+        return None
+    if len(names) < 2:
+        raise ExportError(
+            f"loss=model_returns_loss needs forward(inputs..., target) returning the loss, but the example "
+            f"gives only {', '.join(names)}: include the target (e.g. labels) in example_inputs",
+            code="invalid_inputs",
+        )
+    return targets[0] if targets else names[-1]
+
+
+def _target_bound(model: Any, target: Any, input_high: int | None) -> int:
+    """The exclusive bound of integer targets: a Hugging Face classifier's num_labels, else the
+    vocabulary (language-model labels are next-token ids), else the example's largest value + 1."""
+    config = getattr(model, "config", None)
+    labels = getattr(config, "num_labels", None)
+    if "Classification" in type(model).__name__ and isinstance(labels, int) and labels > 0:
+        return labels
+    return int(input_high or _vocabulary(model) or int(target.max()) + 1)
 
 
 def _vocabulary(model: Any) -> int | None:
@@ -268,47 +308,71 @@ def _as_numpy(value: Any) -> Any:
     return np.asarray(value)
 
 
-def _split_item(item: Any, input_names: Sequence[str]) -> tuple[Any, Any]:
-    """(inputs, target) of one dataset item or batch: (x, y) pairs, or dicts keyed by the input's name
-    and labels/label/targets/target/y."""
+def _split_item(
+    item: Any, input_names: Sequence[str], target_name: str | None = None
+) -> tuple[dict[str, Any], Any]:
+    """({input name: value}, target) of one dataset item or batch: dicts keyed by the inputs' names and
+    the target (`target_name`, else labels/label/targets/target/y), (inputs..., target) tuples (for one
+    input also (x, y)), or ({inputs}, target) pairs."""
     if isinstance(item, Mapping):
-        x = item.get(input_names[0], item.get("x"))
-        y = next((item[k] for k in TARGET_KEYS if k in item and item[k] is not None), None)
-        if x is None or y is None:
+        keys = [target_name] if target_name else []
+        y = next((item[k] for k in (*keys, *TARGET_KEYS) if k in item and item[k] is not None), None)
+        inputs = {name: item.get(name) for name in input_names}
+        if len(input_names) == 1 and inputs[input_names[0]] is None:
+            inputs = {input_names[0]: item.get("x")}
+        missing = [name for name, value in inputs.items() if value is None]
+        if missing or y is None:
+            wanted = ", ".join(repr(n) for n in input_names) + (" (or 'x')" if len(input_names) == 1 else "")
             raise ExportError(
-                f"dataset items are dicts with keys {sorted(item)}: need {input_names[0]!r} (or 'x') and one "
-                f"of {list(TARGET_KEYS)}",
+                f"dataset items are dicts with keys {sorted(item)}: need {wanted} and the target, one of "
+                f"{list(dict.fromkeys([*keys, *TARGET_KEYS]))}",
                 code="invalid_dataset",
             )
-        return x, y
-    if isinstance(item, Sequence) and len(item) >= 2:
-        return item[0], item[1]
+        return inputs, y
+    if isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], Mapping):
+        inputs, y = _split_item({**item[0], "__target__": item[1]}, input_names, "__target__")
+        return inputs, y
+    if isinstance(item, Sequence) and len(item) == len(input_names) + 1:
+        return dict(zip(input_names, item[:-1], strict=True)), item[-1]
+    if isinstance(item, Sequence) and len(item) >= 2 and len(input_names) == 1:
+        return {input_names[0]: item[0]}, item[1]
     raise ExportError(
-        f"dataset items must be (inputs, target) pairs or dicts, got {type(item).__name__}",
+        f"dataset items must be dicts, ({', '.join(input_names)}, target) tuples or (inputs, target) "
+        f"pairs, got {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, Sequence) else ""),
         code="invalid_dataset",
     )
 
 
 def sample_arrays(
-    dataset: Any, input_names: Sequence[str], *, max_examples: int = DEFAULT_SAMPLE_EXAMPLES
-) -> tuple[Any, Any]:
-    """Up to `max_examples` (x, y) examples as numpy arrays, from a DataLoader (batches), a Dataset (items),
-    or a pair of tensors/arrays (x, y)."""
+    dataset: Any,
+    input_names: Sequence[str],
+    *,
+    max_examples: int = DEFAULT_SAMPLE_EXAMPLES,
+    target_name: str | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Up to `max_examples` examples as numpy arrays ({input name: array}, target), from a DataLoader
+    (batches), a Dataset (items), or an (inputs, target) pair of tensors/arrays (inputs: one tensor or
+    a dict of them)."""
     import numpy as np
 
     torch = _torch()
+    names = list(input_names)
     if isinstance(dataset, tuple) and len(dataset) == 2 and not isinstance(dataset[0], tuple):
-        x, y = (_as_numpy(v) for v in dataset)
-        return x[:max_examples], y[:max_examples]
-    xs: list[Any] = []
+        inputs, y = _split_item(dataset, names, target_name)
+        return (
+            {name: _as_numpy(value)[:max_examples] for name, value in inputs.items()},
+            _as_numpy(y)[:max_examples],
+        )
+    parts: dict[str, list[Any]] = {name: [] for name in names}
     ys: list[Any] = []
     count = 0
     if isinstance(dataset, torch.utils.data.DataLoader):
         for batch in dataset:
-            x, y = (_as_numpy(v) for v in _split_item(batch, input_names))
-            xs.append(x)
-            ys.append(y)
-            count += len(x)
+            inputs, y = _split_item(batch, names, target_name)
+            for name, value in inputs.items():
+                parts[name].append(_as_numpy(value))
+            ys.append(_as_numpy(y))
+            count += len(ys[-1])
             if count >= max_examples:
                 break
     else:
@@ -316,31 +380,45 @@ def sample_arrays(
             size = len(dataset)
         except TypeError:
             raise ExportError(
-                "dataset must be a DataLoader, a map-style Dataset (with len) or an (x, y) pair of tensors",
+                "dataset must be a DataLoader, a map-style Dataset (with len) or an (inputs, target) pair",
                 code="invalid_dataset",
             ) from None
         generator = np.random.default_rng(0)
         indices = sorted(generator.choice(size, size=min(size, max_examples), replace=False).tolist())
         for index in indices:
-            x, y = (_as_numpy(v) for v in _split_item(dataset[index], input_names))
-            xs.append(x[None])
-            ys.append(np.asarray(y)[None])
-    if not xs:
+            inputs, y = _split_item(dataset[index], names, target_name)
+            for name, value in inputs.items():
+                parts[name].append(_as_numpy(value)[None])
+            ys.append(np.asarray(_as_numpy(y))[None])
+    if not ys:
         raise ExportError("the dataset is empty", code="invalid_dataset")
-    return np.concatenate(xs)[:max_examples], np.concatenate(ys)[:max_examples]
+    arrays = {name: np.concatenate(values)[:max_examples] for name, values in parts.items()}
+    return arrays, np.concatenate(ys)[:max_examples]
 
 
 def pack_sample(
-    dataset: Any, input_names: Sequence[str], path: str | Path, *, max_examples: int = DEFAULT_SAMPLE_EXAMPLES
+    dataset: Any,
+    input_names: Sequence[str],
+    path: str | Path,
+    *,
+    max_examples: int = DEFAULT_SAMPLE_EXAMPLES,
+    target_name: str | None = None,
 ) -> Path:
-    """Write a data sample (.npz with `x` and `y`) of up to `max_examples` examples to `path`."""
+    """Write a data sample of up to `max_examples` examples to `path` (.npz): `x` and `y` for a model
+    with one input; one array per input, named as the input, plus the target (`target_name`, the
+    forward's target argument, else `y`) for several. Float inputs are written as float32."""
     import numpy as np
 
-    x, y = sample_arrays(dataset, input_names, max_examples=max_examples)
-    if x.dtype.kind == "f" and x.dtype != np.float32:
-        x = x.astype(np.float32)
+    inputs, y = sample_arrays(dataset, input_names, max_examples=max_examples, target_name=target_name)
+    for name, array in inputs.items():
+        if array.dtype.kind == "f" and array.dtype != np.float32:
+            inputs[name] = array.astype(np.float32)
+    if len(inputs) == 1:
+        arrays = {"x": next(iter(inputs.values())), "y": y}
+    else:
+        arrays = {**inputs, (target_name or "y"): y}
     buffer = io.BytesIO()
-    np.savez(buffer, x=x, y=y)
+    np.savez(buffer, **arrays)
     path = Path(path)
     path.write_bytes(buffer.getvalue())
     return path

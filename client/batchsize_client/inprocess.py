@@ -52,11 +52,14 @@ def recommend(
     """Recommend a batch size, accumulation, learning rate and warm-up for your own model.
 
     `example_inputs`: one batch of inputs, as a tensor, a tuple (positional) or a dict (keyword: the
-    forward's argument names); its first dimension is the batch and is exported as dynamic. `loss`:
-    `cross_entropy` (the model returns logits), `mse`, or `model_returns_loss` (forward(inputs, target)
-    returns the loss, e.g. a Hugging Face model given `labels`). `dataset`: a DataLoader, a Dataset of
-    (x, y) or dict items, or an (x, y) pair; a sample of it measures the noise scale and its length is
-    the dataset size (else `dataset_size_hint`, else 50 000). `training`: optimizer, learning_rate,
+    forward's argument names, e.g. `{"input_ids": ..., "attention_mask": ...}`); their shared first
+    dimension is the batch and is exported as dynamic (every other dimension, such as the sequence
+    length, stays as in the example). `loss`: `cross_entropy` (the model returns logits), `mse`, or
+    `model_returns_loss` (forward(inputs..., target) returns the loss, e.g. a Hugging Face model given
+    `labels` in example_inputs). `dataset`: a DataLoader, a Dataset of (x, y), (inputs..., target) or
+    dict items (Hugging Face style `{"input_ids", "attention_mask", "labels"}`), or an (inputs, target)
+    pair; a sample of it measures the noise scale and its length is the dataset size (else
+    `dataset_size_hint`, else 50 000). `training`: optimizer, learning_rate,
     reference_batch_size, precision, memory_budget_bytes, objective, time_budget_s, device, force, and
     any further training field the service takes (momentum, weight_decay, epochs...).
 
@@ -70,7 +73,11 @@ def recommend(
         sample = None
         if dataset is not None:
             sample = pack_sample(
-                dataset, exported.input_names, Path(folder) / "sample.npz", max_examples=sample_examples
+                dataset,
+                exported.model_inputs,
+                Path(folder) / "sample.npz",
+                max_examples=sample_examples,
+                target_name=exported.target_name if len(exported.model_inputs) > 1 else None,
             )
         declared = {"loss": loss, **exported.declared}
         if local:

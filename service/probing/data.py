@@ -5,7 +5,9 @@ labels every example's gradient is pure noise and the noise scale means nothing.
 
 - A client sample: an `.npz` (loaded with `allow_pickle=False`) or `.safetensors` file holding arrays
   `x` (inputs, `[N, *input_shape]`) and `y` (targets: what the model's loss needs, checked by
-  `sample_check`: class ids for cross_entropy, float targets shaped like the output for mse, ...).
+  `sample_check`: class ids for cross_entropy, float targets shaped like the output for mse, ...);
+  for a model with several inputs, one array per forward argument (`input_ids`, `attention_mask`)
+  and the target, loaded as a `NamedInputs` batch.
   Every problem is a `ValueError` whose message the service can hand to the client as a 4xx.
 - A built-in sample, flagged `measured_on="builtin:..."`: the UCI handwritten `digits` (1797 8x8 grey
   images, 10 classes; shipped as `builtin/digits.npz`, see `builtin/README.md` for its source and
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from service.probing import sample_check, untrusted
+from service.probing.inputs import NamedInputs, rows
 from service.probing.sample_check import Task
 
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -47,9 +50,10 @@ CORPUS_TARGET_BYTES = 600_000
 
 @dataclass
 class Sample:
-    """Inputs `x` and targets `y` for the statistics, and where they came from."""
+    """Inputs `x` (one tensor, or every named input) and targets `y` for the statistics, and where they
+    came from."""
 
-    x: torch.Tensor
+    x: torch.Tensor | NamedInputs
     y: torch.Tensor
     measured_on: str  # "client" or "builtin:digits" / "builtin:python-source"
     description: str
@@ -59,7 +63,7 @@ class Sample:
         return self.measured_on.startswith("builtin")
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return rows(self.x)
 
     def info(self) -> dict[str, Any]:
         return {"measured_on": self.measured_on, "size": len(self), "description": self.description}
@@ -167,9 +171,9 @@ def load_client_sample(
     max_samples: int = DEFAULT_MAX_SAMPLES,
     task: Task | None = None,
 ) -> Sample:
-    """Load `x` and `y` from an `.npz` or `.safetensors` file and check them against the model's task
-    (default: a zoo classifier's). Raises ValueError with a message meant for the client on any
-    problem (`sample_check`)."""
+    """Load the inputs (`x`, or one array per named input) and the target from an `.npz` or
+    `.safetensors` file and check them against the model's task (default: a zoo classifier's). Raises
+    ValueError with a message meant for the client on any problem (`sample_check`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data sample {path.name!r} not found")
@@ -185,9 +189,8 @@ def load_client_sample(
         raise ValueError(f"data sample must be .npz or .safetensors, got {suffix or 'no extension'!r}")
     if task is None:
         task = Task.for_model(None, input_shape=input_shape, input_dtype=input_dtype, num_classes=num_classes)
-    sample_check.check_arrays(arrays, max_samples=max_samples)  # x and y present, usable at all
-    x, y = sample_check.prepare(arrays["x"], arrays["y"], task, max_samples=max_samples)
-    return Sample(x, y, "client", f"client sample {path.name}, {len(x)} examples")
+    x, y = sample_check.prepare_arrays(arrays, task, max_samples=max_samples)
+    return Sample(x, y, "client", f"client sample {path.name}, {rows(x)} examples")
 
 
 MAX_SAMPLE_ARRAYS = 64
@@ -325,6 +328,6 @@ def sample_for_model(
     """
     if sample_path is not None:
         return load_client_sample(sample_path, input_shape, input_dtype, num_classes, task=task, **limits)
-    if task is not None and task.loss not in sample_check.CLASSIFICATION_LOSSES:
-        return None
+    if task is not None and (task.loss not in sample_check.CLASSIFICATION_LOSSES or task.inputs):
+        return None  # built-ins are class ids for one input
     return builtin_sample(input_shape, input_dtype, num_classes)

@@ -38,6 +38,7 @@ class ProbeSpec:
     # sample's held-out part; neither: the deepest loss the probe reached (the answer says which).
     epochs: float | None = None
     target_loss: float | None = None
+    ignore_index: int = -100  # cross_entropy targets with this value are left out of the loss
     precision: Precision = "fp32"
     gradient_checkpointing: bool = False
     device: Literal["cpu", "cuda"] = "cpu"  # the host device the probe runs on
@@ -79,7 +80,7 @@ class ProbeError(Exception):
 
 def training_options(training: dict[str, Any]) -> dict[str, Any]:
     """The optimizer settings and horizon of a stored request's `training` (older requests lack them)."""
-    keys = ("momentum", "nesterov", "betas", "eps", "weight_decay", "epochs", "target_loss")
+    keys = ("momentum", "nesterov", "betas", "eps", "weight_decay", "epochs", "target_loss", "ignore_index")
     return {k: list(training[k]) if k == "betas" else training[k] for k in keys if k in training}
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository
+from service import repository, sample_fit
 from service.config import Settings
 from service.db.models import Recommendation, Trial
 from service.db.session import session_scope
@@ -64,6 +64,9 @@ def create_recommendation(
         fingerprint = fingerprint_request(request, host=host)
         if existing := _existing_job(session, fingerprint, force=payload.force):
             return to_public(existing), False
+        fit = _sample_fit_check(session, request)
+    if fit is not None:  # one training step on the sample, in a subprocess: outside any session
+        sample_fit.require_fit(fit, settings=settings)
     with session_scope(writes) as session:
         if active := repository.find_active(session, fingerprint):  # queued meanwhile by another request
             return to_public(active), False
@@ -258,12 +261,32 @@ def _check_sample(
             f"dataset.sample_id {payload.dataset.sample_id!r} is not an uploaded data sample",
             code="unknown_sample",
         )
+    ignore_index = payload.training.ignore_index
+    if config is None and ignore_index != sample_check.IGNORE_INDEX:
+        raise InvalidRequest(
+            f"training.ignore_index {ignore_index} applies to uploaded models only: built-in models leave "
+            f"out targets equal to {sample_check.IGNORE_INDEX} (write those into the sample instead)",
+            code="unsupported_option",
+        )
     task = sample_check.Task.for_model(
-        config, input_shape=input_shape, input_dtype=input_dtype, num_classes=num_classes
+        config,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
     )
     problem = sample_check.problem(sample.meta or {}, task)
     if problem:
         raise InvalidRequest(f"dataset.sample_id: {problem}", code="sample_mismatch")
+
+
+def _sample_fit_check(session: Session, request: dict[str, Any]) -> sample_fit.FitCheck | None:
+    """The submission-time step check of an uploaded model against the request's sample, if both."""
+    model_id, sample_id = request["model"].get("artifact_id"), request["dataset"].get("sample_id")
+    if not model_id or not sample_id:
+        return None
+    model, sample = repository.get_artifact(session, model_id), repository.get_artifact(session, sample_id)
+    return sample_fit.pending_check(model, sample, request)
 
 
 def _resolve_target_device(payload: RecommendationCreate, host: HostDevice) -> dict[str, Any]:

@@ -35,6 +35,7 @@ def test_post_queues_a_job_with_the_contract_fields(client: TestClient) -> None:
         "weight_decay": 0.0,
         "epochs": None,
         "target_loss": None,
+        "ignore_index": -100,
     }
     assert request["input"]["shape"] == [64]
     assert request["device"]["type"] == "cpu"

@@ -13,7 +13,8 @@ Modules:
               private torch APIs this needs sit behind one function (`unsupported_torch` on a mismatch)
     adapt     ExportedConfig, infer_config, the losses, model_spec_for / resolve_exported (the probe
               engine's ModelSpec for an uploaded model)
-    dryrun    dry_run: load, infer the training task, train at batch sizes 2, 3 and 1; `main` is
+    dryrun    dry_run: load, infer the training task, train at batch sizes 2, 3 and 1; check_sample: a
+              data sample against an uploaded model (one step on a slice); `main` is
               `python -m service.probing.exported` (JSON in on stdin, JSON lines out)
 
 Only `archive` is imported with this package: the torch-backed names below load their module on first
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
         model_spec_for,
         resolve_exported,
     )
-    from service.probing.exported.dryrun import dry_run
+    from service.probing.exported.dryrun import check_sample, dry_run
     from service.probing.exported.loader import load_program
 
 _LAZY = {
@@ -55,6 +56,7 @@ _LAZY = {
     "infer_config": "adapt",
     "model_spec_for": "adapt",
     "resolve_exported": "adapt",
+    "check_sample": "dryrun",
     "dry_run": "dryrun",
     "load_program": "loader",
 }
@@ -66,6 +68,7 @@ __all__ = [
     "ExportedConfig",
     "ExportedModule",
     "check_program_json",
+    "check_sample",
     "check_sympy_expression",
     "describe_program",
     "dry_run",

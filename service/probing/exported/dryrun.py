@@ -1,7 +1,9 @@
-"""The dry run of an uploaded archive: load it, infer its training task, train at batch sizes 2, 3 and 1.
+"""The dry run of an uploaded archive: load it, infer its training task, train at batch sizes 2, 3 and 1;
+and the check of a data sample against an uploaded model (`check_sample`: one training step on a slice).
 
 `main` is the entry point of `python -m service.probing.exported` (through `__main__.py`), which the
-service runs in a sandboxed subprocess: a JSON request on stdin (`{"path", "declared"}`), JSON lines
+service runs in a sandboxed subprocess: a JSON request on stdin (`{"path", "declared"}` for a dry run,
+`{"mode": "sample", "path", "config", "sample_path", "ignore_index"}` for a sample check), JSON lines
 out (`{"event": "result", ...}` or `{"event": "error", ...}`), exactly like `service.probing.runner`.
 """
 
@@ -79,6 +81,42 @@ def dry_run(path: str, declared: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_sample(
+    path: str, config: dict[str, Any], sample_path: str, ignore_index: int = -100
+) -> dict[str, Any]:
+    """Load the sample against the uploaded model's stored config (every array checked, as the probe
+    does at its start) and run one forward, loss and backward on its first rows (`sample_check.dry_step`).
+
+    Returns {"examples"}; raises ArchiveError `sample_mismatch` with the reason when the model cannot
+    train on it, or another code when the model itself cannot be loaded (not the sample's fault).
+    """
+    from service.probing import sample_check
+    from service.probing.data import load_client_sample
+    from service.probing.exported.adapt import ExportedConfig
+
+    try:
+        exported = ExportedConfig.from_dict({**config, "ignore_index": ignore_index})
+    except (TypeError, ValueError) as exc:
+        raise ArchiveError("invalid_config", f"invalid config for the uploaded model: {exc}") from exc
+    spec = model_spec_for(path, exported)
+    task = sample_check.Task.for_model(
+        exported, input_shape=list(exported.input_shape), input_dtype=exported.input_dtype, num_classes=0
+    )
+    try:
+        sample = load_client_sample(
+            sample_path, list(exported.input_shape), exported.input_dtype, 0, task=task
+        )
+    except ValueError as exc:
+        raise ArchiveError("sample_mismatch", str(exc)) from exc
+    torch.manual_seed(0)
+    model = spec.build(exported, False)
+    try:
+        sample_check.dry_step(model, spec.loss, sample.x, sample.y, task)
+    except ValueError as exc:
+        raise ArchiveError("sample_mismatch", str(exc)) from exc
+    return {"examples": len(sample)}
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point: python -m service.probing.exported
 
@@ -101,7 +139,15 @@ def main() -> int:
 
     try:
         request = json.loads(sys.stdin.read())
-        result = dry_run(str(request["path"]), dict(request.get("declared") or {}))
+        if request.get("mode") == "sample":
+            result = check_sample(
+                str(request["path"]),
+                dict(request["config"]),
+                str(request["sample_path"]),
+                int(request.get("ignore_index", -100)),
+            )
+        else:
+            result = dry_run(str(request["path"]), dict(request.get("declared") or {}))
         emit({"event": "result", "result": result})
     except ArchiveError as exc:
         emit({"event": "error", "code": exc.code, "message": exc.message})
