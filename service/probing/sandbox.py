@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from service.probing.runner import READY_EVENT
+from service.probing.protocol import ERROR, READY, RESULT, is_final, parse_line
 from service.probing.spec import ProbeError, ProbeSpec
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,9 @@ def run_probe_subprocess(
             if process.poll() is None:
                 kill_group(process)
             process.stdout.close()
-        if final is not None and final.get("event") == "error":
+        if final is not None and final.get("event") == ERROR:
             raise ProbeError(str(final.get("code", "probe_error")), str(final.get("message", "")))
-        if final is not None and final.get("event") == "result" and return_code == 0:
+        if final is not None and final.get("event") == RESULT and return_code == 0:
             return final["result"]
         raise ProbeError("crashed", _crash_message(return_code, final, _tail(stderr_file)))
 
@@ -202,28 +202,16 @@ def _read_protocol(
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                message = _parse_line(line)
+                message = parse_line(line)
                 if message is None:
                     continue
-                if message.get("event") in ("result", "error"):
+                if is_final(message):
                     final = message
-                elif message.get("event") == READY_EVENT:
+                elif message.get("event") == READY:
                     continue  # a standby's start-up notice, not part of the job's events
                 elif on_event is not None:
                     on_event(message)
     return final
-
-
-def _parse_line(line: bytes) -> dict[str, Any] | None:
-    """One protocol line as a dict; anything else (blank, not JSON, not an object) is ignored."""
-    line = line.strip()
-    if not line:
-        return None
-    try:
-        message = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return message if isinstance(message, dict) else None
 
 
 def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:
