@@ -84,6 +84,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _Trunk(nn.Module):
+    """nanoGPT's `transformer` ModuleDict as a module with typed attributes (same parameter names)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
 class GPT(nn.Module):
     """Token ids [B, T] -> next-token logits [B, T, vocab_size]."""
 
@@ -91,15 +103,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = gradient_checkpointing
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        self.transformer = _Trunk(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (Press & Wolf, 2017): the input embedding doubles as the output projection.
         self.transformer.wte.weight = self.lm_head.weight

@@ -94,6 +94,11 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
+    layer1: nn.Sequential  # set in __init__ by name (setattr), declared here for the type checker
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, config: ResNetConfig, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import catalog, health, ui, workers
@@ -117,16 +118,17 @@ def _document_write_refusals(app: FastAPI) -> None:
     refuses writes, service.errors): say so in the OpenAPI document, whichever router they come from."""
     build = app.openapi
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = build()
-            for operations in schema.get("paths", {}).values():
-                for method, operation in operations.items():
-                    if method.upper() in UNSAFE_METHODS:
-                        for code, entry in error_responses(403, 503).items():
-                            documented = {"description": entry["description"], "content": entry["content"]}
-                            operation.setdefault("responses", {}).setdefault(str(code), documented)
-        return app.openapi_schema
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()  # FastAPI's generator: it also keeps the schema in app.openapi_schema
+        for operations in schema.get("paths", {}).values():
+            for method, operation in operations.items():
+                if method.upper() in UNSAFE_METHODS:
+                    for code, entry in error_responses(403, 503).items():
+                        documented = {"description": entry["description"], "content": entry["content"]}
+                        operation.setdefault("responses", {}).setdefault(str(code), documented)
+        return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 def operation_id(route: APIRoute) -> str:
@@ -166,7 +168,7 @@ class BodySizeLimit:
         received = 0
         over = started = False
 
-        async def limited_receive() -> dict:
+        async def limited_receive() -> Message:
             nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
@@ -176,7 +178,7 @@ class BodySizeLimit:
                     raise _BodyTooLarge
             return message
 
-        async def guarded_send(message: dict) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
             if over:  # the app's answer to the cut-off body (FastAPI: a 400 parse error) becomes the 413
                 return

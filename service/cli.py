@@ -8,7 +8,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 import typer
 
@@ -47,7 +47,14 @@ def _logging(level: str, fmt: str = "text") -> None:
 # How uvicorn serves the app (bench/load.py serves its bare baseline the same way). httptools parses HTTP
 # 1.7x faster than h11 here; uvloop is left out on purpose: with it, p99 at 50 connections went from
 # ~25-50 ms to 100-450 ms (some connections starve) for ~5 % more requests/s (docs/benchmarks/load.md).
-SERVER = {
+class ServerOptions(TypedDict):
+    loop: str
+    http: str
+    log_config: None
+    access_log: bool
+
+
+SERVER: ServerOptions = {
     "loop": "asyncio",
     "http": "httptools",
     "log_config": None,  # keep _logging's handler: uvicorn's lines come out in the same format

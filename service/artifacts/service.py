@@ -46,6 +46,7 @@ from service.config import Settings
 from service.db.models import Artifact
 from service.db.session import session_scope
 from service.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge, ServiceError
+from service.probing.protocol import RESULT, final_message  # torch-free
 from service.probing.sandbox import SandboxLimits, kill_group, sandboxed_module  # torch-free
 from service.probing.spec import ProbeError  # torch-free
 
@@ -333,13 +334,8 @@ def run_dry_run(
                 output = _communicate(process, request, timeout_s)
         except ProbeError as exc:  # the sandbox could not be set up: a fault of this host, not the upload
             raise ServiceError(exc.message, code=exc.code) from exc
-        final = None
-        for line in output.splitlines():
-            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-                message = json.loads(line)
-                if isinstance(message, dict) and message.get("event") in ("result", "error"):
-                    final = message
-        if final is not None and final["event"] == "result":
+        final = final_message(output.splitlines())
+        if final is not None and final["event"] == RESULT:
             return dict(final["result"])
         if final is not None:
             raise ArtifactRejected(

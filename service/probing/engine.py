@@ -23,10 +23,11 @@ budget_below_model, oom_at_min_batch, nan_loss, model_error, invalid_sample.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -136,16 +137,16 @@ def run_probe(spec: ProbeSpec, emit: Emit, *, started: float | None = None) -> P
                 clock.skip("throughput", f"not needed for {spec.objective}")
             del step  # free the measured model before the statistics phase builds a fresh one
             settled = _answer_without_noise_scale(spec, search.max_batch_size, throughput)
-            if "statistics" in needed and settled is None:
+            if "statistics" not in needed:
+                clock.skip("statistics", f"not needed for {spec.objective}")
+            elif settled is None:
                 statistics = _statistics_phase(
                     spec, model_spec, config, device, search.max_batch_size, throughput, clock, costs, emit
                 )
                 clock.lap("statistics", ran=statistics.get("gradient_noise_scale") is not None)
-            elif "statistics" in needed:
+            else:
                 clock.skip("statistics", settled)
                 statistics["noise_independent"] = settled
-            else:
-                clock.skip("statistics", f"not needed for {spec.objective}")
 
     throughput_source = "ladder"
     if not throughput or len(throughput) < 2 <= len(_search_points(search)):
@@ -364,6 +365,10 @@ def _measure(step: TrainingStep, batch_size: int, budget: int) -> Trial:
     )
 
 
+def _run_keeping_loss(step: TrainingStep, losses: list[torch.Tensor], size: int, recorder: Any) -> None:
+    losses.append(step.run(size, recorder))
+
+
 def _warm_up(step: TrainingStep, budget: int, cap: int, emit: Emit, costs: _StepCosts) -> None:
     """The first step creates the optimizer state: run it (guarded) before measuring.
 
@@ -375,7 +380,7 @@ def _warm_up(step: TrainingStep, budget: int, cap: int, emit: Emit, costs: _Step
         losses: list[torch.Tensor] = []
         began = time.perf_counter()
         trial = measure_step(
-            lambda size, recorder, losses=losses: losses.append(step.run(size, recorder)),
+            functools.partial(_run_keeping_loss, step, losses),
             batch_size,
             budget,
             step.device,
@@ -828,7 +833,7 @@ def _assemble_result(
     # Partial: the time budget kept the probe from a phase the objective needs.
     no_ladder = spec.objective != "max_feasible" and throughput_source == "memory_search"
     partial = search.time_limited or bool(statistics.get("no_time")) or no_ladder
-    return {
+    result: dict[str, Any] = {
         **recommendation,
         "max_feasible_batch_size": max_batch,
         "max_feasible_batch_size_aligned": align_batch_size(max_batch),
@@ -866,3 +871,5 @@ def _assemble_result(
             "time_budget_s": spec.time_budget_s,
         },
     }
+    # Built from plain dicts (recipe.recommend, the search, the clock): ProbeResult names their fields.
+    return cast(ProbeResult, result)

@@ -142,7 +142,8 @@ def gradient_noise_scale(
             if deadline is not None and len(rows) >= 2 and time.monotonic() > deadline:
                 break
             idx = torch.randint(0, n, (b_big,), generator=generator, device="cpu").to(x.device)
-            total = small_sq = total_p = small_sq_p = 0.0
+            small_sq = small_sq_p = 0.0
+            total = total_p = torch.zeros(())  # 0-d: broadcasts to the first chunk's gradient
             for c in range(chunks):
                 part = idx[c * b_small : (c + 1) * b_small]
                 g, loss = batch_gradient(model, loss_fn, x[part], y[part])
@@ -201,7 +202,7 @@ def exact_noise_scale(
     per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
     # Flatten in `model.parameters()` order so a preconditioner from `adam_preconditioner` lines up.
     order = [name for name, p in model.named_parameters() if p.requires_grad]
-    total = None
+    total: torch.Tensor | None = None
     total_sq = 0.0
     for start in range(0, len(x), chunk_size):
         grads = per_example(params, x[start : start + chunk_size], y[start : start + chunk_size])
@@ -210,6 +211,8 @@ def exact_noise_scale(
             flat = flat / preconditioner.double()
         total = flat.sum(0) if total is None else total + flat.sum(0)
         total_sq += float(flat.square().sum())
+    if total is None:
+        raise ValueError("the sample is empty")
     n = len(x)
     mean = total / n
     grad_sq = float(mean.square().sum())

@@ -393,6 +393,7 @@ def _choose_noise_scale(
             # overstate it when the reference lr is too low for the small sizes (and short races are
             # noisy). Far apart, neither is trusted over the other: the geometric mean is within
             # sqrt(disagreement) of whichever was right, and the batch moves only as its square root.
+            assert gns_value is not None  # agreement is set only when gns_ok
             combined = math.sqrt(race_value * gns_value)
             warnings.append(
                 f"races fit B_noise={race_value:.3g}, {agreement:.2g}x the gradient noise scale "
@@ -415,6 +416,7 @@ def _choose_noise_scale(
                 "warnings": warnings,
             }
         if gns_ok:  # the bound and B_simple contradict each other: as for a fit far from B_simple
+            assert gns_value is not None  # agreement is set only when gns_ok
             combined = math.sqrt(race_value * gns_value)
             warnings.append(
                 f"the gradient noise scale B_simple={gns_value:.3g} is outside that bound; using their "

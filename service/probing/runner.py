@@ -1,11 +1,9 @@
 """Probe subprocess entry point: `python -m service.probing.runner`.
 
-Reads one ProbeSpec as JSON on stdin and writes JSON lines to the protocol stream: every event, then
-`{"event": "result", "result": {...}}` or `{"event": "error", "code": ..., "message": ...}`.
-
-The protocol stream is the process's *original* stdout, duplicated to a private descriptor before
-fd 1 is pointed at stderr: anything model code prints (Python or C++) lands in stderr and cannot
-corrupt the protocol. Exit status is 0 whenever a result or error line was written.
+Reads one ProbeSpec as JSON on stdin and writes JSON lines to the protocol stream
+(`service.probing.protocol`): every event, then `{"event": "result", "result": {...}}` or
+`{"event": "error", "code": ..., "message": ...}`. Exit status is 0 whenever a result or error line
+was written.
 
 With `--standby` (a worker's waiting process, service.probing.sandbox.ProbeStandby) it imports
 torch and the engine, runs one tiny CPU training step per optimizer (torch's lazy first-step set-up),
@@ -25,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import signal
 import sys
@@ -33,21 +30,12 @@ import threading
 import time
 import traceback
 from dataclasses import fields
-from typing import IO, Any
+from typing import Any
 
+from service.probing.protocol import READY, emitter, error_message, open_stream, result_message
 from service.probing.spec import ProbeError, ProbeSpec
 
 TEST_FAULT_ENV = "BATCHSIZE_PROBE_TEST_FAULT"
-READY_EVENT = "ready"  # written by a standby once its imports are done, before it reads its request
-
-
-def _protocol_stream() -> IO[str]:
-    """Move the real stdout to a private descriptor for the protocol; fd 1 becomes stderr."""
-    sys.stdout.flush()
-    protocol_fd = os.dup(1)  # not inherited by grandchildren (os.dup makes it non-inheritable)
-    os.dup2(2, 1)
-    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-    return os.fdopen(protocol_fd, "w", buffering=1, encoding="utf-8")
 
 
 def _parse_spec(text: str) -> ProbeSpec:
@@ -65,17 +53,6 @@ def _parse_spec(text: str) -> ProbeSpec:
         return ProbeSpec(**data)
     except TypeError as exc:
         raise ProbeError("invalid_spec", f"invalid probe spec: {exc}") from exc
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become null: strict JSON has no spelling for them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 def _apply_test_fault(fault: str) -> None:
@@ -147,18 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     standby = "--standby" in (sys.argv[1:] if argv is None else argv)
     started = _process_started()
     _exit_with_parent()
-    protocol = _protocol_stream()
-
-    def emit(message: dict[str, Any]) -> None:
-        protocol.write(json.dumps(_json_safe(message), allow_nan=False, default=str) + "\n")
-        protocol.flush()
+    protocol = open_stream()
+    emit = emitter(protocol)
 
     fault = os.environ.get(TEST_FAULT_ENV)
     try:
         run_probe = None
         if standby:
             run_probe = _load_engine(prewarm=True)
-            emit({"event": READY_EVENT})  # start-up done: lets the worker tell a ready standby apart
+            emit({"event": READY})  # start-up done: lets the worker tell a ready standby apart
         spec = _parse_spec(sys.stdin.read())
         if standby:
             started = time.monotonic()  # the wait for a job is not the job's time
@@ -171,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         if run_probe is None:
             run_probe = _load_engine()  # imported after the spec is read: a bad spec fails fast
         result = run_probe(spec, emit, started=started)
-        emit({"event": "result", "result": result})
+        emit(result_message(result))
     except ProbeError as exc:
-        emit({"event": "error", "code": exc.code, "message": exc.message})
+        emit(error_message(exc.code, exc.message))
     except Exception as exc:  # a bug in the probe engine itself: report it, keep the traceback in stderr
         traceback.print_exc()
-        emit({"event": "error", "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+        emit(error_message("internal_error", f"{type(exc).__name__}: {exc}"))
     return 0
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from service.probing.runner import READY_EVENT
+from service.probing.protocol import ERROR, READY, RESULT, is_final, parse_line
 from service.probing.spec import ProbeError, ProbeSpec
 
 log = logging.getLogger(__name__)
@@ -157,18 +157,19 @@ def run_probe_subprocess(
         finally:
             if process.poll() is None:
                 kill_group(process)
-            process.stdout.close()
-        if final is not None and final.get("event") == "error":
+            _stdout(process).close()
+        if final is not None and final.get("event") == ERROR:
             raise ProbeError(str(final.get("code", "probe_error")), str(final.get("message", "")))
-        if final is not None and final.get("event") == "result" and return_code == 0:
+        if final is not None and final.get("event") == RESULT and return_code == 0:
             return final["result"]
         raise ProbeError("crashed", _crash_message(return_code, final, _tail(stderr_file)))
 
 
 def _send(process: subprocess.Popen[bytes], request: str) -> None:
     try:
-        process.stdin.write(request.encode())
-        process.stdin.close()
+        stdin = _stdin(process)
+        stdin.write(request.encode())
+        stdin.close()
     except BrokenPipeError:
         pass  # the child died at once; its exit status tells why
 
@@ -183,7 +184,7 @@ def _read_protocol(
     """Read JSON lines until the stream closes; return the final result/error message, if any."""
     final: dict[str, Any] | None = None
     buffer = b""
-    fd = process.stdout.fileno()
+    fd = _stdout(process).fileno()
     os.set_blocking(fd, False)
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
@@ -202,28 +203,30 @@ def _read_protocol(
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                message = _parse_line(line)
+                message = parse_line(line)
                 if message is None:
                     continue
-                if message.get("event") in ("result", "error"):
+                if is_final(message):
                     final = message
-                elif message.get("event") == READY_EVENT:
+                elif message.get("event") == READY:
                     continue  # a standby's start-up notice, not part of the job's events
                 elif on_event is not None:
                     on_event(message)
     return final
 
 
-def _parse_line(line: bytes) -> dict[str, Any] | None:
-    """One protocol line as a dict; anything else (blank, not JSON, not an object) is ignored."""
-    line = line.strip()
-    if not line:
-        return None
-    try:
-        message = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return message if isinstance(message, dict) else None
+def _stdin(process: subprocess.Popen[bytes]) -> IO[bytes]:
+    """The child's stdin: `start_module` always opens it as a pipe."""
+    if process.stdin is None:
+        raise RuntimeError("the child process has no stdin pipe")
+    return process.stdin
+
+
+def _stdout(process: subprocess.Popen[bytes]) -> IO[bytes]:
+    """The child's protocol stream: `start_module` always opens it as a pipe."""
+    if process.stdout is None:
+        raise RuntimeError("the child process has no stdout pipe")
+    return process.stdout
 
 
 def _wait_for_exit(process: subprocess.Popen[bytes]) -> int:
@@ -277,7 +280,8 @@ class WarmProbe:
         self._stack.close()  # kills the group if still running, removes TMPDIR, closes the stderr file
         for pipe in (self.process.stdin, self.process.stdout):
             with contextlib.suppress(OSError):
-                pipe.close()
+                if pipe is not None:
+                    pipe.close()
 
     def __enter__(self) -> WarmProbe:
         return self
@@ -321,7 +325,7 @@ class ProbeStandby:
             return False
         try:
             with selectors.DefaultSelector() as selector:
-                selector.register(warm.process.stdout, selectors.EVENT_READ)
+                selector.register(_stdout(warm.process), selectors.EVENT_READ)
                 return bool(selector.select(timeout=0))
         except (OSError, ValueError):  # closed meanwhile: taken by a job or cleaned up
             return False

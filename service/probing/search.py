@@ -251,6 +251,13 @@ class _Search:
         ok = self.ok_trials
         return ok[-1] if ok else None
 
+    def _top(self) -> Trial:
+        """The largest fitting trial: what the bracket's methods start from, once a size fitted."""
+        top = self.largest_ok
+        if top is None:
+            raise RuntimeError("no batch size has fitted yet")
+        return top
+
     @property
     def smallest_failed(self) -> int | None:
         failed = [t.batch_size for t in self.trials if not t.ok]
@@ -269,7 +276,7 @@ class _Search:
         return self.cap if failed is None else failed - 1
 
     def done(self, tolerance: float, count_trials: bool = True) -> bool:
-        lo = self.largest_ok.batch_size
+        lo = self._top().batch_size
         hi = self._upper()
         if lo >= hi or (count_trials and len(self.trials) >= self.max_trials):
             return True
@@ -284,7 +291,7 @@ class _Search:
 
     def propose(self) -> int:
         """Next size to measure, strictly inside (largest ok, smallest failed)."""
-        lo = self.largest_ok.batch_size
+        lo = self._top().batch_size
         hi = self._upper()
         failed = self.smallest_failed
         if len(self.ok_trials) < 2:
@@ -307,7 +314,7 @@ class _Search:
     def _second_calibration_size(self) -> float:
         """The largest size the worst-case line through the baseline allows (see the module docstring),
         and at least MIN_CALIBRATION_GROWTH times the first when that bound is loose (large gradients)."""
-        first = self.largest_ok
+        first = self._top()
         bound = _anchored_limit(first, self.budget, baseline=first.baseline_bytes or 0)
         return max(bound * (1 - CALIBRATION_MARGIN), first.batch_size * MIN_CALIBRATION_GROWTH)
 
@@ -331,7 +338,7 @@ class _Search:
 
     def anchored_limit(self) -> float | None:
         """`_anchored_limit` at the largest fitting size, when its baseline is known."""
-        top = self.largest_ok
+        top = self._top()
         if top.baseline_bytes is None:
             return None
         return _anchored_limit(top, self.budget, baseline=top.baseline_bytes)

@@ -99,7 +99,7 @@ def test_cancel() -> None:
 def test_prints_in_the_child_do_not_reach_the_protocol() -> None:
     """fd 1 is pointed at stderr before anything runs: even C-level writes to fd 1 stay out."""
     code = (
-        "import os, sys; from service.probing.runner import _protocol_stream; p = _protocol_stream(); "
+        "import os, sys; from service.probing.protocol import open_stream; p = open_stream(); "
         "print('python print'); os.write(1, b'raw fd write\\n'); p.write('{\"event\": \"x\"}\\n'); p.flush()"
     )
     done = subprocess.run(

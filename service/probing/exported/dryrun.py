@@ -4,23 +4,23 @@ and the check of a data sample against an uploaded model (`check_sample`: one tr
 `main` is the entry point of `python -m service.probing.exported` (through `__main__.py`), which the
 service runs in a sandboxed subprocess: a JSON request on stdin (`{"path", "declared"}` for a dry run,
 `{"mode": "sample", "path", "config", "sample_path", "ignore_index"}` for a sample check), JSON lines
-out (`{"event": "result", ...}` or `{"event": "error", ...}`), exactly like `service.probing.runner`.
+out (`{"event": "result", ...}` or `{"event": "error", ...}`): `service.probing.protocol`, as the runner.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import traceback
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from service.probing.exported.adapt import describe_program, infer_config, model_spec_for, step_failed
 from service.probing.exported.archive import ArchiveError
 from service.probing.exported.loader import load_program
+from service.probing.protocol import emitter, error_message, open_stream, result_message
 from service.probing.spec import ProbeError
 
 DRY_RUN_BATCH_SIZES = (2, 3, 1)  # 2 and 3: the batch dimension is dynamic; 1: where the probe starts
@@ -121,22 +121,8 @@ def check_sample(
 # Entry point: python -m service.probing.exported
 
 
-def _protocol_stream() -> IO[str]:
-    """The real stdout becomes a private protocol descriptor; fd 1 goes to stderr (as in runner.py)."""
-    sys.stdout.flush()
-    protocol_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-    return os.fdopen(protocol_fd, "w", buffering=1, encoding="utf-8")
-
-
 def main() -> int:
-    protocol = _protocol_stream()
-
-    def emit(message: dict[str, Any]) -> None:
-        protocol.write(json.dumps(message, default=str) + "\n")
-        protocol.flush()
-
+    emit = emitter(open_stream())
     try:
         request = json.loads(sys.stdin.read())
         if request.get("mode") == "sample":
@@ -148,10 +134,10 @@ def main() -> int:
             )
         else:
             result = dry_run(str(request["path"]), dict(request.get("declared") or {}))
-        emit({"event": "result", "result": result})
+        emit(result_message(result))
     except ArchiveError as exc:
-        emit({"event": "error", "code": exc.code, "message": exc.message})
+        emit(error_message(exc.code, exc.message))
     except Exception as exc:
         traceback.print_exc()
-        emit({"event": "error", "code": "dry_run_failed", "message": f"{type(exc).__name__}: {exc}"})
+        emit(error_message("dry_run_failed", f"{type(exc).__name__}: {exc}"))
     return 0
