@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.probing.exported import ArchiveError, check_sample, dry_run, load_program, model_spec_for
+from service.probing.exported import ArchiveError, check_sample, dry_run, model_spec_for
 from service.probing.exported.adapt import ExportedConfig
 from service.probing.inputs import NamedInputs
 from service.probing.sample_check import Task, check_arrays, dry_step, prepare, prepare_arrays, problem
@@ -135,7 +135,7 @@ def test_synthesised_batches_feed_every_input() -> None:
     spec = model_spec_for(str(classifier_archive()), config)
     inputs, targets = spec.make_batch(config, 5, "cpu", torch.Generator().manual_seed(0))
     assert isinstance(inputs, NamedInputs) and list(inputs) == ["input_ids", "attention_mask"]
-    assert inputs["input_ids"].shape == (5, SEQ) and 0 <= int(inputs["input_ids"].min())
+    assert inputs["input_ids"].shape == (5, SEQ) and int(inputs["input_ids"].min()) >= 0
     assert int(inputs["input_ids"].max()) < VOCAB
     assert bool((inputs["attention_mask"] == 1).all())  # masks: attend everywhere
     assert targets.shape == (5,) and int(targets.max()) < CLASSES
@@ -174,7 +174,9 @@ def test_an_integer_input_without_an_embedding_needs_its_bound() -> None:
 
 
 def _task(archive: Path | None = None, loss: str = "cross_entropy", **kwargs: object) -> Task:
-    config = _config(archive or classifier_archive(), loss) if loss == "cross_entropy" else kwargs.pop("config")
+    config = (
+        _config(archive or classifier_archive(), loss) if loss == "cross_entropy" else kwargs.pop("config")
+    )
     return Task.for_model(config, input_shape=[SEQ], input_dtype="int64", num_classes=0, **kwargs)  # type: ignore[arg-type]
 
 
@@ -200,7 +202,11 @@ def test_named_sample_errors_name_the_array_its_shape_and_what_was_expected() ->
         check_arrays({"input_ids": arrays["input_ids"]})  # no target
 
     missing = problem(check_arrays({"input_ids": arrays["input_ids"], "y": arrays["y"]}), task)
-    assert missing is not None and "no array 'attention_mask'" in missing and "input_ids, attention_mask" in missing
+    assert (
+        missing is not None
+        and "no array 'attention_mask'" in missing
+        and "input_ids, attention_mask" in missing
+    )
     short = problem(check_arrays({**arrays, "input_ids": arrays["input_ids"][:, :6]}), task)
     assert short is not None and "input_ids has per-example shape [6] and dtype int64" in short
     assert "per-example shape [8] (int64)" in short
@@ -215,7 +221,9 @@ def test_named_sample_errors_name_the_array_its_shape_and_what_was_expected() ->
 
 
 def test_model_returns_loss_takes_its_target_by_the_forwards_name() -> None:
-    config = dry_run(str(own_loss_archive()), {"loss": "model_returns_loss", "num_classes": CLASSES})["config"]
+    config = dry_run(str(own_loss_archive()), {"loss": "model_returns_loss", "num_classes": CLASSES})[
+        "config"
+    ]
     task = Task.for_model(config, input_shape=[SEQ], input_dtype="int64", num_classes=0)
     data = _text(16)
     arrays = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"], "labels": data["y"]}
@@ -296,7 +304,9 @@ def test_the_probe_trains_every_input_and_measures_the_noise_scale_on_a_named_sa
     events: list[dict] = []
     result = run_probe(spec, events.append)
     assert 1 <= result["max_feasible_batch_size"] <= 4096
-    assert any(e.get("phase") == "memory" and e.get("outcome") == "ok" for e in events if e["event"] == "trial")
+    assert any(
+        e.get("phase") == "memory" and e.get("outcome") == "ok" for e in events if e["event"] == "trial"
+    )
     assert result["throughput"]
     noise = result["gradient_noise_scale"]
     assert noise is not None and noise["measured_on"] == "client" and noise["value"] is not None, (
