@@ -3,8 +3,6 @@ named-array samples, the sample check, ignore_index, and a probe that measures a
 
 from __future__ import annotations
 
-import functools
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,70 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from service.probing.exported import ArchiveError, check_sample, dry_run, load_program, model_spec_for
+from service.probing.exported import ArchiveError, check_sample, dry_run, model_spec_for
 from service.probing.exported.adapt import ExportedConfig
 from service.probing.inputs import NamedInputs
 from service.probing.sample_check import Task, check_arrays, dry_step, prepare, prepare_arrays, problem
 from service.probing.spec import ProbeSpec
-
-VOCAB, SEQ, CLASSES = 50, 8, 4
-_DIR = Path(tempfile.mkdtemp(prefix="batchsize-multi-"))
-
-
-class TextClassifier(nn.Module):
-    """Embedding, masked mean pooling, linear head: forward(input_ids, attention_mask) -> logits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 16)
-        self.head = nn.Linear(16, CLASSES)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.unsqueeze(-1).float()
-        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(pooled)
-
-
-class TextClassifierWithLoss(TextClassifier):
-    """The same, computing its own loss from `labels` (Hugging Face style)."""
-
-    def forward(  # type: ignore[override]
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        return nn.functional.cross_entropy(super().forward(input_ids, attention_mask), labels)
-
-
-def _export(model: nn.Module, names: list[str], path: Path) -> Path:
-    torch.manual_seed(0)
-    example = {
-        "input_ids": torch.randint(0, VOCAB, (4, SEQ)),
-        "attention_mask": torch.ones(4, SEQ, dtype=torch.long),
-        "labels": torch.randint(0, CLASSES, (4,)),
-    }
-    batch = torch.export.Dim("batch")
-    kwargs = {name: example[name] for name in names}
-    program = torch.export.export(model.train(), (), kwargs, dynamic_shapes={n: {0: batch} for n in names})
-    torch.export.save(program, str(path))
-    return path
-
-
-@functools.cache
-def classifier_archive() -> Path:
-    return _export(TextClassifier(), ["input_ids", "attention_mask"], _DIR / "classifier.pt2")
-
-
-@functools.cache
-def own_loss_archive() -> Path:
-    return _export(TextClassifierWithLoss(), ["input_ids", "attention_mask", "labels"], _DIR / "own_loss.pt2")
-
-
-def _text(n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Token sequences with a padded tail; the class is the first token's residue (learnable)."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, VOCAB, (n, SEQ))
-    lengths = rng.integers(2, SEQ + 1, n)
-    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)
-    return {"input_ids": ids * mask, "attention_mask": mask, "y": ids[:, 0] % CLASSES}
+from tests.multi_input_models import CLASSES, SEQ, VOCAB, classifier_archive, own_loss_archive, text_data
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> Path:
@@ -135,7 +75,7 @@ def test_synthesised_batches_feed_every_input() -> None:
     spec = model_spec_for(str(classifier_archive()), config)
     inputs, targets = spec.make_batch(config, 5, "cpu", torch.Generator().manual_seed(0))
     assert isinstance(inputs, NamedInputs) and list(inputs) == ["input_ids", "attention_mask"]
-    assert inputs["input_ids"].shape == (5, SEQ) and 0 <= int(inputs["input_ids"].min())
+    assert inputs["input_ids"].shape == (5, SEQ) and int(inputs["input_ids"].min()) >= 0
     assert int(inputs["input_ids"].max()) < VOCAB
     assert bool((inputs["attention_mask"] == 1).all())  # masks: attend everywhere
     assert targets.shape == (5,) and int(targets.max()) < CLASSES
@@ -145,7 +85,7 @@ def test_synthesised_batches_feed_every_input() -> None:
     assert loss.ndim == 0 and model.program.embed.weight.grad is not None
 
 
-def test_an_integer_input_without_an_embedding_needs_its_bound() -> None:
+def test_an_integer_input_without_an_embedding_needs_its_bound(tmp_path: Path) -> None:
     class Counts(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -161,7 +101,7 @@ def test_an_integer_input_without_an_embedding_needs_its_bound() -> None:
         {"counts": torch.ones(4, SEQ, dtype=torch.long), "scale": torch.ones(4, 1)},
         dynamic_shapes={"counts": {0: batch}, "scale": {0: batch}},
     )
-    path = _DIR / "counts.pt2"
+    path = tmp_path / "counts.pt2"
     torch.export.save(program, str(path))
     with pytest.raises(ArchiveError) as excinfo:
         dry_run(str(path), {"loss": "cross_entropy"})
@@ -174,12 +114,14 @@ def test_an_integer_input_without_an_embedding_needs_its_bound() -> None:
 
 
 def _task(archive: Path | None = None, loss: str = "cross_entropy", **kwargs: object) -> Task:
-    config = _config(archive or classifier_archive(), loss) if loss == "cross_entropy" else kwargs.pop("config")
+    config = (
+        _config(archive or classifier_archive(), loss) if loss == "cross_entropy" else kwargs.pop("config")
+    )
     return Task.for_model(config, input_shape=[SEQ], input_dtype="int64", num_classes=0, **kwargs)  # type: ignore[arg-type]
 
 
 def test_a_named_sample_fits_and_loads_as_named_inputs() -> None:
-    arrays = {k: torch.from_numpy(v) for k, v in _text(32).items()}
+    arrays = {k: torch.from_numpy(v) for k, v in text_data(32).items()}
     description = check_arrays(arrays)
     assert set(description) == {"input_ids", "attention_mask", "y", "examples"}
     task = _task()
@@ -192,7 +134,7 @@ def test_a_named_sample_fits_and_loads_as_named_inputs() -> None:
 
 
 def test_named_sample_errors_name_the_array_its_shape_and_what_was_expected() -> None:
-    arrays = {k: torch.from_numpy(v) for k, v in _text(32).items()}
+    arrays = {k: torch.from_numpy(v) for k, v in text_data(32).items()}
     task = _task()
     with pytest.raises(ValueError, match="array 'attention_mask' has 31 examples \\(shape \\[31, 8\\]\\)"):
         check_arrays({**arrays, "attention_mask": arrays["attention_mask"][:31]})
@@ -200,7 +142,11 @@ def test_named_sample_errors_name_the_array_its_shape_and_what_was_expected() ->
         check_arrays({"input_ids": arrays["input_ids"]})  # no target
 
     missing = problem(check_arrays({"input_ids": arrays["input_ids"], "y": arrays["y"]}), task)
-    assert missing is not None and "no array 'attention_mask'" in missing and "input_ids, attention_mask" in missing
+    assert (
+        missing is not None
+        and "no array 'attention_mask'" in missing
+        and "input_ids, attention_mask" in missing
+    )
     short = problem(check_arrays({**arrays, "input_ids": arrays["input_ids"][:, :6]}), task)
     assert short is not None and "input_ids has per-example shape [6] and dtype int64" in short
     assert "per-example shape [8] (int64)" in short
@@ -215,9 +161,11 @@ def test_named_sample_errors_name_the_array_its_shape_and_what_was_expected() ->
 
 
 def test_model_returns_loss_takes_its_target_by_the_forwards_name() -> None:
-    config = dry_run(str(own_loss_archive()), {"loss": "model_returns_loss", "num_classes": CLASSES})["config"]
+    config = dry_run(str(own_loss_archive()), {"loss": "model_returns_loss", "num_classes": CLASSES})[
+        "config"
+    ]
     task = Task.for_model(config, input_shape=[SEQ], input_dtype="int64", num_classes=0)
-    data = _text(16)
+    data = text_data(16)
     arrays = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"], "labels": data["y"]}
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
     x, y = prepare_arrays(tensors, task)
@@ -259,9 +207,9 @@ def test_a_custom_ignore_index_is_left_out_of_the_loss_and_the_checks() -> None:
 
 def test_check_sample_runs_a_step_and_names_what_does_not_fit(tmp_path: Path) -> None:
     config = _config(classifier_archive())
-    good = _npz(tmp_path / "good.npz", **_text(64))
+    good = _npz(tmp_path / "good.npz", **text_data(64))
     assert check_sample(str(classifier_archive()), config, str(good)) == {"examples": 64}
-    data = _text(64)
+    data = text_data(64)
     per_position = _npz(tmp_path / "pos.npz", **{**data, "y": np.repeat(data["y"][:, None], SEQ, 1)})
     with pytest.raises(ArchiveError) as excinfo:
         check_sample(str(classifier_archive()), config, str(per_position))
@@ -280,7 +228,7 @@ def test_check_sample_runs_a_step_and_names_what_does_not_fit(tmp_path: Path) ->
 def test_the_probe_trains_every_input_and_measures_the_noise_scale_on_a_named_sample(tmp_path: Path) -> None:
     from service.probing.engine import run_probe
 
-    sample = _npz(tmp_path / "text.npz", **_text(2048))
+    sample = _npz(tmp_path / "text.npz", **text_data(2048))
     spec = ProbeSpec(
         model_name="artifact:text",
         model_config=_config(classifier_archive()),
@@ -296,7 +244,9 @@ def test_the_probe_trains_every_input_and_measures_the_noise_scale_on_a_named_sa
     events: list[dict] = []
     result = run_probe(spec, events.append)
     assert 1 <= result["max_feasible_batch_size"] <= 4096
-    assert any(e.get("phase") == "memory" and e.get("outcome") == "ok" for e in events if e["event"] == "trial")
+    assert any(
+        e.get("phase") == "memory" and e.get("outcome") == "ok" for e in events if e["event"] == "trial"
+    )
     assert result["throughput"]
     noise = result["gradient_noise_scale"]
     assert noise is not None and noise["measured_on"] == "client" and noise["value"] is not None, (
