@@ -74,6 +74,24 @@ class TrainingSpec(_Strict):
     reference_batch_size: int = Field(32, gt=0, le=10**7)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    loop: Literal["pytorch", "lightning"] = Field(
+        "pytorch",
+        description=(
+            "The training loop whose memory the limit is measured in. pytorch: zero_grad(set_to_none=True) "
+            "after optimizer.step(), gradients freed before the next forward. lightning: Lightning's "
+            "automatic optimisation, where the previous step's gradients live through the forward (zeroed "
+            "before backward)."
+        ),
+    )
+    prefetch_batches: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description=(
+            "Batches the data pipeline holds ahead, in host memory, while a step runs (counted against "
+            "the budget on CPU only). Lightning's data fetcher holds 1 when the DataLoader has no length."
+        ),
+    )
     # The optimizer exactly as the client runs it (the probe trains with these settings).
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (default 0.9); sgd only.")
     nesterov: bool = Field(False, description="Nesterov momentum; sgd only, needs momentum > 0.")

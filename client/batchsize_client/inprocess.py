@@ -132,18 +132,18 @@ def _recommend_local(
 ) -> Recipe:
     try:
         from service.local import local_probe_spec, run_local
-        from service.probing.spec import ProbeError
+        from service.probing.spec import ProbeError, training_options
     except ImportError as exc:
         raise BatchsizeError(
             f"local=True runs the probe engine here and needs the batchsize-service package ({exc})",
             code="service_missing",
         ) from None
     known, extra = _split_training(training)
-    if extra:
+    if unknown := sorted(set(extra) - set(training_options(extra))):  # the probe reads only those it knows
         raise BatchsizeError(
-            f"local=True does not take {sorted(extra)} (ask a service for those)", code="invalid_settings"
+            f"local=True does not take {unknown} (ask a service for those)", code="invalid_settings"
         )
-    request = build_request(artifact_id="local", dataset_size=size, **known)
+    request = build_request(artifact_id="local", dataset_size=size, training=extra, **known)
     settings = {
         **request["training"],
         "dataset_size": size,

@@ -27,6 +27,22 @@ def gradient_bytes(module: Any) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
+def measured_in_lightning_loop(recipe: Recipe) -> bool:
+    """True when the recipe's memory limit was measured in Lightning's loop convention."""
+    return recipe.search is not None and recipe.search.loop == "lightning"
+
+
+def prefetched_batches(loader: Any) -> int:
+    """Batches Lightning's data fetcher holds ahead of the one training: 1 when the loader has no length."""
+    if loader is None:
+        return 0
+    try:
+        len(loader)
+    except (TypeError, NotImplementedError):
+        return 1
+    return 0
+
+
 class BatchsizeCallback(pl.Callback):
     """At `fit` start: get a recipe (given, or asked for with `batchsize_client.recommend` on the
     LightningModule and the first batch of its training data) and apply it:
@@ -37,10 +53,14 @@ class BatchsizeCallback(pl.Callback):
     - the learning rate to the module's `lr` or `learning_rate`, and `warmup_steps` when it has one
       (use them in `configure_optimizers`, e.g. `recipe.scheduler(optimizer)`).
 
-    Lightning zeroes gradients after the next forward, so one more copy of the gradients is alive than
-    in the probe's loop: with `lightning_headroom` (default) the micro-batch is lowered to leave that
-    copy free, predicted from the recipe's memory model (accumulation grows to keep the global batch).
-    The applied recipe is `callback.recipe`.
+    A recipe it asks for is measured in Lightning's own loop (`training.loop="lightning"`: the previous
+    step's gradients alive through the forward, zeroed before backward; `training.prefetch_batches=1`
+    when the training DataLoader has no length, as Lightning's fetcher then holds the next batch), so
+    its micro-batch fits there as measured. A recipe given, or measured in the plain PyTorch loop
+    (`recipe.search.loop` is not "lightning"), gets with `lightning_headroom` (default) the predicted
+    headroom instead: the micro-batch is lowered to leave one more copy of the gradients free, predicted
+    from the recipe's memory model (`Recipe.with_extra_memory`; accumulation grows to keep the global
+    batch). The applied recipe is `callback.recipe`.
     """
 
     def __init__(
@@ -65,7 +85,7 @@ class BatchsizeCallback(pl.Callback):
         if stage != "fit":
             return
         recipe = self.recipe or self._ask(trainer, pl_module)
-        if self.lightning_headroom:
+        if self.lightning_headroom and not measured_in_lightning_loop(recipe):
             recipe = recipe.with_extra_memory(gradient_bytes(pl_module))
         self.apply(recipe, trainer, pl_module)
 
@@ -104,4 +124,9 @@ class BatchsizeCallback(pl.Callback):
                 )
             batch = next(iter(loader))
             example = batch[0] if isinstance(batch, list | tuple) else batch
-        return recommend(pl_module, example, dataset=loader, loss=self.loss, **self.recommend_kwargs)
+        training = {
+            "loop": "lightning",
+            "prefetch_batches": prefetched_batches(loader),
+            **self.recommend_kwargs,
+        }
+        return recommend(pl_module, example, dataset=loader, loss=self.loss, **training)

@@ -156,6 +156,9 @@ class SearchSummary(OpenModel):
     measured_convention: str | None = Field(
         None, description="When gradients are freed in the measured step (what the limit assumes)."
     )
+    loop: str | None = Field(
+        None, description='The training loop measured: "pytorch" or "lightning" (training.loop).'
+    )
     max_batch_size_measured: int | None = Field(None, description="Largest micro-batch verified on the host.")
     bracket: list[int | None] | None = Field(
         None, description="[largest that fit, smallest that failed or null]."

@@ -108,9 +108,10 @@ class Recipe(RecommendationResult):
         """The same global batch with a micro-batch that leaves `extra_bytes` free, from the memory model.
 
         For loops that keep more alive than the probe measured (Lightning frees the previous gradients
-        only after the next forward: one more copy of the gradients). The new limit is predicted from the
-        fitted memory model (`fixed + per_sample x B` under the budget), not measured; accumulation grows
-        so the global batch stays (it may round up slightly).
+        only after the next forward: up to one more copy of the gradients) when the recipe was not
+        measured in that loop (a probe asked with `training.loop="lightning"` needs none). The new limit
+        is predicted from the fitted memory model (`fixed + per_sample x B` under the budget), not
+        measured; accumulation grows so the global batch stays (it may round up slightly).
         """
         memory = self.memory
         if extra_bytes <= 0 or memory is None or not memory.per_sample_bytes or memory.budget_bytes is None:

@@ -53,7 +53,7 @@ from service.probing.search import (
     search_max_batch_size,
 )
 from service.probing.spec import PROBE_VERSION, ProbeError, ProbeSpec
-from service.probing.step import MEASURED_CONVENTION, TrainingStep, build_optimizer, is_precision_error
+from service.probing.step import MEASURED_CONVENTIONS, TrainingStep, build_optimizer, is_precision_error
 from service.probing.throughput import measure_throughput, throughput_ladder
 
 Emit = Callable[[dict[str, Any]], None]
@@ -855,7 +855,8 @@ def _assemble_result(
         "data_sample": statistics.get("sample"),
         "search": {
             "trials": len(search.trials),
-            "measured_convention": MEASURED_CONVENTION,
+            "measured_convention": MEASURED_CONVENTIONS[spec.loop],
+            "loop": spec.loop,
             "max_batch_size_measured": search.max_batch_size,
             "bracket": list(search.bracket),
             "capped": search.capped,

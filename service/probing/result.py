@@ -92,6 +92,7 @@ class DataSample(TypedDict, total=False):
 class SearchSummary(TypedDict, total=False):
     trials: int
     measured_convention: str
+    loop: str  # the training loop measured: "pytorch" or "lightning"
     max_batch_size_measured: int
     bracket: list[int | None]
     capped: bool

@@ -9,6 +9,7 @@ from typing import Any, Literal
 Optimizer = Literal["sgd", "adam", "adamw"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Objective = Literal["time_to_target", "throughput", "max_feasible"]
+Loop = Literal["pytorch", "lightning"]  # the training loop whose memory convention is measured
 
 SGD_DEFAULT_MOMENTUM = 0.9
 
@@ -41,6 +42,8 @@ class ProbeSpec:
     ignore_index: int = -100  # cross_entropy targets with this value are left out of the loss
     precision: Precision = "fp32"
     gradient_checkpointing: bool = False
+    loop: Loop = "pytorch"  # step.MEASURED_CONVENTIONS: when the loop frees the gradients
+    prefetch_batches: int = 0  # batches the data pipeline holds ahead on the host during a step
     device: Literal["cpu", "cuda"] = "cpu"  # the host device the probe runs on
     memory_budget_bytes: int | None = None  # None: the device's free memory (CPU: a share of it)
     time_budget_s: float = 120.0
@@ -79,8 +82,9 @@ class ProbeError(Exception):
 
 
 def training_options(training: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer settings and horizon of a stored request's `training` (older requests lack them)."""
-    keys = ("momentum", "nesterov", "betas", "eps", "weight_decay", "epochs", "target_loss", "ignore_index")
+    """The optimizer settings, horizon and loop of a stored `training` (older requests lack them)."""
+    keys: tuple[str, ...] = ("momentum", "nesterov", "betas", "eps", "weight_decay", "epochs", "target_loss")
+    keys += ("ignore_index", "loop", "prefetch_batches")
     return {k: list(training[k]) if k == "betas" else training[k] for k in keys if k in training}
 
 

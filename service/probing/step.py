@@ -1,9 +1,11 @@
 """One real training step of a zoo model: forward, loss, backward, `optimizer.step()`, `zero_grad()`.
 
-Memory convention measured: `zero_grad(set_to_none=True)` right after `optimizer.step()`, so the
-gradients are freed before the next forward. A loop that zeroes gradients later (Lightning zeroes after
-`training_step`, so the previous step's gradients live through the forward) needs one more copy of the
-gradients than this measures.
+Memory convention measured (`loop`): "pytorch" runs `zero_grad(set_to_none=True)` right after
+`optimizer.step()`, so the gradients are freed before the next forward. "lightning" runs Lightning's
+automatic optimisation: the previous step's gradients live through the forward and are set to None
+after it, before backward (`Closure`: training_step, zero_grad, backward). `prefetch_batches` more
+batches are held on the host through each step (Lightning's fetcher holds one when the DataLoader has
+no length); on CUDA they are not device memory.
 
 The optimizer's state (momentum, Adam moments) only exists after its first step; a probe that
 measures the first step over-reports the limit (an MLP "fitted" at 2193 and failed at the second step;
@@ -28,8 +30,13 @@ from service.probing.spec import SGD_DEFAULT_MOMENTUM, ProbeError, ProbeSpec
 MEASURED_CONVENTION = (
     "zero_grad(set_to_none=True) after optimizer.step(): gradients are freed before the next forward; "
     "optimizer state exists (measured from the second step). Loops that zero gradients after the "
-    "forward (Lightning) keep one more copy of the gradients alive"
+    "forward (Lightning) keep the gradients alive through it: measured with training.loop lightning"
 )
+LIGHTNING_CONVENTION = (
+    "Lightning's automatic optimisation: the previous step's gradients stay alive through the forward and "
+    "are set to None before backward; optimizer state exists (measured from the second step)"
+)
+MEASURED_CONVENTIONS = {"pytorch": MEASURED_CONVENTION, "lightning": LIGHTNING_CONVENTION}
 
 OPTIMIZER_STATE_COPIES = {"sgd": 1, "adam": 2, "adamw": 2}  # fp32 copies of the trainable parameters
 SGD_MOMENTUM = SGD_DEFAULT_MOMENTUM  # when the client does not say
@@ -131,7 +138,15 @@ class TrainingStep:
         device: torch.device | str = "cpu",
         seed: int = 0,
         optimizer_options: dict[str, Any] | None = None,
+        loop: str = "pytorch",
+        prefetch_batches: int = 0,
     ) -> None:
+        if loop not in MEASURED_CONVENTIONS:
+            raise ProbeError("invalid_spec", f"unknown training loop {loop!r}; expected pytorch or lightning")
+        if prefetch_batches < 0:
+            raise ProbeError("invalid_spec", f"prefetch_batches must be >= 0, got {prefetch_batches}")
+        self.loop = loop
+        self.prefetch_batches = prefetch_batches
         self.model_spec = model_spec
         self.config = config
         self.device = torch.device(device)
@@ -172,6 +187,8 @@ class TrainingStep:
             device=spec.device,
             seed=spec.seed,
             optimizer_options=spec.optimizer_options(),
+            loop=spec.loop,
+            prefetch_batches=spec.prefetch_batches,
         )
 
     # -- running steps
@@ -183,9 +200,12 @@ class TrainingStep:
         """Make a batch and train on it (the batch is part of the forward/backward phase's memory)."""
         with recorder.phase(FORWARD_BACKWARD):
             inputs, targets = self.make_batch(batch_size)
+            # Batches a data fetcher holds ahead (on the host) while this one trains.
+            ahead = [self._prefetch(batch_size) for _ in range(self.prefetch_batches)]
             loss = self._forward_backward(inputs, targets)
         with recorder.phase(OPTIMIZER_STEP):
             self._optimizer_step()
+        del ahead
         return loss
 
     def train_on(
@@ -224,10 +244,14 @@ class TrainingStep:
             torch.cuda.synchronize(self.device)
 
     def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.loop == "lightning":
+            self._keep_gradients()
         with self._autocast():
             outputs = self.model(inputs)
             loss = self.model_spec.loss(outputs, targets)
         del outputs  # only the graph needs it, and backward frees that
+        if self.loop == "lightning":  # Lightning's closure: training_step, zero_grad, backward
+            self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -240,8 +264,21 @@ class TrainingStep:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.loop == "pytorch":
+            self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
+
+    def _keep_gradients(self) -> None:
+        """Lightning's steady state: the previous step's gradients are alive when the forward starts.
+        After the first step (or a failed one, whose gradients were dropped) there are none: allocate
+        them, as real tensors the memory measurement counts."""
+        for parameter in self.model.parameters():
+            if parameter.requires_grad and parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+
+    def _prefetch(self, batch_size: int) -> Any:
+        """The next batch, made on the host as a DataLoader makes it (on CUDA it is not device memory)."""
+        return self.model_spec.make_batch(self.config, batch_size, torch.device("cpu"), self.generator)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.precision == "fp32":

@@ -82,3 +82,23 @@ def test_a_local_run_builds_the_same_spec_as_the_worker(client: TestClient) -> N
     local = local_probe_spec("mlp", request["model"]["config"], None, {}, None, settings)
     served = probe_spec_from_request(request, host=client.app.state.batchsize.host)
     assert local.to_json_dict() == served.to_json_dict()
+
+
+def test_the_training_loop_is_stored_fingerprinted_and_handed_on(client: TestClient) -> None:
+    default = _post(client, {"optimizer": "adam"}).json()
+    stored = default["request"]["training"]
+    assert (stored["loop"], stored["prefetch_batches"]) == ("pytorch", 0)
+    lightning = _post(client, {"optimizer": "adam", "loop": "lightning", "prefetch_batches": 1})
+    assert lightning.status_code == 202, lightning.text
+    job = lightning.json()
+    assert job["request"]["training"]["loop"] == "lightning"
+    assert job["fingerprint"] != default["fingerprint"]
+    spec = probe_spec_from_request(job["request"], host=client.app.state.batchsize.host)
+    assert (spec.loop, spec.prefetch_batches) == ("lightning", 1)
+    for training, field in [
+        ({"loop": "keras"}, "training.loop"),
+        ({"prefetch_batches": -1}, "training.prefetch"),
+    ]:
+        response = _post(client, training)
+        assert response.status_code == 422, training
+        assert response.json()["error"]["details"][0]["field"].startswith(field), response.text

@@ -177,3 +177,30 @@ def test_nesterov_without_momentum_is_refused() -> None:
     with pytest.raises(ProbeError) as info:
         TrainingStep.from_spec(probe, spec, make_config(spec, TINY_MLP))
     assert info.value.code == "invalid_spec"
+
+
+def test_the_lightning_loop_keeps_the_previous_gradients_alive_through_the_forward() -> None:
+    spec = get_model("mlp")
+    step = TrainingStep(spec, make_config(spec, TINY_MLP), optimizer="adam", loop="lightning")
+    step.warm_up(2)
+    assert all(p.grad is not None for p in step.model.parameters())  # not freed after the step
+    steady = measure_step(step.run, 16, 2**40, step.device, roots=step.memory_roots())
+    step.discard_gradients()  # as after a failed trial: the next step starts from the steady state again
+    again = measure_step(step.run, 16, 2**40, step.device, roots=step.memory_roots())
+    assert steady.peak_bytes == again.peak_bytes and steady.baseline_bytes is not None
+    plain = TrainingStep(spec, make_config(spec, TINY_MLP), optimizer="adam")
+    plain.warm_up(2)
+    first = measure_step(plain.run, 16, 2**40, plain.device, roots=plain.memory_roots())
+    gradients = plain.state_bytes()["gradients"]
+    assert steady.baseline_bytes == first.baseline_bytes + gradients
+
+
+def test_prefetched_batches_are_counted() -> None:
+    spec = get_model("mlp")
+    peaks = []
+    for ahead in (0, 2):
+        step = TrainingStep(spec, make_config(spec, TINY_MLP), prefetch_batches=ahead)
+        step.warm_up(2)
+        peaks.append(measure_step(step.run, 64, 2**40, step.device, roots=step.memory_roots()).peak_bytes)
+    batch_bytes = 64 * (TINY_MLP["input_dim"] * 4 + 8)  # float32 features, int64 targets
+    assert peaks[1] - peaks[0] == 2 * batch_bytes
