@@ -42,8 +42,10 @@ LEVEL_SIGMA_DEFAULT = 0.8
 EXTRAPOLATION_SIGMA = 0.25  # extra ln-spread per unit of |ln(L_h / L_r)|
 SLOPE_BOUNDS = (-3.0, 0.5)  # a trend outside these is clipped
 # Prior on the trend's slope (ln B_simple per ln loss): B_simple grows as the loss falls. Set on the
-# tuning half (a 1200-step plain-SGD digits trajectory measured -0.44 ± 0.10).
-PRIOR_SLOPE = -0.5
+# tuning half: a 1200-step plain-SGD digits trajectory measured -0.44 ± 0.10, but the oracle's own B_noise
+# (S(B) fitted to steps at an lr tuned per size) moved between its two depths by slopes -0.03 to -0.56,
+# mean -0.28: B_noise grows more slowly than B_simple, and -0.5 carried deep horizons too far.
+PRIOR_SLOPE = -0.3
 PRIOR_SLOPE_SD = 0.5
 TREND_GROUPS = 6  # bins pooled into this many groups before the fit
 MIN_GROUPS = 3
