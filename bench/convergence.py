@@ -663,8 +663,12 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         f"- host load (1/5/15 min) before: {loads.get('before')}; after: {loads.get('after')}. The host's "
         "2 cores were shared with other jobs: absolute times are inflated and step timings noisy (steps to "
         "target are not).",
-        "- split, fixed in bench/convergence.py before any constant was set: tuning half "
-        f"{', '.join(meta['split']['tuning'])}; held-out half {', '.join(meta['split']['held_out'])}",
+        "- groups, fixed in bench/convergence.py: tuning half (the method's constants are set on it) "
+        f"{', '.join(meta['split']['tuning'])}; seen (the first held-out half, read before the method's "
+        f"last changes, so no longer held out) {', '.join(meta['split']['seen'])}; held-out half (defined "
+        f"before those changes, scored once with the method fixed) {', '.join(meta['split']['held_out'])}",
+        *([f"- oracle sweeps merged: {loads['oracle_sweeps']}"] if len(loads.get("oracle_sweeps") or []) > 1
+          else []),
         "- depths: the reference run (batch 32, the client's lr) fixes them: shallow = its training loss "
         "at 1/8 of its steps, deep = at all of them; the probe is told `epochs` = the epochs the reference "
         "needed for that depth",
