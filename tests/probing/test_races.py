@@ -141,7 +141,10 @@ def test_a_diverging_race_is_reported(digits):
     statuses = {r["batch_size"]: r["status"] for r in result["races"]}
     assert statuses[256] == "diverged"
     assert any("256 diverged" in w for w in result["warnings"])
-    assert result["status"] in ("ok", "above_range", "below_range")  # the two others still fit
+    # The two others still ran to a common level (whether it is deep enough to fit depends on how many
+    # steps the loaded host allowed in 1.5 s).
+    rows = {r["batch_size"]: r for r in result["races"]}
+    assert rows[16]["steps_to_level"] and rows[64]["steps_to_level"]
 
 
 class _Scalar(nn.Module):
