@@ -13,8 +13,9 @@ loss a probe reaches is not the one that governs a full training run. Three step
    with the extrapolation distance.
 3. **The horizon's loss.** `target_loss` (a held-out loss) is mapped to training loss with the first
    race's latest held-out - training gap; for `epochs` the probe's training-loss curve (warm-up, then the
-   first race) is expressed in steps at the reference batch size (S(B) = S_min(1 + B_noise/B)) and a
-   power law L(s) = c + a·s^-p fitted to its tail gives the loss at epochs·N/B_ref steps. With neither,
+   first race) is expressed in steps at the reference batch size (S(B) = S_min(1 + B_noise/B)); the
+   loss at epochs·N/B_ref steps is read off it when the probe trained that far, else a power law
+   L(s) = c + a·s^-p fitted to its tail (past the initial plateau) extrapolates it. With neither,
    the horizon is the races' level and the answer says so.
 
 Then, for the recommended size and the reference: steps S(B) = S_min(1 + B_h/B), epochs
@@ -41,8 +42,10 @@ LEVEL_SIGMA_DEFAULT = 0.8
 EXTRAPOLATION_SIGMA = 0.25  # extra ln-spread per unit of |ln(L_h / L_r)|
 SLOPE_BOUNDS = (-3.0, 0.5)  # a trend outside these is clipped
 # Prior on the trend's slope (ln B_simple per ln loss): B_simple grows as the loss falls. Set on the
-# tuning half (a 1200-step plain-SGD digits trajectory measured -0.44 ± 0.10).
-PRIOR_SLOPE = -0.5
+# tuning half: a 1200-step plain-SGD digits trajectory measured -0.44 ± 0.10, but the oracle's own B_noise
+# (S(B) fitted to steps at an lr tuned per size) moved between its two depths by slopes -0.03 to -0.56,
+# mean -0.28: B_noise grows more slowly than B_simple, and -0.5 carried deep horizons too far.
+PRIOR_SLOPE = -0.3
 PRIOR_SLOPE_SD = 0.5
 TREND_GROUPS = 6  # bins pooled into this many groups before the fit
 MIN_GROUPS = 3
@@ -55,6 +58,10 @@ INTERVAL_PROBABILITY = 0.8
 DRAWS = 2000
 CONFIDENCE_BOUNDS = (("high", 1.10), ("medium", 1.25))  # interval upper end -> coarse label
 GENERALISATION_TOLERANCE = 0.02  # relative held-out loss excess that triggers a warning
+# An extrapolated horizon's loss is fitted to the curve's tail: points below EARLY_LOSS_FRACTION of its
+# start, from this fraction of its last step on. Set on the tuning half (the loss predicted at the
+# reference run's own steps: mean |ln error| 0.80 fitting from 1/20 of the steps, 0.51 with this).
+LOSS_TAIL_FRACTION = 0.25
 POWER_GRID = tuple(0.05 * k for k in range(1, 41))  # exponents p tried for L(s) = c + a·s^-p
 
 
@@ -162,8 +169,9 @@ def fit_loss_curve(curve: Sequence[tuple[float, float]]) -> dict[str, Any] | Non
     """L(s) = c + a·s^-p (c >= 0, a > 0) over the curve's points with s >= 1, p from POWER_GRID; the
     exponents whose fit is within a factor (1 + 2/dof) of the best SSE give the range of predictions."""
     pts = [(float(s), float(v)) for s, v in curve if s >= 1 and math.isfinite(v)]
-    if pts:  # the tail decides an extrapolation: leave out the first steep twentieth (in steps)
-        pts = [(s, v) for s, v in pts if s >= max(pts)[0] / 20] if len(pts) > 8 else pts
+    if pts:  # the tail decides an extrapolation: leave out the initial plateau, then the early steps
+        pts = _kept(pts, [(s, v) for s, v in pts if v <= EARLY_LOSS_FRACTION * pts[0][1]])
+        pts = _kept(pts, [(s, v) for s, v in pts if s >= max(pts)[0] * LOSS_TAIL_FRACTION])
     if len(pts) < 4:
         return None
     s = np.array([p[0] for p in pts])
@@ -185,6 +193,21 @@ def fit_loss_curve(curve: Sequence[tuple[float, float]]) -> dict[str, Any] | Non
     dof = max(1, len(pts) - 3)
     plausible = [f for f in fits if f["sse"] <= best["sse"] * (1 + 2 / dof) + 1e-15]
     return {**best, "plausible": plausible}
+
+
+def _kept(points: list[tuple[float, float]], subset: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """`subset` when it still has 4 points to fit, else `points`."""
+    return subset if len(subset) >= 4 else points
+
+
+def measured_loss_at(curve: Sequence[tuple[float, float]], steps: float) -> float | None:
+    """The measured curve's loss at `steps` when inside its span (log-linear between points of its
+    running minimum, which smooths one noisy window without a fitted shape), else None."""
+    pts = sorted((float(s), float(v)) for s, v in curve if s >= 1 and math.isfinite(v))
+    if len(pts) < 2 or not pts[0][0] <= steps <= pts[-1][0]:
+        return None
+    lows = np.minimum.accumulate([v for _, v in pts])
+    return float(np.interp(math.log(steps), np.log([s for s, _ in pts]), lows))
 
 
 def _loss_at(fit: Mapping[str, Any], steps: float) -> float:
@@ -247,7 +270,8 @@ def carry_to_horizon(
             )
         return _with_bounds(out)
     reference = reference_batch_size
-    loss_fit = fit_loss_curve(reference_curve(trajectory, reference, b_noise_level))
+    curve = reference_curve(trajectory, reference, b_noise_level)
+    loss_fit = fit_loss_curve(curve)
     horizon_loss, spread_losses = level, [level]
     if kind == "target_loss" and target_loss is not None:
         gap = _heldout_gap(trajectory)
@@ -263,13 +287,18 @@ def carry_to_horizon(
     elif kind == "epochs" and epochs is not None:
         steps_ref = epochs * dataset_size / reference
         out["horizon"]["reference_steps"] = steps_ref
-        if loss_fit is None:
+        measured = measured_loss_at(curve, steps_ref)
+        if measured is not None:  # inside what the probe trained: read, not extrapolated
+            horizon_loss = spread_losses[0] = measured
+            out["horizon"]["loss_from"] = "measured"
+        elif loss_fit is None:
             warnings.append(
                 "the probe's loss curve is too short to place the epochs: kept at the races' level"
             )
         else:
             horizon_loss = _loss_at(loss_fit, steps_ref)
             spread_losses = [_loss_at(f, steps_ref) for f in loss_fit["plausible"]]
+            out["horizon"]["loss_from"] = "extrapolated"
     out["horizon"]["train_loss"] = horizon_loss
     value = _carry(b_noise_level, level, horizon_loss, trend["slope"])
     distance = abs(math.log(horizon_loss / level)) if horizon_loss > 0 else 0.0

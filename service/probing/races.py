@@ -40,6 +40,12 @@ OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
 # 1-3 training steps: at every ~4 %, short races spent more time evaluating than training.
 EVAL_GROWTH = 1.1
 DIVERGED_FACTOR = 3.0  # a loss above 3x the initial loss counts as divergence
+# ... after the first SPIKE_GRACE_STEPS steps (before them only a non-finite loss does): a race starts
+# from warmed-up weights, whose loss is low, with a fresh optimizer at a new lr and no lr warm-up, and a
+# transient spike there (Adam's first steps with empty moments, SGD's jump to a larger lr) is not yet
+# divergence. Stopping it backed the race's lr off 4x, which made larger sizes look slow (B_noise low).
+SPIKE_GRACE_STEPS = 10
+SPIKE_CEILING_FACTOR = 30.0  # ... but a loss this far above the start is a runaway even in the grace
 FIT_REACH = 2.0  # a fitted B_noise further than this factor outside the sizes raced is only a bound
 FIRST_RACE_SHARE = 0.25  # of the races' budget: the first race sets the loss level the others must reach
 # A race counts only at a real depth: its level at least MIN_DROP_FRACTION below the races' starting loss,
@@ -119,7 +125,8 @@ def train_race(
     """Train from the model's current weights; the curve is [(step, evaluation loss)] at geometric steps.
 
     Stops after `max_seconds` of training and evaluation, when the evaluation loss falls to `stop_below`,
-    at `max_steps`, or when the loss diverges (non-finite or > 3x the initial loss). Evaluations come at
+    at `max_steps`, or when the loss diverges (non-finite, or > 3x the initial loss; within the first
+    SPIKE_GRACE_STEPS steps > 30x). Evaluations come at
     steps growing by `eval_growth`. With `heldout` (x, y) the held-out loss is measured at the same
     steps ("heldout_curve"). With `track_noise` (and an even batch size) each step's gradient is built
     from its two halves, which gives the two-batch-size estimate of B_simple along the way at almost no
@@ -171,7 +178,8 @@ def train_race(
                 )  # fmt: skip
                 window[:] = [0.0, 0.0, 0]
             next_eval = max(step + 1, math.ceil(step * eval_growth))
-            if not math.isfinite(value) or value > DIVERGED_FACTOR * initial:
+            limit = DIVERGED_FACTOR if step > SPIKE_GRACE_STEPS else SPIKE_CEILING_FACTOR
+            if not math.isfinite(value) or value > limit * initial:
                 status = "diverged"
                 break
             if stop_below is not None and value <= stop_below:

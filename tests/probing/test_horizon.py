@@ -111,6 +111,28 @@ def test_epochs_become_a_loss_through_the_race_curve() -> None:
     assert carried["s_min"] == pytest.approx(1000 / (1 + carried["value"] / 32))
 
 
+def test_epochs_inside_the_probes_curve_are_read_off_it_not_fitted() -> None:
+    # The race's curve spans 128 steps at the reference batch (warm-up 0): 64 steps is inside it.
+    carried = horizon.carry_to_horizon(
+        races=_races(), b_noise_level=80.0, source="races", reference_batch_size=32, dataset_size=3200,
+        epochs=0.64,
+    )  # fmt: skip
+    assert carried["horizon"]["loss_from"] == "measured"
+    assert carried["horizon"]["train_loss"] == pytest.approx(0.2 + 2.0 * 64**-0.5)
+    assert horizon.measured_loss_at([(1, 2.0), (10, 1.0)], 100) is None  # beyond the curve: not measured
+
+
+def test_the_extrapolation_ignores_the_initial_plateau() -> None:
+    # A plateau near the initial loss, then L = 0.1 + 3 s^-0.6: fitting through the plateau bends the
+    # power law flat; the tail alone recovers the loss far beyond the curve.
+    def truth(s: float) -> float:
+        return 0.1 + 3.0 * s**-0.6
+
+    curve = [(s, 2.3) for s in (1, 2, 3, 4, 5, 6, 7, 8)] + [(s, truth(s)) for s in (12, 20, 35, 60, 100, 160)]
+    fit = horizon.fit_loss_curve(curve)
+    assert horizon._loss_at(fit, 1000) == pytest.approx(truth(1000), rel=0.05)
+
+
 def test_no_b_noise_no_horizon() -> None:
     carried = horizon.carry_to_horizon(
         races=None, b_noise_level=None, source=None, reference_batch_size=32, dataset_size=100, epochs=3
