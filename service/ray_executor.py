@@ -106,9 +106,14 @@ class RayExecutor:
         self._remote: Any = None
 
     def connect(self) -> None:
-        """Join the cluster (once per process) and build the remote task."""
-        import ray
-
+        """Join the cluster (once per process) and build the remote task. Raises when Ray is missing or
+        the cluster cannot be reached."""
+        try:
+            import ray
+        except ImportError as exc:
+            raise RuntimeError(
+                "BATCHSIZE_EXECUTOR=ray needs the `ray` package: pip install 'batchsize-service[ray]'"
+            ) from exc
         if not ray.is_initialized():
             ray.init(address=self.address, logging_level=logging.WARNING)
         if self._remote is None:

@@ -119,6 +119,8 @@ class Worker:
         while not self.stop_event.is_set():
             try:
                 if last_beat == -float("inf"):
+                    if self.settings.executor == "ray":
+                        self._ray_executor().connect()  # no job is claimed before the cluster is reached
                     self.register()
                     self.recover_orphans()
                     last_beat = time.monotonic()

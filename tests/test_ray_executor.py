@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 
 from service import repository
 from service.db.session import session_scope
-from service.ray_executor import CPU_RESOURCE, accelerator_type, task_options
+from service.ray_executor import CPU_RESOURCE, RayExecutor, accelerator_type, task_options
 from service.recommendations import HostDevice
 from tests import ray_probes
 from tests.helpers import make_worker
@@ -72,8 +72,8 @@ def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Po
     """`ray start ... --block` in its own process group (killing the group kills that node)."""
     with log.open("wb") as out:
         return subprocess.Popen(
-            [str(RAY), "start", "--block", "--disable-usage-stats", "--num-cpus=1", "--num-gpus=1",
-             "--object-store-memory=100000000", *args],
+            [str(RAY), "start", "--block", "--disable-usage-stats", "--include-log-monitor=false",
+             "--num-cpus=1", "--num-gpus=1", "--object-store-memory=100000000", *args],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
@@ -113,13 +113,13 @@ def cluster() -> Iterator[Cluster]:
              f"--temp-dir={temp}", f"--resources={head_resources}"], env, temp / "head.log",
         )  # fmt: skip
         _wait_for(lambda: _try_connect(running.address), "the Ray head")
-        for count, name in enumerate(("a100-1", "a100-2"), start=2):
-            # One after the other: nodes started at once on one host race for the same socket names.
+        for index, name in enumerate(("a100-1", "a100-2"), start=1):
             running.nodes[name] = _ray_start(
                 [f"--address={running.address}", "--node-ip-address=127.0.0.1",
                  f"--resources={a100_resources}"], env, temp / f"{name}.log",
             )  # fmt: skip
-            _wait_for(lambda n=count: len([x for x in ray.nodes() if x["Alive"]]) == n, f"{count} Ray nodes")
+            _wait_for(lambda i=index: _node_started(temp, i), f"Ray node {name} to start")
+        _wait_for(lambda: _live_nodes() == 3, "three live Ray nodes")
         yield running
     finally:
         if ray.is_initialized():
@@ -134,12 +134,32 @@ def cluster() -> Iterator[Cluster]:
         subprocess.run(["rm", "-rf", str(temp)], check=False)
 
 
+def _live_nodes() -> int:
+    return len([node for node in ray.nodes() if node["Alive"]])
+
+
+def _node_started(temp: Path, index: int) -> bool:
+    """Whether the `index`-th extra node on this host has bound its sockets (or joined already). Nodes
+    started at once on one host would race for the same socket names: each waits for the previous one."""
+    sockets = [path for session in temp.glob("session_2*") for path in (session / "sockets").glob("*")]
+    names = {path.name for path in sockets}
+    return {f"raylet.{index}", f"plasma_store.{index}"} <= names or _live_nodes() > index
+
+
 def _try_connect(address: str) -> bool:
-    try:
-        ray.init(address=address, logging_level="warning")
-    except (ConnectionError, RuntimeError):
-        return False
-    return True
+    """Join the cluster the way a worker does (from a thread, as a worker's loop runs)."""
+    failed: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            RayExecutor(address).connect()
+        except Exception as exc:  # not up yet (ConnectionError, or Ray's own errors while it starts)
+            failed.append(exc)
+
+    thread = threading.Thread(target=connect)
+    thread.start()
+    thread.join()
+    return not failed
 
 
 def _ray_worker(client: TestClient, probe: Any, host: HostDevice, cluster: Cluster, **changes: Any) -> Any:
@@ -190,6 +210,20 @@ def test_probes_land_on_a_node_with_the_worker_device_kind(client: TestClient, c
         assert done["status"] == "succeeded", done["error"]
         (trial,) = _trials(client, job_id)
         assert resource in cluster.node_resources(trial["detail"]["node_id"]), (host.name, trial)
+
+
+def test_the_real_probe_runs_through_ray(client: TestClient, cluster: Cluster) -> None:
+    """Without an injected probe the task runs the local worker's sandboxed probe subprocess, on the node."""
+    tiny = {"model": {"name": "mlp", "config": {"hidden_dims": [16]}}, "dataset": {"size": 512},
+            "memory_budget_bytes": 64 * 2**20, "time_budget_s": 5, "device": {"type": "cpu"}}  # fmt: skip
+    job_id = client.post("/v1/recommendations", json=tiny).json()["id"]
+    host = client.app.state.batchsize.host
+    assert host.type == "cpu"
+    assert _ray_worker(client, None, host, cluster).run_next()
+    done = client.get(f"/v1/recommendations/{job_id}").json()
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"]["max_feasible_batch_size"] >= 1
+    assert _trials(client, job_id)  # streamed from the node while the probe ran
 
 
 def test_cancelling_a_job_cancels_its_ray_task(client: TestClient, cluster: Cluster) -> None:
