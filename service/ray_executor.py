@@ -162,12 +162,12 @@ class RayExecutor:
         try:
             return self._follow(stream, on_event, deadline, should_cancel, timeout_s)
         except ProbeError:
-            ray.cancel(stream, force=True)  # no-op once the task is over
+            _cancel(stream)  # cancelled, timed out, or the probe failed (then the task is over already)
             raise
         except _node_lost_errors() as exc:
             raise ProbeError(NODE_LOST, f"the Ray node running the probe was lost: {exc}") from exc
         except ray.exceptions.RayError as exc:
-            ray.cancel(stream, force=True)
+            _cancel(stream)
             raise ProbeError("crashed", f"the Ray task running the probe failed: {exc}") from exc
 
     def _follow(
@@ -202,6 +202,16 @@ class RayExecutor:
                 log.info("probe running on Ray node %s (%s)", message.get("node_id"), message.get("host"))
             if on_event is not None:
                 on_event(message)
+
+
+def _cancel(stream: Any) -> None:
+    """Force-cancel the task (Ray kills its worker process); a task that is over already is left alone."""
+    import ray
+
+    try:
+        ray.cancel(stream, force=True)
+    except Exception:  # the outcome being reported matters more than a failed cancel
+        log.warning("could not cancel the Ray task of a probe", exc_info=True)
 
 
 def _node_lost_errors() -> tuple[type[BaseException], ...]:

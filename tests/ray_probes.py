@@ -46,3 +46,9 @@ def wait_for_release(spec: ProbeSpec, *, on_event: Any, **_: Any) -> dict[str, A
             raise ProbeError("timeout", f"{release} never appeared")
         time.sleep(0.05)
     return {"max_feasible_batch_size": 8}
+
+
+def fail_with_reason(spec: ProbeSpec, *, on_event: Any, **_: Any) -> dict[str, Any]:
+    """Report where it runs, then fail the way a probe does."""
+    _report(on_event)
+    raise ProbeError("oom_at_min_batch", "batch size 1 needs 3 GiB, over the 1 GiB budget")

@@ -27,7 +27,8 @@ from fastapi.testclient import TestClient
 
 from service import repository
 from service.db.session import session_scope
-from service.ray_executor import CPU_RESOURCE, RayExecutor, accelerator_type, task_options
+from service.probing.spec import ProbeError
+from service.ray_executor import CPU_RESOURCE, NODE_LOST, RayExecutor, accelerator_type, task_options
 from service.recommendations import HostDevice
 from tests import ray_probes
 from tests.helpers import make_worker
@@ -190,6 +191,19 @@ def test_task_options_follow_rays_names_for_gpus_and_the_cpu_resource() -> None:
     assert task_options("cpu", "AMD EPYC 9654") == {"num_cpus": 1, "resources": {CPU_RESOURCE: 1}}
 
 
+def test_a_lost_node_requeues_the_job_until_its_attempts_run_out(client: TestClient) -> None:
+    def node_dies(spec: Any, **_: Any) -> dict[str, Any]:
+        raise ProbeError(NODE_LOST, "the Ray node running the probe was lost")
+
+    job_id = client.post("/v1/recommendations", json=MLP).json()["id"]
+    worker = make_worker(client.app, node_dies, ray_max_attempts=2)
+    assert worker.run_next()
+    assert _status(client, job_id) == "queued"  # first attempt lost: back in the queue
+    assert worker.run_next()
+    failed = client.get(f"/v1/recommendations/{job_id}").json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == NODE_LOST
+
+
 # --- on the local cluster ---------------------------------------------------------------------------
 
 
@@ -224,6 +238,17 @@ def test_the_real_probe_runs_through_ray(client: TestClient, cluster: Cluster) -
     assert done["status"] == "succeeded", done["error"]
     assert done["result"]["max_feasible_batch_size"] >= 1
     assert _trials(client, job_id)  # streamed from the node while the probe ran
+
+
+def test_a_probe_failing_on_a_node_fails_the_job_with_a_reason(client: TestClient, cluster: Cluster) -> None:
+    job_id = client.post("/v1/recommendations", json={**MLP, "time_budget_s": 35}).json()["id"]
+    assert _ray_worker(client, ray_probes.fail_with_reason, CPU, cluster).run_next()
+    failed = client.get(f"/v1/recommendations/{job_id}").json()
+    assert failed["status"] == "failed"
+    assert failed["error"] == {
+        "code": "oom_at_min_batch",
+        "message": "batch size 1 needs 3 GiB, over the 1 GiB budget",
+    }
 
 
 def test_cancelling_a_job_cancels_its_ray_task(client: TestClient, cluster: Cluster) -> None:
