@@ -226,6 +226,7 @@ def test_probes_land_on_a_node_with_the_worker_device_kind(client: TestClient, c
         assert resource in cluster.node_resources(trial["detail"]["node_id"]), (host.name, trial)
 
 
+@pytest.mark.slow  # about 30 s on a busy 2-core host (torch's start-up in the probe process on the node)
 def test_the_real_probe_runs_through_ray(client: TestClient, cluster: Cluster) -> None:
     """Without an injected probe the task runs the local worker's sandboxed probe subprocess, on the node."""
     tiny = {"model": {"name": "mlp", "config": {"hidden_dims": [16]}}, "dataset": {"size": 512},
