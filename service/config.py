@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         description="Where a worker runs its probes: `local` (a subprocess on this host) or `ray` (a Ray "
         "task on a node with the worker's device kind; needs the `ray` extra; see docs/fleet.md).",
     )
-    ray_address: str | None = Field(
+    ray_address: str = Field(
         "auto",
         description="The Ray cluster a `ray` executor joins: `auto` (the one started on this host), "
         "`HOST:PORT` (its GCS) or `ray://HOST:10001` (Ray Client).",
