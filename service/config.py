@@ -74,6 +74,19 @@ class Settings(BaseSettings):
         "sandbox applied), so that a job skips that start-up; it serves one job, then a new one is started. "
         "Costs that process's memory while idle.",
     )
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="Where a worker runs its probes: `local` (a subprocess on this host) or `ray` (a Ray "
+        "task on a node with the worker's device kind; needs the `ray` extra; see docs/fleet.md).",
+    )
+    ray_address: str = Field(
+        "auto",
+        description="The Ray cluster a `ray` executor joins: `auto` (the one started on this host), "
+        "`HOST:PORT` (its GCS) or `ray://HOST:10001` (Ray Client).",
+    )
+    ray_max_attempts: int = Field(
+        3, ge=1, description="Attempts a job gets when the Ray nodes running its probe are lost mid-probe."
+    )
     sqlite_busy_timeout_ms: int = 5000
     api_key: str | None = Field(None, description="When set, every /v1 route requires it (X-API-Key header).")
     log_format: Literal["json", "text"] = Field(

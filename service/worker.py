@@ -82,6 +82,7 @@ class Worker:
         self.metrics = metrics  # service.observability.Metrics, when the app exposes /metrics
         self._thread: threading.Thread | None = None
         self._standby: Any = None  # service.probing.sandbox.ProbeStandby, while run_forever runs
+        self._executor: Any = None  # service.ray_executor.RayExecutor with BATCHSIZE_EXECUTOR=ray
         self.current_job: str | None = None
         self.device = repository.WorkerDevice(type=host.type, name=host.name, memory_bytes=host.memory_bytes)
 
@@ -118,6 +119,8 @@ class Worker:
         while not self.stop_event.is_set():
             try:
                 if last_beat == -float("inf"):
+                    if self.settings.executor == "ray":
+                        self._ray_executor().connect()  # no job is claimed before the cluster is reached
                     self.register()
                     self.recover_orphans()
                     last_beat = time.monotonic()
@@ -140,7 +143,7 @@ class Worker:
     def _new_standby(self) -> Any:
         """The standby probe process holder while run_forever runs (BATCHSIZE_PROBE_STANDBY), started as
         a job's probe would be on this worker's device. None when off or with an injected run_probe."""
-        if not self.settings.probe_standby or self._run_probe is not None:
+        if not self.settings.probe_standby or self._run_probe is not None or self.settings.executor == "ray":
             return None
         from service.probing.sandbox import ProbeStandby, SandboxLimits
 
@@ -263,6 +266,8 @@ class Worker:
                 self._write(repository.requeue, job_id, worker_id=self.worker_id)
                 log.info("job %s re-queued at shutdown", job_id)
                 return
+            if exc.code == "node_lost" and self._requeue_lost(job_id):
+                return
             status = JobStatus.CANCELLED if exc.code == "cancelled" else JobStatus.FAILED
             message = client_message(exc.message)  # the full text goes to the log below and the trials
             if self._finish(job_id, status=status, error_code=exc.code, error_message=message):
@@ -280,6 +285,26 @@ class Worker:
             return
         if self._finish(job_id, status=JobStatus.SUCCEEDED, result=result):
             log.info("job %s succeeded", job_id)
+
+    def _requeue_lost(self, job_id: str) -> bool:
+        """Re-queue a job whose Ray node was lost mid-probe, unless it has had BATCHSIZE_RAY_MAX_ATTEMPTS."""
+        with session_scope(self.sessions) as session:
+            job = repository.get_recommendation(session, job_id)
+            attempts = job.attempts if job is not None else self.settings.ray_max_attempts
+        if attempts >= self.settings.ray_max_attempts:
+            return False
+        requeued = bool(self._write(repository.requeue, job_id, worker_id=self.worker_id))
+        if requeued:
+            log.warning("job %s re-queued: its Ray node was lost (attempt %d)", job_id, attempts)
+        return requeued
+
+    def _ray_executor(self) -> Any:
+        """The Ray executor (service.ray_executor), created on first use: `ray` is needed only then."""
+        if self._executor is None:
+            from service.ray_executor import RayExecutor
+
+            self._executor = RayExecutor(self.settings.ray_address)
+        return self._executor
 
     def _finish(self, job_id: str, **outcome: Any) -> bool:
         """Store the job's outcome, unless it is no longer this worker's (re-queued as stale meanwhile)."""
@@ -315,6 +340,10 @@ class Worker:
 
             limits = SandboxLimits.from_settings(self.settings)
             run_probe = functools.partial(run_probe_subprocess, limits=limits, standby=self._standby)
+        if self.settings.executor == "ray":
+            run_probe = self._ray_executor().bind(
+                run_probe, device_type=self.host.type, device_name=self.host.name
+            )
 
         last_beat = [0.0]
 
