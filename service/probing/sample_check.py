@@ -346,7 +346,7 @@ def prepare_arrays(
         x: Any = NamedInputs(
             {str(s["name"]): arrays[s["name"]].to(getattr(torch, str(s["dtype"]))) for s in task.inputs}
         )
-        y = arrays[_target_name(arrays, task)]
+        y = arrays[_target_name(arrays, task) or "y"]  # problem() found one
     else:
         x, y = arrays["x"].to(getattr(torch, task.input_dtype)), arrays["y"]
     if task.loss in CLASSIFICATION_LOSSES:

@@ -141,10 +141,10 @@ def test_a_diverging_race_is_reported(digits):
     statuses = {r["batch_size"]: r["status"] for r in result["races"]}
     assert statuses[256] == "diverged"
     assert any("256 diverged" in w for w in result["warnings"])
-    # The two others still ran to a common level (whether it is deep enough to fit depends on how many
-    # steps the loaded host allowed in 1.5 s).
+    # The two others still trained stably at their own lr (how deep they got, and whether that is deep
+    # enough to fit, depends on how many steps the loaded host allowed in 1.5 s).
     rows = {r["batch_size"]: r for r in result["races"]}
-    assert rows[16]["steps_to_level"] and rows[64]["steps_to_level"]
+    assert rows[16]["stable_learning_rate"] == rows[64]["stable_learning_rate"] == 0.05
 
 
 class _Scalar(nn.Module):
