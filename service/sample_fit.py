@@ -29,8 +29,8 @@ from typing import Any
 from service.config import Settings
 from service.db.models import Artifact
 from service.errors import InvalidRequest
-from service.probing.spec import ProbeError  # torch-free
 from service.probing.sandbox import SandboxLimits, kill_group, sandboxed_module  # torch-free
+from service.probing.spec import ProbeError  # torch-free
 
 log = logging.getLogger(__name__)
 
