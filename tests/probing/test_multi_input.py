@@ -249,8 +249,7 @@ def test_the_probe_trains_every_input_and_measures_the_noise_scale_on_a_named_sa
     )
     assert result["throughput"]
     noise = result["gradient_noise_scale"]
-    assert noise is not None and noise["measured_on"] == "client" and noise["value"] is not None, (
-        noise,
-        result["warnings"],
-    )
+    # Measured on the client's sample: a value, or (too few draws on a loaded host) its lower bound.
+    assert noise is not None and noise["measured_on"] == "client", result["warnings"]
+    assert noise["status"] in ("ok", "unresolved") and (noise["value"] is not None or noise["low"] > 0), noise
     assert result["data_sample"]["measured_on"] == "client" and result["data_sample"]["size"] == 2048
