@@ -79,3 +79,6 @@ class NamedInputs(Mapping[str, torch.Tensor]):
 def rows(inputs: Any) -> int:
     """Examples in a batch: one tensor's first dimension, or a NamedInputs' shared one."""
     return len(inputs) if isinstance(inputs, NamedInputs) else int(inputs.shape[0])
+
+
+Batch = torch.Tensor | NamedInputs  # a model's inputs: one tensor, or several by name

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from service.probing.inputs import Batch
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MIN_DRAWS = 50
 TRACK_WINDOW = 10  # warm-up steps per window of the noise trajectory
@@ -48,7 +50,7 @@ def flat_grad(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 def batch_gradient(
-    model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module, loss_fn: LossFn, x: Batch, y: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
     """The mean gradient over the batch (flat) and the batch loss; leaves `.grad` cleared."""
     params = trainable(model)
@@ -112,7 +114,7 @@ def estimate_from_draws(
 def gradient_noise_scale(
     model: nn.Module,
     loss_fn: LossFn,
-    x: torch.Tensor,
+    x: Batch,
     y: torch.Tensor,
     *,
     b_small: int,
@@ -179,7 +181,7 @@ def gradient_noise_scale(
 def exact_noise_scale(
     model: nn.Module,
     loss_fn: LossFn,
-    x: torch.Tensor,
+    x: Batch,
     y: torch.Tensor,
     *,
     preconditioner: torch.Tensor | None = None,
@@ -258,7 +260,7 @@ def warm_up(
     model: nn.Module,
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
+    x: Batch,
     y: torch.Tensor,
     *,
     steps: int,
@@ -331,7 +333,7 @@ def measure_noise_scale(
     model: nn.Module,
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
+    x: Batch,
     y: torch.Tensor,
     *,
     warmup_batch_size: int,

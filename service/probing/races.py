@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from service.probing import noise, recipe
+from service.probing.inputs import Batch
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerFactory = Callable[[list[nn.Parameter], float], torch.optim.Optimizer]
@@ -82,7 +83,7 @@ def race_sizes(prediction: float, *, max_size: int, min_size: int = 1, count: in
 
 
 def _eval_loss(
-    model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024
+    model: nn.Module, loss_fn: LossFn, x: Batch, y: torch.Tensor, chunk: int = 1024
 ) -> float:
     """Mean loss over (x, y) without gradients.
 
@@ -108,9 +109,9 @@ def train_race(
     model: nn.Module,
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
+    x: Batch,
     y: torch.Tensor,
-    eval_x: torch.Tensor,
+    eval_x: Batch,
     eval_y: torch.Tensor,
     *,
     batch_size: int,
@@ -119,7 +120,7 @@ def train_race(
     max_steps: int = 1_000_000,
     seed: int = 0,
     eval_growth: float = EVAL_GROWTH,
-    heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    heldout: tuple[Batch, torch.Tensor] | None = None,
     track_noise: bool = False,
 ) -> dict[str, Any]:
     """Train from the model's current weights; the curve is [(step, evaluation loss)] at geometric steps.
@@ -284,14 +285,14 @@ def run_races(
     model: nn.Module,
     loss_fn: LossFn,
     make_optimizer: OptimizerFactory,
-    x: torch.Tensor,
+    x: Batch,
     y: torch.Tensor,
     *,
     sizes: Sequence[int],
     lr_for_size: Callable[[int], float],
     time_budget_s: float,
     eval_size: int = 512,
-    heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    heldout: tuple[Batch, torch.Tensor] | None = None,
     track_noise: bool = True,
     max_steps: int = 100_000,
     seed: int = 0,
@@ -462,8 +463,8 @@ def _race_warnings(races: dict[int, dict[str, Any]]) -> list[str]:
 
 
 def split_heldout(
-    x: torch.Tensor, y: torch.Tensor, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    x: Batch, y: torch.Tensor, seed: int = 0
+) -> tuple[Batch, torch.Tensor, tuple[Batch, torch.Tensor] | None]:
     """(train x, train y, held-out (x, y) or None): HOLDOUT_FRACTION of the sample, at most HOLDOUT_MAX
     examples, kept out of all training; samples under HOLDOUT_MIN_SAMPLE are not split."""
     n = len(x)
@@ -478,7 +479,7 @@ def run_statistics(
     model: nn.Module,
     loss_fn: LossFn,
     make_optimizer: OptimizerFactory,
-    x: torch.Tensor,
+    x: Batch,
     y: torch.Tensor,
     *,
     optimizer: str,
