@@ -1,5 +1,5 @@
-"""The sample check at submission (service/sample_fit.py): one training step of the uploaded model on
-the named sample before a job is queued, cached per pair; and training.ignore_index end to end."""
+"""The sample check at submission (service/artifacts/sample_fit.py): one training step of the uploaded
+model on the named sample before a job is queued, cached per pair; and training.ignore_index end to end."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service import sample_fit
 from service.app import create_app
+from service.artifacts import sample_fit
 from service.config import Settings
 from tests.helpers import make_worker, wait_for_job
 from tests.multi_input_models import SEQ, classifier_archive, text_data

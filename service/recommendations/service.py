@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import repository, sample_fit
+from service import repository
+from service.artifacts import sample_fit
 from service.config import Settings
 from service.db.models import Recommendation, Trial
 from service.db.session import session_scope

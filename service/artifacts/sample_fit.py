@@ -17,7 +17,6 @@ request: it is logged and the probe's own check at its start remains (it fails t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any
 from service.config import Settings
 from service.db.models import Artifact
 from service.errors import InvalidRequest
+from service.probing.protocol import RESULT, final_message  # torch-free
 from service.probing.sandbox import SandboxLimits, kill_group, sandboxed_module  # torch-free
 from service.probing.spec import ProbeError  # torch-free
 
@@ -136,15 +136,10 @@ def _run(check: FitCheck, *, settings: Settings) -> str | None:
                     raise _Undecided(f"no verdict within {timeout_s:g} s") from None
         except ProbeError as exc:  # the sandbox could not be set up
             raise _Undecided(exc.message) from exc
-    final = None
-    for line in output.splitlines():
-        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-            message = json.loads(line)
-            if isinstance(message, dict) and message.get("event") in ("result", "error"):
-                final = message
+    final = final_message(output.splitlines())
     if final is None:
         raise _Undecided(f"the check process exited with status {process.returncode} and no verdict")
-    if final["event"] == "result":
+    if final["event"] == RESULT:
         return None
     if final.get("code") == "sample_mismatch":
         return str(final.get("message", ""))
