@@ -29,7 +29,7 @@ from service import repository
 from service.db.session import session_scope
 from service.probing.spec import ProbeError
 from service.ray_executor import CPU_RESOURCE, NODE_LOST, RayExecutor, accelerator_type, task_options
-from service.recommendations import HostDevice
+from service.recommendations.service import HostDevice
 from tests import ray_probes
 from tests.helpers import make_worker
 
