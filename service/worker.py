@@ -316,7 +316,7 @@ class Worker:
             limits = SandboxLimits.from_settings(self.settings)
             run_probe = functools.partial(run_probe_subprocess, limits=limits, standby=self._standby)
 
-        last_beat = [0.0]
+        last_beat = [time.monotonic()]  # the claim has just stamped the job's heartbeat
 
         def on_event(event: dict[str, Any]) -> None:
             kind = event.get("event")
