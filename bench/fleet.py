@@ -152,17 +152,13 @@ def queue_jobs(url: str, count: int) -> None:
     engine.dispose()
 
 
-def job_counts(url: str) -> dict[str, int]:
-    from sqlalchemy import create_engine
+def job_counts(engine: Any) -> dict[str, int]:
     from sqlalchemy.orm import Session
 
     from service import repository
 
-    engine = create_engine(url)
     with Session(engine) as session:
-        counts = repository.count_by_status(session)
-    engine.dispose()
-    return counts
+        return repository.count_by_status(session)
 
 
 def run_fleet(
@@ -182,6 +178,11 @@ def run_fleet(
                    "--stale-after", str(args.stale_after)]  # fmt: skip
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(logs / "stderr.log", "a"))
 
+    from sqlalchemy import create_engine
+
+    # One connection for the progress polls: a new one each poll would fork a server backend each time.
+    engine = create_engine(url, pool_size=1)
+    loads: list[float] = []
     rng = random.Random(args.seed)
     cpu_before = _cpu_seconds(args.postmaster)
     started = time.monotonic()
@@ -193,8 +194,9 @@ def run_fleet(
     last_done, last_progress = -1, time.monotonic()
     try:
         while True:
-            time.sleep(0.25)
-            counts = job_counts(url)
+            time.sleep(0.5)
+            counts = job_counts(engine)
+            loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
             done = counts.get("succeeded", 0) + counts.get("failed", 0)
             if done != last_done:
                 last_done, last_progress = done, time.monotonic()
@@ -219,7 +221,8 @@ def run_fleet(
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
-    counts = job_counts(url)
+    counts = job_counts(engine)
+    engine.dispose()
     cpu_after = _cpu_seconds(args.postmaster)
     cpu = {side: cpu_after[side] - cpu_before[side] for side in cpu_after}
     succeeded = max(1, counts.get("succeeded", 0))
@@ -232,8 +235,16 @@ def run_fleet(
         "kills": kills,
         "processes_started": serial[0],
         "cpu_ms_per_job": cpu_ms_per_job,
+        "loadavg_1min": _load_summary(loads),
         **analyse(logs, kills, jobs, counts, elapsed),
     }
+
+
+def _load_summary(loads: list[float]) -> dict[str, float] | None:
+    """The host's 1-minute load average as sampled during a run (this benchmark's own processes included)."""
+    if not loads:
+        return None
+    return {"min": min(loads), "mean": round(statistics.fmean(loads), 2), "max": max(loads)}
 
 
 def _cpu_seconds(postmaster: int | None) -> dict[str, float]:
@@ -405,7 +416,8 @@ def _line(run: dict) -> str:
         f"double completions {run['double_completions']}; lost {run['lost_jobs']}; "
         f"re-claimed {run['reclaimed_jobs']}; "
         f"outcomes dropped {run['outcomes_dropped_after_losing_the_job']}; "
-        f"CPU ms per job {json.dumps({k: round(v, 1) for k, v in run['cpu_ms_per_job'].items()})}"
+        f"CPU ms per job {json.dumps({k: round(v, 1) for k, v in run['cpu_ms_per_job'].items()})}; "
+        f"host load (1 min) {json.dumps(run['loadavg_1min'])}"
     )
 
 
