@@ -59,7 +59,7 @@ REQUEST = {
 # --- a worker process (run as `python bench/fleet.py --worker URL LOG`) ----------------------------
 
 
-def run_worker(url: str, log_path: str, *, probe_ms: float, stale_after_s: float) -> None:
+def run_worker(url: str, log_path: str, *, probe_ms: float, stale_after_s: float, heartbeat_s: float) -> None:
     """The real worker loop with a fake probe; logs each claim and each outcome it stored to log_path."""
     from service.config import Settings
     from service.db.session import make_engine, make_session_factories
@@ -70,7 +70,7 @@ def run_worker(url: str, log_path: str, *, probe_ms: float, stale_after_s: float
     settings = Settings(
         database_url=url,
         poll_interval_s=0.05,
-        heartbeat_interval_s=stale_after_s / 6,
+        heartbeat_interval_s=heartbeat_s,
         stale_after_s=stale_after_s,
         _env_file=None,
     )
@@ -132,7 +132,7 @@ def fresh_database(server_url: str, name: str) -> str:
     return url
 
 
-def queue_jobs(url: str, count: int) -> None:
+def queue_jobs(url: str, count: int, *, first: int = 0) -> None:
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
@@ -140,7 +140,7 @@ def queue_jobs(url: str, count: int) -> None:
 
     engine = create_engine(url)
     with Session(engine) as session:
-        for index in range(count):
+        for index in range(first, first + count):
             repository.add_recommendation(
                 session,
                 recommendation_id=uuid.uuid4().hex,
@@ -164,8 +164,10 @@ def job_counts(engine: Any) -> dict[str, int]:
 def run_fleet(
     url: str, *, workers: int, jobs: int, logs: Path, args: argparse.Namespace, kill_every: float | None
 ) -> dict[str, Any]:
-    """Drain `jobs` queued jobs with `workers` processes (killing one at random every ~kill_every s)."""
-    queue_jobs(url, jobs)
+    """Drain `jobs` jobs with `workers` processes (killing one at random every ~kill_every s). At most
+    --backlog jobs are queued at a time: more are added as the queue drains to half of that."""
+    queued = min(jobs, args.backlog or jobs)
+    queue_jobs(url, queued)
     logs.mkdir(parents=True, exist_ok=True)
     processes: list[subprocess.Popen] = []
     kills: list[dict[str, Any]] = []
@@ -175,7 +177,7 @@ def run_fleet(
         serial[0] += 1
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", url,
                    str(logs / f"worker-{serial[0]}.log"), "--probe-ms", str(args.probe_ms),
-                   "--stale-after", str(args.stale_after)]  # fmt: skip
+                   "--stale-after", str(args.stale_after), "--heartbeat", str(args.heartbeat)]  # fmt: skip
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(logs / "stderr.log", "a"))
 
     from sqlalchemy import create_engine
@@ -192,15 +194,22 @@ def run_fleet(
     deadline = started + args.timeout
     stalled_after = 3 * args.stale_after + 30
     last_done, last_progress = -1, time.monotonic()
+    # With --queue-for, no job is queued after that many seconds: the run ends when those queued are done.
+    queue_until = started + args.queue_for if args.queue_for else float("inf")
     try:
         while True:
             time.sleep(0.5)
             counts = job_counts(engine)
             loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
             done = counts.get("succeeded", 0) + counts.get("failed", 0)
+            waiting = counts.get("queued", 0)
+            if queued < jobs and waiting <= args.backlog // 2 and time.monotonic() < queue_until:
+                more = min(jobs - queued, args.backlog - waiting)
+                queue_jobs(url, more, first=queued)
+                queued += more
             if done != last_done:
                 last_done, last_progress = done, time.monotonic()
-            if done >= jobs or (
+            if done >= (jobs if time.monotonic() < queue_until else queued) or (
                 time.monotonic() > deadline and time.monotonic() - last_progress > stalled_after
             ):
                 break
@@ -229,14 +238,15 @@ def run_fleet(
     cpu_ms_per_job = {side: seconds / succeeded * 1000 for side, seconds in cpu.items()}
     return {
         "workers": workers,
-        "jobs": jobs,
+        "jobs": queued,
+        "jobs_asked": jobs,
         "elapsed_s": elapsed,
         "counts": counts,
         "kills": kills,
         "processes_started": serial[0],
         "cpu_ms_per_job": cpu_ms_per_job,
         "loadavg_1min": _load_summary(loads),
-        **analyse(logs, kills, jobs, counts, elapsed),
+        **analyse(logs, kills, queued, counts, elapsed),
     }
 
 
@@ -329,20 +339,35 @@ def main() -> None:
     parser.add_argument("--chaos-workers", type=int, default=8)
     parser.add_argument("--chaos-jobs", type=int, default=1000)
     parser.add_argument("--kill-every", type=float, default=8.0, help="mean seconds between kills")
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=500,
+        help="most jobs queued at once (topped up as they drain); 0: all at the start",
+    )
+    parser.add_argument("--heartbeat", type=float, default=1.0, help="BATCHSIZE_HEARTBEAT_INTERVAL_S")
+    parser.add_argument(
+        "--queue-for",
+        type=float,
+        default=0.0,
+        help="queue no more jobs after this many seconds (0: until --jobs are queued)",
+    )
     parser.add_argument("--probe-ms", type=float, default=5.0, help="the fake probe's duration")
-    parser.add_argument("--stale-after", type=float, default=3.0, help="BATCHSIZE_STALE_AFTER_S")
+    parser.add_argument("--stale-after", type=float, default=10.0, help="BATCHSIZE_STALE_AFTER_S")
     parser.add_argument("--timeout", type=float, default=300.0, help="per run: no kills after it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--worker", nargs=2, metavar=("URL", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.worker[0], args.worker[1], probe_ms=args.probe_ms, stale_after_s=args.stale_after)
+        run_worker(args.worker[0], args.worker[1], probe_ms=args.probe_ms, stale_after_s=args.stale_after,
+                   heartbeat_s=args.heartbeat)  # fmt: skip
         return
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up (workers, the server) on SIGTERM too
     scratch = Path(tempfile.mkdtemp(prefix="batchsize-fleet-"))
-    pg_dir = Path(tempfile.mkdtemp(prefix="batchsize-fleet-pg-"))  # its own: the server's user must reach it
+    # Its own folder: the server's user must reach it.
+    pg_dir = Path(tempfile.mkdtemp(prefix="batchsize-fleet-pg-")) if not args.url else scratch
     server = args.url or start_postgres(pg_dir)
     args.postmaster = None if args.url else int((pg_dir / "data" / "postmaster.pid").read_text().split()[0])
     uptime_before = Path("/proc/loadavg").read_text().split()[:3]
@@ -378,8 +403,11 @@ def main() -> None:
         },
         "postgres": version,
         "settings": {
+            "backlog": args.backlog,
             "probe_ms": args.probe_ms,
             "stale_after_s": args.stale_after,
+            "heartbeat_interval_s": args.heartbeat,
+            "queue_for_s": args.queue_for,
             "kill_every_s": args.kill_every,
         },
         "runs": [_without_kills(run) for run in runs],
