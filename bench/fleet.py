@@ -1,8 +1,9 @@
 """Fleet benchmark: N worker processes against one PostgreSQL, with a fake fast probe.
 
-For each worker count (default 1, 2, 4, 8) a fresh database gets --jobs queued jobs; N `Worker` processes
-(the real worker loop, claims and writes: only the probe is replaced by one that emits a phase event and
-one trial, sleeps --probe-ms and returns) drain the queue. Measured: jobs per minute (from the first
+For each worker count (default 1, 2, 4, 8) a fresh database gets --jobs jobs (at most --backlog queued at a
+time, topped up as the queue drains, as a steady stream of requests would); N `Worker` processes (the real
+worker loop, claims and writes: only the probe is replaced by one that emits a phase event and one trial,
+sleeps --probe-ms and returns) drain the queue. Measured: jobs per minute (from the first
 claim to the last stored outcome), and claim latency (from the worker asking for a job to its probe
 starting: the claim transaction, its commit and the request's translation), p50/p99.
 
@@ -19,8 +20,9 @@ the stale heartbeat after --stale-after seconds). Checked from the workers' logs
 Needs PostgreSQL: --url of a server it may create databases on, else it starts a throwaway cluster with
 scripts/postgres (the `postgresql` Debian package). Loopback only.
 
-    .venv/bin/python bench/fleet.py                                     # the full run (~5 min, 2 cores)
+    .venv/bin/python bench/fleet.py                                     # the default run (a few minutes)
     .venv/bin/python bench/fleet.py --workers 1 2 --jobs 200 --chaos-jobs 500 --json out.json
+    .venv/bin/python bench/fleet.py --workers --chaos-jobs 10000 --chaos-workers 4 --kill-every 45
 """
 
 from __future__ import annotations
@@ -398,6 +400,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "torch": _torch_version(),
             "loadavg_before": uptime_before,
             "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
         },
@@ -420,6 +423,16 @@ def main() -> None:
 
 def _without_kills(run: dict) -> dict:
     return {**{k: v for k, v in run.items() if k != "kills"}, "kills": len(run["kills"])}
+
+
+def _torch_version() -> str | None:
+    """The installed torch (the fake probe does not use it; recorded as every result file records it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
 
 
 def _server_version(url: str) -> str | None:
