@@ -11,7 +11,9 @@ job as `succeeded` before any load starts. Targets, each at each --concurrency (
 With 2 replicas each one gets its own `wrk` with half the connections, run at the same time (no balancer
 in front: a proxy would be one more process on the same cores). Requests/s is the sum; p50/p99 are each
 replica's own (wrk's latency distribution), and the table shows the higher of the two. Errors: non-2xx
-answers and socket errors. Loopback only; every cell is bounded (--duration seconds after a 1 s warm-up).
+answers and socket errors. After each cell the benchmark waits until every replica answers the target
+again (requests wrk left in flight, or a stall, would otherwise spill into the next cell) and records
+how long that took. Loopback only; every cell is bounded (--duration seconds after a 1 s warm-up).
 
 Needs `wrk` (Debian package) and PostgreSQL (--url of a server it may create a database on, else a
 throwaway cluster from scripts/postgres).
@@ -32,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -108,6 +111,25 @@ def measure(urls: list[str], concurrency: int, seconds: float, workdir: Path) ->
     }
 
 
+def settle(urls: list[str], timeout: float = 120.0) -> float | None:
+    """Seconds until every URL answers 200 again after a cell (requests wrk left in flight, or a stall,
+    can hold a replica up); None when one still does not after `timeout`. Keeps cells independent."""
+    import httpx
+
+    started = time.monotonic()
+    for url in urls:
+        while True:
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - started > timeout:
+                return None
+            time.sleep(0.5)
+    return time.monotonic() - started
+
+
 def _ms(value: float | None) -> str:
     return "none completed" if value is None else f"{value:.1f}"
 
@@ -162,10 +184,12 @@ def main() -> int:
                     row = {"replicas": count, "target": name, "concurrency": concurrency,
                            **measure(urls, concurrency, args.duration, workdir)}  # fmt: skip
                     row["loadavg_1min"] = [*loads, float(_loadavg()[0])]
+                    row["answering_again_after_s"] = settle(urls)
                     results.append(row)
                     print(f"{count} replica(s) {name:4s} c={concurrency:<3d} "
                           f"{row['requests_per_s']:7.0f} req/s  p50 {row['p50_ms']} ms  "
-                          f"p99 {row['p99_ms']} ms  errors {row['errors']}  load {row['loadavg_1min']}",
+                          f"p99 {row['p99_ms']} ms  errors {row['errors']}  load {row['loadavg_1min']}  "
+                          f"answering again after {row['answering_again_after_s']} s",
                           flush=True)  # fmt: skip
         version = fleet._server_version(server)
     finally:
@@ -204,11 +228,13 @@ def main() -> int:
         "results": results,
     }
     print()
-    print("| replicas | target | connections | requests/s | p50 ms | p99 ms | errors |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| replicas | target | connections | requests/s | p50 ms | p99 ms | errors | settled s |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in results:
+        again = row["answering_again_after_s"]
         cells = [row["replicas"], row["target"], row["concurrency"], f"{row['requests_per_s']:.0f}",
-                 _ms(row["p50_ms"]), _ms(row["p99_ms"]), row["errors"]]  # fmt: skip
+                 _ms(row["p50_ms"]), _ms(row["p99_ms"]), row["errors"],
+                 "no" if again is None else f"{again:.1f}"]  # fmt: skip
         print("| " + " | ".join(str(cell) for cell in cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
