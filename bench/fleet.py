@@ -1,8 +1,9 @@
 """Fleet benchmark: N worker processes against one PostgreSQL, with a fake fast probe.
 
-For each worker count (default 1, 2, 4, 8) a fresh database gets --jobs queued jobs; N `Worker` processes
-(the real worker loop, claims and writes: only the probe is replaced by one that emits a phase event and
-one trial, sleeps --probe-ms and returns) drain the queue. Measured: jobs per minute (from the first
+For each worker count (default 1, 2, 4, 8) a fresh database gets --jobs jobs (at most --backlog queued at a
+time, topped up as the queue drains, as a steady stream of requests would); N `Worker` processes (the real
+worker loop, claims and writes: only the probe is replaced by one that emits a phase event and one trial,
+sleeps --probe-ms and returns) drain the queue. Measured: jobs per minute (from the first
 claim to the last stored outcome), and claim latency (from the worker asking for a job to its probe
 starting: the claim transaction, its commit and the request's translation), p50/p99.
 
@@ -19,8 +20,9 @@ the stale heartbeat after --stale-after seconds). Checked from the workers' logs
 Needs PostgreSQL: --url of a server it may create databases on, else it starts a throwaway cluster with
 scripts/postgres (the `postgresql` Debian package). Loopback only.
 
-    .venv/bin/python bench/fleet.py                                     # the full run (~5 min, 2 cores)
+    .venv/bin/python bench/fleet.py                                     # the default run (a few minutes)
     .venv/bin/python bench/fleet.py --workers 1 2 --jobs 200 --chaos-jobs 500 --json out.json
+    .venv/bin/python bench/fleet.py --workers --chaos-jobs 10000 --chaos-workers 4 --kill-every 45
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ REQUEST = {
 # --- a worker process (run as `python bench/fleet.py --worker URL LOG`) ----------------------------
 
 
-def run_worker(url: str, log_path: str, *, probe_ms: float, stale_after_s: float) -> None:
+def run_worker(url: str, log_path: str, *, probe_ms: float, stale_after_s: float, heartbeat_s: float) -> None:
     """The real worker loop with a fake probe; logs each claim and each outcome it stored to log_path."""
     from service.config import Settings
     from service.db.session import make_engine, make_session_factories
@@ -70,7 +72,7 @@ def run_worker(url: str, log_path: str, *, probe_ms: float, stale_after_s: float
     settings = Settings(
         database_url=url,
         poll_interval_s=0.05,
-        heartbeat_interval_s=stale_after_s / 6,
+        heartbeat_interval_s=heartbeat_s,
         stale_after_s=stale_after_s,
         _env_file=None,
     )
@@ -132,7 +134,7 @@ def fresh_database(server_url: str, name: str) -> str:
     return url
 
 
-def queue_jobs(url: str, count: int) -> None:
+def queue_jobs(url: str, count: int, *, first: int = 0) -> None:
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
@@ -140,7 +142,7 @@ def queue_jobs(url: str, count: int) -> None:
 
     engine = create_engine(url)
     with Session(engine) as session:
-        for index in range(count):
+        for index in range(first, first + count):
             repository.add_recommendation(
                 session,
                 recommendation_id=uuid.uuid4().hex,
@@ -152,24 +154,22 @@ def queue_jobs(url: str, count: int) -> None:
     engine.dispose()
 
 
-def job_counts(url: str) -> dict[str, int]:
-    from sqlalchemy import create_engine
+def job_counts(engine: Any) -> dict[str, int]:
     from sqlalchemy.orm import Session
 
     from service import repository
 
-    engine = create_engine(url)
     with Session(engine) as session:
-        counts = repository.count_by_status(session)
-    engine.dispose()
-    return counts
+        return repository.count_by_status(session)
 
 
 def run_fleet(
     url: str, *, workers: int, jobs: int, logs: Path, args: argparse.Namespace, kill_every: float | None
 ) -> dict[str, Any]:
-    """Drain `jobs` queued jobs with `workers` processes (killing one at random every ~kill_every s)."""
-    queue_jobs(url, jobs)
+    """Drain `jobs` jobs with `workers` processes (killing one at random every ~kill_every s). At most
+    --backlog jobs are queued at a time: more are added as the queue drains to half of that."""
+    queued = min(jobs, args.backlog or jobs)
+    queue_jobs(url, queued)
     logs.mkdir(parents=True, exist_ok=True)
     processes: list[subprocess.Popen] = []
     kills: list[dict[str, Any]] = []
@@ -179,9 +179,14 @@ def run_fleet(
         serial[0] += 1
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", url,
                    str(logs / f"worker-{serial[0]}.log"), "--probe-ms", str(args.probe_ms),
-                   "--stale-after", str(args.stale_after)]  # fmt: skip
+                   "--stale-after", str(args.stale_after), "--heartbeat", str(args.heartbeat)]  # fmt: skip
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(logs / "stderr.log", "a"))
 
+    from sqlalchemy import create_engine
+
+    # One connection for the progress polls: a new one each poll would fork a server backend each time.
+    engine = create_engine(url, pool_size=1)
+    loads: list[float] = []
     rng = random.Random(args.seed)
     cpu_before = _cpu_seconds(args.postmaster)
     started = time.monotonic()
@@ -191,14 +196,22 @@ def run_fleet(
     deadline = started + args.timeout
     stalled_after = 3 * args.stale_after + 30
     last_done, last_progress = -1, time.monotonic()
+    # With --queue-for, no job is queued after that many seconds: the run ends when those queued are done.
+    queue_until = started + args.queue_for if args.queue_for else float("inf")
     try:
         while True:
-            time.sleep(0.25)
-            counts = job_counts(url)
+            time.sleep(0.5)
+            counts = job_counts(engine)
+            loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
             done = counts.get("succeeded", 0) + counts.get("failed", 0)
+            waiting = counts.get("queued", 0)
+            if queued < jobs and waiting <= args.backlog // 2 and time.monotonic() < queue_until:
+                more = min(jobs - queued, args.backlog - waiting)
+                queue_jobs(url, more, first=queued)
+                queued += more
             if done != last_done:
                 last_done, last_progress = done, time.monotonic()
-            if done >= jobs or (
+            if done >= (jobs if time.monotonic() < queue_until else queued) or (
                 time.monotonic() > deadline and time.monotonic() - last_progress > stalled_after
             ):
                 break
@@ -219,21 +232,31 @@ def run_fleet(
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
-    counts = job_counts(url)
+    counts = job_counts(engine)
+    engine.dispose()
     cpu_after = _cpu_seconds(args.postmaster)
     cpu = {side: cpu_after[side] - cpu_before[side] for side in cpu_after}
     succeeded = max(1, counts.get("succeeded", 0))
     cpu_ms_per_job = {side: seconds / succeeded * 1000 for side, seconds in cpu.items()}
     return {
         "workers": workers,
-        "jobs": jobs,
+        "jobs": queued,
+        "jobs_asked": jobs,
         "elapsed_s": elapsed,
         "counts": counts,
         "kills": kills,
         "processes_started": serial[0],
         "cpu_ms_per_job": cpu_ms_per_job,
-        **analyse(logs, kills, jobs, counts, elapsed),
+        "loadavg_1min": _load_summary(loads),
+        **analyse(logs, kills, queued, counts, elapsed),
     }
+
+
+def _load_summary(loads: list[float]) -> dict[str, float] | None:
+    """The host's 1-minute load average as sampled during a run (this benchmark's own processes included)."""
+    if not loads:
+        return None
+    return {"min": min(loads), "mean": round(statistics.fmean(loads), 2), "max": max(loads)}
 
 
 def _cpu_seconds(postmaster: int | None) -> dict[str, float]:
@@ -318,20 +341,35 @@ def main() -> None:
     parser.add_argument("--chaos-workers", type=int, default=8)
     parser.add_argument("--chaos-jobs", type=int, default=1000)
     parser.add_argument("--kill-every", type=float, default=8.0, help="mean seconds between kills")
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=500,
+        help="most jobs queued at once (topped up as they drain); 0: all at the start",
+    )
+    parser.add_argument("--heartbeat", type=float, default=1.0, help="BATCHSIZE_HEARTBEAT_INTERVAL_S")
+    parser.add_argument(
+        "--queue-for",
+        type=float,
+        default=0.0,
+        help="queue no more jobs after this many seconds (0: until --jobs are queued)",
+    )
     parser.add_argument("--probe-ms", type=float, default=5.0, help="the fake probe's duration")
-    parser.add_argument("--stale-after", type=float, default=3.0, help="BATCHSIZE_STALE_AFTER_S")
+    parser.add_argument("--stale-after", type=float, default=10.0, help="BATCHSIZE_STALE_AFTER_S")
     parser.add_argument("--timeout", type=float, default=300.0, help="per run: no kills after it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--worker", nargs=2, metavar=("URL", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.worker[0], args.worker[1], probe_ms=args.probe_ms, stale_after_s=args.stale_after)
+        run_worker(args.worker[0], args.worker[1], probe_ms=args.probe_ms, stale_after_s=args.stale_after,
+                   heartbeat_s=args.heartbeat)  # fmt: skip
         return
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up (workers, the server) on SIGTERM too
     scratch = Path(tempfile.mkdtemp(prefix="batchsize-fleet-"))
-    pg_dir = Path(tempfile.mkdtemp(prefix="batchsize-fleet-pg-"))  # its own: the server's user must reach it
+    # Its own folder: the server's user must reach it.
+    pg_dir = Path(tempfile.mkdtemp(prefix="batchsize-fleet-pg-")) if not args.url else scratch
     server = args.url or start_postgres(pg_dir)
     args.postmaster = None if args.url else int((pg_dir / "data" / "postmaster.pid").read_text().split()[0])
     uptime_before = Path("/proc/loadavg").read_text().split()[:3]
@@ -362,13 +400,17 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "torch": _torch_version(),
             "loadavg_before": uptime_before,
             "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
         },
         "postgres": version,
         "settings": {
+            "backlog": args.backlog,
             "probe_ms": args.probe_ms,
             "stale_after_s": args.stale_after,
+            "heartbeat_interval_s": args.heartbeat,
+            "queue_for_s": args.queue_for,
             "kill_every_s": args.kill_every,
         },
         "runs": [_without_kills(run) for run in runs],
@@ -381,6 +423,16 @@ def main() -> None:
 
 def _without_kills(run: dict) -> dict:
     return {**{k: v for k, v in run.items() if k != "kills"}, "kills": len(run["kills"])}
+
+
+def _torch_version() -> str | None:
+    """The installed torch (the fake probe does not use it; recorded as every result file records it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
 
 
 def _server_version(url: str) -> str | None:
@@ -405,7 +457,8 @@ def _line(run: dict) -> str:
         f"double completions {run['double_completions']}; lost {run['lost_jobs']}; "
         f"re-claimed {run['reclaimed_jobs']}; "
         f"outcomes dropped {run['outcomes_dropped_after_losing_the_job']}; "
-        f"CPU ms per job {json.dumps({k: round(v, 1) for k, v in run['cpu_ms_per_job'].items()})}"
+        f"CPU ms per job {json.dumps({k: round(v, 1) for k, v in run['cpu_ms_per_job'].items()})}; "
+        f"host load (1 min) {json.dumps(run['loadavg_1min'])}"
     )
 
 

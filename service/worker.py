@@ -345,7 +345,7 @@ class Worker:
                 run_probe, device_type=self.host.type, device_name=self.host.name
             )
 
-        last_beat = [0.0]
+        last_beat = [time.monotonic()]  # the claim has just stamped the job's heartbeat
 
         def on_event(event: dict[str, Any]) -> None:
             kind = event.get("event")

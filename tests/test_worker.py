@@ -293,11 +293,12 @@ def test_a_request_nobody_can_serve_waits_with_a_reason_then_fails(client: TestC
     assert "no worker could serve this request in time" in failed["error"]["message"]
 
 
-@pytest.mark.parametrize(("interval_s", "beats"), [(3600.0, 1), (1e-9, 20)])
+@pytest.mark.parametrize(("interval_s", "beats"), [(3600.0, 0), (1e-9, 20)])
 def test_the_heartbeat_interval_setting_paces_job_heartbeats(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, interval_s: float, beats: int
 ) -> None:
-    """The probe asks "should I stop?" often; the job's heartbeat (a write) goes out once per interval."""
+    """The probe asks "should I stop?" often; the job's heartbeat (a write) goes out once per interval,
+    the first one interval after the claim (which stamped it): a probe shorter than that writes none."""
     written: list[str] = []
     heartbeat = repository.heartbeat
     monkeypatch.setattr(repository, "heartbeat", lambda *a, **k: written.append(a[1]) or heartbeat(*a, **k))
