@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         3, ge=1, description="Attempts a job gets when the Ray nodes running its probe are lost mid-probe."
     )
     sqlite_busy_timeout_ms: int = 5000
+    database_pool_size: int = Field(
+        40,
+        ge=1,
+        description="Database connections a process keeps (plus 10 more under bursts). The default matches "
+        "the server's 40 request threads, so a request never waits for a connection; on PostgreSQL, size "
+        "max_connections (or PgBouncer) for replicas x (this + 10) plus a few per worker.",
+    )
     api_key: str | None = Field(None, description="When set, every /v1 route requires it (X-API-Key header).")
     log_format: Literal["json", "text"] = Field(
         "json", description="`batchsize serve`/`worker` logs: one JSON object a line, or plain text."

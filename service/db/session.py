@@ -11,6 +11,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 
+# The pool is as large as the server's request thread pool (Settings.database_pool_size): with fewer
+# connections than threads, a burst of requests holds every thread waiting for a connection (even
+# /healthz stalls, then 500s after the pool timeout); on SQLite, overflow connections would also
+# reconnect and re-run the PRAGMAs on every request under load.
+POOL_OVERFLOW = 10
+
 
 def make_engine(settings: Settings) -> Engine:
     url = settings.resolved_database_url
@@ -18,17 +24,17 @@ def make_engine(settings: Settings) -> Engine:
         database = url.split("///", 1)[-1]
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        # A pool as large as the server's thread pool: overflow connections would reconnect (and re-run
-        # the PRAGMAs) on every request under load.
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
-            pool_size=40,
-            max_overflow=10,
+            pool_size=settings.database_pool_size,
+            max_overflow=POOL_OVERFLOW,
         )
         _configure_sqlite(engine, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=settings.database_pool_size, max_overflow=POOL_OVERFLOW
+    )
 
 
 def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
