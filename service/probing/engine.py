@@ -46,6 +46,7 @@ from service.probing.races import run_statistics
 from service.probing.recipe import choose_batch, recommend, split_batch
 from service.probing.result import ProbeResult
 from service.probing.search import (
+    BRACKET_CAP,
     PLANNED_TRIALS,
     TOLERANCE,
     SearchResult,
@@ -97,6 +98,8 @@ USEFUL_STATISTICS_S = 10.0
 # not fit) and this share of the time left.
 ACCUMULATION_MAX_TRIALS = 4
 ACCUMULATION_TIME_SHARE = 0.9
+# Each step towards the limit lands short of it by this share of the distance the slope predicts.
+ACCUMULATION_MARGIN = 0.1
 # Memory kept free when a memory model measured here is extrapolated to another device: its allocator
 # and runtime (CUDA context, fragmentation) take memory the tensors measured here do not show.
 EXTRAPOLATION_MARGIN = 0.1
@@ -475,16 +478,7 @@ class _AccumulationCheck:
         first = measure(micro) if measure is not None else None
         lo, hi = (micro, micro) if first is not None and first.ok else (0, micro)  # largest ok, failed
         if measure is not None and lo < hi:
-            guess = predicted
-            while len(self.trials) < ACCUMULATION_MAX_TRIALS and hi - lo > max(1.0, TOLERANCE * lo):
-                guess = min(max(guess, lo + 1), hi - 1)
-                if not self._affordable(guess, deadline):
-                    break
-                if measure(guess).ok:
-                    lo = guess
-                else:
-                    hi = guess
-                guess = round(math.sqrt(lo * hi)) if lo else hi // 2
+            lo = self._lower(measure, micro, predicted, search.memory_model, deadline)
         verified = lo > 0
         chosen = lo if verified else min(predicted, micro if first is None else micro - 1)
         fitted = next((t for t in self.trials if t.batch_size == chosen and t.ok), None)
@@ -499,6 +493,32 @@ class _AccumulationCheck:
         }
         if chosen < micro:
             self._resplit(result, micro, chosen, verified)
+
+    def _lower(
+        self, measure: Callable[[int], Trial], failed: int, first_guess: int, model: Any, deadline: float
+    ) -> int:
+        """The largest micro-batch below `failed` measured to fit (0 when none did): first at the memory
+        model's conservative guess, then stepping from the largest fit along the search's per-sample slope
+        (short of the budget by ACCUMULATION_MARGIN of the distance), inside the bracket."""
+        lo, lo_peak, hi, guess = 0, 0, failed, first_guess
+        slope = model.overhead_ratio * model.per_sample_bytes
+        while len(self.trials) < ACCUMULATION_MAX_TRIALS and hi - lo > 1:
+            guess = min(max(guess, lo + 1), hi - 1)
+            if not self._affordable(guess, deadline):
+                break
+            trial = measure(guess)
+            if trial.ok:
+                lo, lo_peak = guess, trial.peak_bytes or self.budget
+            else:
+                hi = guess
+            if not lo:
+                guess = hi // 2
+                continue
+            distance = (self.budget - lo_peak) / slope if slope > 0 else hi - lo
+            if distance < max(1.0, TOLERANCE * lo):
+                break  # lo is within the search's tolerance of the limit
+            guess = math.floor(min(lo + (1 - ACCUMULATION_MARGIN) * distance, lo + BRACKET_CAP * (hi - lo)))
+        return lo
 
     def _measurer(self) -> Callable[[int], Trial]:
         step = TrainingStep.from_spec(self.spec, self.model_spec, self.config)
