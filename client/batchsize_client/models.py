@@ -201,7 +201,9 @@ class ProbeInfo(OpenModel):
 
 
 class Phase(OpenModel):
-    phase: str | None = Field(None, description="`setup`, `memory`, `throughput` or `statistics`.")
+    phase: str | None = Field(
+        None, description="`setup`, `memory`, `throughput`, `statistics` or `accumulation`."
+    )
     ran: bool | None = Field(None, description="False when the objective or the time budget skipped it.")
     seconds: float | None = Field(None, description="Wall time it took.")
     note: str | None = Field(None, description="Why it was skipped or cut short.")

@@ -188,6 +188,7 @@ def run_probe(spec: ProbeSpec, emit: Emit, *, started: float | None = None) -> P
         accumulation = _AccumulationCheck(spec, model_spec, config, device, budget, costs, emit)
         with _model_errors(spec), _device_budget(device, budget):
             accumulation.run(result, search, gradient_bytes, ACCUMULATION_TIME_SHARE * clock.left())
+        clock.lap("accumulation", ran=bool(accumulation.trials))  # result["phases"] is clock.phases
         result["probe"]["duration_s"] = round(clock.elapsed(), 3)
     return result
 

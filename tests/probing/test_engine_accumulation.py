@@ -168,6 +168,7 @@ def test_run_probe_checks_an_accumulating_recipe(monkeypatch: pytest.MonkeyPatch
     assert result["micro_batch_size"] <= checked["micro_batch_size"]
     assert checked["verified"] is True and checked["peak_bytes"] <= BUDGET
     assert any(e["event"] == "trial" and e["phase"] == "accumulation" for e in events)
+    assert [p["phase"] for p in result["phases"] if p["ran"]] == ["setup", "memory", "accumulation"]
 
 
 def test_a_recipe_without_accumulation_is_not_checked() -> None:
@@ -178,3 +179,4 @@ def test_a_recipe_without_accumulation_is_not_checked() -> None:
     assert result["search"]["accumulation_checked"] is None
     assert result["micro_batch_size"] == result["max_feasible_batch_size"]
     assert not any(e.get("phase") == "accumulation" for e in events)
+    assert "accumulation" not in [p["phase"] for p in result["phases"]]
