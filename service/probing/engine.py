@@ -481,7 +481,7 @@ class _AccumulationCheck:
         if measure is not None and lo < hi:
             lo = self._lower(measure, micro, predicted, search.memory_model, deadline)
         verified = lo > 0
-        chosen = lo if verified else min(predicted, micro if first is None else micro - 1)
+        chosen = lo if verified else max(1, min(predicted, micro if first is None else micro - 1))
         fitted = next((t for t in self.trials if t.batch_size == chosen and t.ok), None)
         result["search"]["accumulation_checked"] = {
             "micro_batch_size": chosen,
@@ -494,6 +494,11 @@ class _AccumulationCheck:
         }
         if chosen < micro:
             self._resplit(result, micro, chosen, verified)
+        elif first is not None and not first.ok:  # micro-batch 1 itself does not fit accumulating
+            result["warnings"].append(
+                "gradient accumulation keeps the gradients alive through later micro-steps: even "
+                "micro-batch 1 does not fit the budget that way; lower the global batch or raise the budget"
+            )
 
     def _lower(
         self, measure: Callable[[int], Trial], failed: int, first_guess: int, model: Any, deadline: float
@@ -553,11 +558,12 @@ class _AccumulationCheck:
         result["gradient_accumulation_steps"] = accumulation
         result["recommended_batch_size"] = global_batch
         result["steps_per_epoch"] = math.ceil(self.spec.dataset_size / global_batch)
+        unmeasured = "no time left for a trial" if not self.trials else "no smaller size measured to fit"
         how = (
             "measured within the budget"
             if verified
-            else "predicted by the memory model with one more copy of the gradients, not measured "
-            "(no time left for a trial)"
+            else f"predicted by the memory model with one more copy of the gradients, not measured "
+            f"({unmeasured})"
         )
         changed = "" if global_batch == wanted else f"; the global batch rounds up to {global_batch}"
         result["warnings"].append(
