@@ -5,7 +5,9 @@ Memory convention measured (`loop`): "pytorch" runs `zero_grad(set_to_none=True)
 automatic optimisation: the previous step's gradients live through the forward and are set to None
 after it, before backward (`Closure`: training_step, zero_grad, backward). `prefetch_batches` more
 batches are held on the host through each step (Lightning's fetcher holds one when the DataLoader has
-no length); on CUDA they are not device memory.
+no length); on CUDA they are not device memory. `run(..., micro_steps=2)` measures gradient
+accumulation in the loop's convention: the second micro-step's forward and backward run with the first
+one's gradients alive (ACCUMULATING_CONVENTION).
 
 The optimizer's state (momentum, Adam moments) only exists after its first step; a probe that
 measures the first step over-reports the limit (an MLP "fitted" at 2193 and failed at the second step;
