@@ -151,6 +151,22 @@ class DataSample(OpenModel):
     description: str | None = Field(None, description="What the sample is.")
 
 
+class AccumulationCheck(OpenModel):
+    micro_batch_size: int | None = Field(None, description="The recipe's micro-batch after the check.")
+    peak_bytes: int | None = Field(
+        None, description="Peak of its accumulating step, measured (null when not measured)."
+    )
+    fits: bool | None = Field(
+        None, description="The micro-batch first chosen fitted while accumulating (null: not measured)."
+    )
+    verified: bool | None = Field(None, description="micro_batch_size was measured within the budget.")
+    trials: int | None = Field(None, description="Accumulating steps measured.")
+    batch_sizes_tried: list[list[int | str]] | None = Field(
+        None, description="[micro-batch, outcome] per accumulating trial."
+    )
+    convention: str | None = Field(None, description="What the accumulating step keeps alive.")
+
+
 class SearchSummary(OpenModel):
     trials: int | None = Field(None, description="Trials the memory search ran.")
     measured_convention: str | None = Field(
@@ -168,6 +184,11 @@ class SearchSummary(OpenModel):
     batch_sizes_tried: list[list[int | str]] | None = Field(
         None, description="[batch size, outcome] per trial."
     )
+    accumulation_checked: AccumulationCheck | None = Field(
+        None,
+        description="The micro-batch measured with gradients accumulating over two micro-steps (null "
+        "when the recipe does not accumulate).",
+    )
 
 
 class ProbeInfo(OpenModel):
@@ -180,7 +201,9 @@ class ProbeInfo(OpenModel):
 
 
 class Phase(OpenModel):
-    phase: str | None = Field(None, description="`setup`, `memory`, `throughput` or `statistics`.")
+    phase: str | None = Field(
+        None, description="`setup`, `memory`, `throughput`, `statistics` or `accumulation`."
+    )
     ran: bool | None = Field(None, description="False when the objective or the time budget skipped it.")
     seconds: float | None = Field(None, description="Wall time it took.")
     note: str | None = Field(None, description="Why it was skipped or cut short.")

@@ -89,6 +89,16 @@ class DataSample(TypedDict, total=False):
     description: str
 
 
+class AccumulationCheck(TypedDict, total=False):
+    micro_batch_size: int  # the recipe's micro-batch after the check
+    peak_bytes: int | None  # its accumulating step's measured peak (None when not measured)
+    fits: bool | None  # the micro-batch first chosen fitted that way (None when not measured)
+    verified: bool
+    trials: int
+    batch_sizes_tried: list[list[int | str]]
+    convention: str
+
+
 class SearchSummary(TypedDict, total=False):
     trials: int
     measured_convention: str
@@ -98,6 +108,7 @@ class SearchSummary(TypedDict, total=False):
     capped: bool
     converged: bool
     batch_sizes_tried: list[list[int | str]]
+    accumulation_checked: AccumulationCheck | None  # None when the recipe does not accumulate
 
 
 class ProbeInfo(TypedDict, total=False):

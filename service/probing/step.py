@@ -5,7 +5,9 @@ Memory convention measured (`loop`): "pytorch" runs `zero_grad(set_to_none=True)
 automatic optimisation: the previous step's gradients live through the forward and are set to None
 after it, before backward (`Closure`: training_step, zero_grad, backward). `prefetch_batches` more
 batches are held on the host through each step (Lightning's fetcher holds one when the DataLoader has
-no length); on CUDA they are not device memory.
+no length); on CUDA they are not device memory. `run(..., micro_steps=2)` measures gradient
+accumulation in the loop's convention: the second micro-step's forward and backward run with the first
+one's gradients alive (ACCUMULATING_CONVENTION).
 
 The optimizer's state (momentum, Adam moments) only exists after its first step; a probe that
 measures the first step over-reports the limit (an MLP "fitted" at 2193 and failed at the second step;
@@ -35,6 +37,10 @@ MEASURED_CONVENTION = (
 LIGHTNING_CONVENTION = (
     "Lightning's automatic optimisation: the previous step's gradients stay alive through the forward and "
     "are set to None before backward; optimizer state exists (measured from the second step)"
+)
+ACCUMULATING_CONVENTION = (
+    "gradient accumulation: two micro-steps in the loop's convention, the second one's forward and "
+    "backward with the first one's gradients alive (backward adds into them), then the optimizer step"
 )
 MEASURED_CONVENTIONS = {"pytorch": MEASURED_CONVENTION, "lightning": LIGHTNING_CONVENTION}
 
@@ -196,16 +202,24 @@ class TrainingStep:
     def make_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model_spec.make_batch(self.config, batch_size, self.device, self.generator)
 
-    def run(self, batch_size: int, recorder: Any = NO_PHASES) -> torch.Tensor:
-        """Make a batch and train on it (the batch is part of the forward/backward phase's memory)."""
+    def run(self, batch_size: int, recorder: Any = NO_PHASES, micro_steps: int = 1) -> torch.Tensor:
+        """Make a batch and train on it (the batch is part of the forward/backward phase's memory).
+
+        `micro_steps` > 1 accumulates: each later micro-step runs its forward and backward with the
+        gradients of the earlier ones alive and adds into them (ACCUMULATING_CONVENTION), then one
+        optimizer step."""
         with recorder.phase(FORWARD_BACKWARD):
-            inputs, targets = self.make_batch(batch_size)
-            # Batches a data fetcher holds ahead (on the host) while this one trains.
-            ahead = [self._prefetch(batch_size) for _ in range(self.prefetch_batches)]
-            loss = self._forward_backward(inputs, targets)
+            held: list[Any] = []  # the micro-batch and what the fetcher holds ahead of it
+            for index in range(micro_steps):
+                held.clear()  # the loop moves on: the previous micro-batch is freed
+                inputs, targets = self.make_batch(batch_size)
+                # Batches a data fetcher holds ahead (on the host) while this one trains.
+                held += [inputs, targets, [self._prefetch(batch_size) for _ in range(self.prefetch_batches)]]
+                del inputs, targets
+                loss = self._forward_backward(held[0], held[1], accumulate=index > 0)
         with recorder.phase(OPTIMIZER_STEP):
             self._optimizer_step()
-        del ahead
+        del held
         return loss
 
     def train_on(
@@ -243,14 +257,17 @@ class TrainingStep:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.loop == "lightning":
+    def _forward_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, accumulate: bool = False
+    ) -> torch.Tensor:
+        """`accumulate`: a later micro-step, which keeps the gradients alive and adds into them."""
+        if self.loop == "lightning" and not accumulate:
             self._keep_gradients()
         with self._autocast():
             outputs = self.model(inputs)
             loss = self.model_spec.loss(outputs, targets)
         del outputs  # only the graph needs it, and backward frees that
-        if self.loop == "lightning":  # Lightning's closure: training_step, zero_grad, backward
+        if self.loop == "lightning" and not accumulate:  # Lightning's closure: step, zero_grad, backward
             self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

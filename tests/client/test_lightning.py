@@ -8,6 +8,7 @@ plain PyTorch loop at the limit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Iterator
@@ -183,6 +184,36 @@ def test_the_lightning_loop_step_peaks_where_lightnings_fit_does(batch_size: int
     measured = engine_step_peak(batch_size, "lightning")
     # The same bytes to within a few scalars (Lightning's loss clone, Adam's step counters).
     assert fitted.peak_bytes <= measured <= fitted.peak_bytes + 256
+
+
+def test_lightnings_accumulating_fit_peaks_where_the_engines_accumulating_step_does() -> None:
+    """accumulate_grad_batches=2: the second micro-step keeps the first one's gradients alive through its
+    forward and backward; the engine's accumulating step (what a recipe with accumulation is checked in)."""
+    peak = PeakOfTraining()
+    fitting = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[peak],
+    )
+    fitting.fit(ZooMLP(256))
+    step = TrainingStep(
+        MLP, make_config(MLP, CONFIG), optimizer="adam", learning_rate=LEARNING_RATE, loop="lightning"
+    )
+    step.warm_up(2)
+    trials = [
+        measure_step(
+            functools.partial(step.run, micro_steps=2), 256, 2**40, step.device, roots=step.memory_roots()
+        )
+        for _ in range(2)
+    ]
+    measured = max(t.peak_bytes for t in trials)
+    assert peak.peak_bytes <= measured <= peak.peak_bytes + 256
+    assert measured > engine_step_peak(256, "lightning")  # more than the step without accumulation
 
 
 def test_a_dataloader_without_length_costs_one_prefetched_batch() -> None:

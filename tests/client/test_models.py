@@ -30,6 +30,7 @@ PAIRS = [
     (engine_result.Races, models.Races),
     (engine_result.DataSample, models.DataSample),
     (engine_result.SearchSummary, models.SearchSummary),
+    (engine_result.AccumulationCheck, models.AccumulationCheck),
     (engine_result.ProbeInfo, models.ProbeInfo),
 ]
 
