@@ -289,11 +289,12 @@ def report(rows: list[dict[str, Any]], started: str, load_before: str, load_afte
         "gradients, depending on the model (when the gradients appear during backward, and whether the "
         "optimizer step is the peak): see the column in gradient copies. A fixed one-copy headroom is a "
         'prediction that can be too much or too little; `training.loop="lightning"` measures it.',
-        "- accumulating, 2nd micro-step: neither convention covers it. A loop that accumulates gradients "
-        "(plain, or Lightning with accumulate_grad_batches > 1) runs its later micro-steps with the "
-        "gradients alive through the forward and adds the new ones into them in backward; where this "
+        "- accumulating, 2nd micro-step: neither single-step convention covers it. A loop that accumulates "
+        "gradients (plain, or Lightning with accumulate_grad_batches > 1) runs its later micro-steps with "
+        "the gradients alive through the forward and adds the new ones into them in backward; where this "
         "column is above both engine columns, a recipe with gradient_accumulation_steps > 1 needs more "
-        "than either measured at its micro-batch.",
+        "than either measured at its micro-batch. So the engine measures such a recipe's micro-batch in "
+        "this convention too and lowers it until it fits (`search.accumulation_checked`).",
         "- engine Lightning - fit: how far the engine's Lightning convention is from the real fit at the "
         "same size (a few bytes: Lightning's loss clone, optimizer step counters).",
         "- fits: the Lightning fit's measured peak is within the budget at the probe's answer. With "
