@@ -134,16 +134,18 @@ def test_a_check_that_cannot_run_does_not_block_and_the_probe_checks_at_its_star
     assert "class ids in [0, 5]" in done["error"]["message"]
 
 
-def test_ignore_index_applies_to_uploaded_models_and_is_documented(
+def test_ignore_index_applies_to_built_in_models_too_and_is_documented(
     client: TestClient, tmp_path: Path
 ) -> None:
-    sample = _sample(
-        client, tmp_path, "digits.npz", x=np.zeros((16, 64), np.float32), y=np.arange(16, dtype=np.int64) % 10
-    )
-    zoo = {"model": {"name": "mlp"}, "dataset": {"sample_id": sample}, "training": {"ignore_index": 0}}
+    padded = np.arange(16, dtype=np.int64) % 10
+    padded[::4] = 99  # padding targets, not a class of a 10-class MLP
+    sample = _sample(client, tmp_path, "digits.npz", x=np.zeros((16, 64), np.float32), y=padded)
+    zoo = {"model": {"name": "mlp"}, "dataset": {"sample_id": sample}}
     refused = client.post("/v1/recommendations", json=zoo)
-    assert refused.status_code == 422 and refused.json()["error"]["code"] == "unsupported_option"
-    assert "uploaded models only" in refused.json()["error"]["message"]
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "sample_mismatch"
+    accepted = client.post("/v1/recommendations", json={**zoo, "training": {"ignore_index": 99}})
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["request"]["training"]["ignore_index"] == 99
     schema = client.get("/openapi.json").json()["components"]["schemas"]["TrainingSpec"]["properties"]
     assert (
         schema["ignore_index"]["default"] == -100

@@ -760,7 +760,9 @@ def _statistics_phase(
     skipped = {"gradient_noise_scale": None, "races": None}
     shape, dtype = list(model_spec.input_shape(config)), model_spec.input_dtype
     classes = int(model_spec.num_classes(config))
-    task = sample_check.Task.for_model(config, input_shape=shape, input_dtype=dtype, num_classes=classes)
+    task = sample_check.Task.for_model(
+        config, input_shape=shape, input_dtype=dtype, num_classes=classes, ignore_index=spec.ignore_index
+    )
     try:
         sample = sample_for_model(shape, dtype, classes, spec.sample_path, task=task)
     except ValueError as exc:

@@ -262,19 +262,12 @@ def _check_sample(
             f"dataset.sample_id {payload.dataset.sample_id!r} is not an uploaded data sample",
             code="unknown_sample",
         )
-    ignore_index = payload.training.ignore_index
-    if config is None and ignore_index != sample_check.IGNORE_INDEX:
-        raise InvalidRequest(
-            f"training.ignore_index {ignore_index} applies to uploaded models only: built-in models leave "
-            f"out targets equal to {sample_check.IGNORE_INDEX} (write those into the sample instead)",
-            code="unsupported_option",
-        )
     task = sample_check.Task.for_model(
         config,
         input_shape=input_shape,
         input_dtype=input_dtype,
         num_classes=num_classes,
-        ignore_index=ignore_index,
+        ignore_index=payload.training.ignore_index,
     )
     problem = sample_check.problem(sample.meta or {}, task)
     if problem:

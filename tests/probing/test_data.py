@@ -234,3 +234,17 @@ def test_sample_for_model_prefers_the_client_sample(tmp_path):
     assert data.sample_for_model(*MLP, sample_path=path).measured_on == "client"
     assert data.sample_for_model(*MLP).measured_on == "builtin:digits"
     assert data.sample_for_model([100], "float32", 10) is None
+
+
+def test_a_built_in_models_sample_leaves_out_targets_equal_to_the_requests_ignore_index(tmp_path):
+    from service.probing.sample_check import IGNORE_INDEX, Task
+
+    y = np.arange(12, dtype=np.int64) % 10
+    y[::3] = 99  # padding, not one of the 10 classes
+    path = tmp_path / "padded.npz"
+    np.savez(path, x=np.zeros((12, 64), np.float32), y=y)
+    with pytest.raises(ValueError, match="class ids"):
+        data.load_client_sample(path, [64], "float32", 10)
+    task = Task.for_model(None, input_shape=[64], input_dtype="float32", num_classes=10, ignore_index=99)
+    sample = data.load_client_sample(path, [64], "float32", 10, task=task)
+    assert sorted(sample.y.tolist()) == sorted(IGNORE_INDEX if v == 99 else int(v) for v in y)
