@@ -36,6 +36,8 @@ def test_post_queues_a_job_with_the_contract_fields(client: TestClient) -> None:
         "epochs": None,
         "target_loss": None,
         "ignore_index": -100,
+        "loop": "pytorch",
+        "prefetch_batches": 0,
     }
     assert request["input"]["shape"] == [64]
     assert request["device"]["type"] == "cpu"
