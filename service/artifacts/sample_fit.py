@@ -17,19 +17,17 @@ request: it is logged and the probe's own check at its start remains (it fails t
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+from service.artifacts.service import ChildTimeout, run_exported_child
 from service.config import Settings
 from service.db.models import Artifact
 from service.errors import InvalidRequest
-from service.probing.protocol import RESULT, final_message  # torch-free
-from service.probing.sandbox import SandboxLimits, kill_group, sandboxed_module  # torch-free
+from service.probing.protocol import RESULT  # torch-free
+from service.probing.sandbox import SandboxLimits  # torch-free
 from service.probing.spec import ProbeError  # torch-free
 
 log = logging.getLogger(__name__)
@@ -110,35 +108,24 @@ class _Undecided(Exception):
 
 def _run(check: FitCheck, *, settings: Settings) -> str | None:
     """The subprocess's verdict: None (fits) or the reason; _Undecided when it gave none."""
-    request = json.dumps(
-        {
-            "mode": "sample",
-            "path": check.model_path,
-            "config": check.config,
-            "sample_path": check.sample_path,
-            "ignore_index": check.ignore_index,
-        }
-    )
+    request = {
+        "mode": "sample",
+        "path": check.model_path,
+        "config": check.config,
+        "sample_path": check.sample_path,
+        "ignore_index": check.ignore_index,
+    }
     timeout_s = settings.artifact_dry_run_timeout_s
-    with tempfile.TemporaryFile() as stderr:
-        try:
-            with sandboxed_module(
-                "service.probing.exported",
-                stderr,
-                {"CUDA_VISIBLE_DEVICES": ""},
-                limits=SandboxLimits.from_settings(settings),
-                niceness=CHECK_NICENESS,
-            ) as process:
-                try:
-                    output, _ = process.communicate(request.encode(), timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    kill_group(process)
-                    raise _Undecided(f"no verdict within {timeout_s:g} s") from None
-        except ProbeError as exc:  # the sandbox could not be set up
-            raise _Undecided(exc.message) from exc
-    final = final_message(output.splitlines())
+    try:
+        limits = SandboxLimits.from_settings(settings)
+        outcome = run_exported_child(request, timeout_s=timeout_s, limits=limits, niceness=CHECK_NICENESS)
+    except ChildTimeout:
+        raise _Undecided(f"no verdict within {timeout_s:g} s") from None
+    except ProbeError as exc:  # the sandbox could not be set up
+        raise _Undecided(exc.message) from exc
+    final = outcome.final
     if final is None:
-        raise _Undecided(f"the check process exited with status {process.returncode} and no verdict")
+        raise _Undecided(f"the check process exited with status {outcome.returncode} and no verdict")
     if final["event"] == RESULT:
         return None
     if final.get("code") == "sample_mismatch":

@@ -316,50 +316,69 @@ def check_model(path: Path, declared: dict[str, Any], *, settings: Settings) -> 
     return {"declared": declared, "archive": layout, **result}
 
 
+@dataclass(frozen=True)
+class ChildOutcome:
+    """What a run of the exported model's child process left: its final protocol line, if any."""
+
+    final: dict[str, Any] | None
+    returncode: int | None
+    stderr_tail: list[str]
+
+
+class ChildTimeout(Exception):
+    """The child gave no verdict in time; its process group has been killed."""
+
+
+def run_exported_child(
+    request: dict[str, Any],
+    *,
+    timeout_s: float,
+    limits: SandboxLimits | None,
+    niceness: int = DRY_RUN_NICENESS,
+) -> ChildOutcome:
+    """`python -m service.probing.exported` (a dry run or a sample check) with `request` as JSON on stdin:
+    on the CPU (the GPU is left to the probes), at low priority (it must not starve the API), sandboxed in
+    its own process group. Raises ChildTimeout, and ProbeError when the sandbox could not be set up."""
+    with tempfile.TemporaryFile() as stderr:
+        with sandboxed_module(
+            "service.probing.exported", stderr, {"CUDA_VISIBLE_DEVICES": ""}, limits=limits, niceness=niceness
+        ) as process:
+            try:
+                output, _ = process.communicate(json.dumps(request).encode(), timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                kill_group(process)
+                raise ChildTimeout from None
+        stderr.seek(0)
+        tail = stderr.read().decode("utf-8", "replace").strip().splitlines()[-5:]
+    return ChildOutcome(final_message(output.splitlines()), process.returncode, tail)
+
+
 def run_dry_run(
     path: Path, declared: dict[str, Any], *, timeout_s: float, limits: SandboxLimits | None = None
 ) -> dict[str, Any]:
-    """`python -m service.probing.exported` on the CPU, sandboxed in its own process group; JSON in/out."""
-    with tempfile.TemporaryFile() as stderr:
-        try:
-            # On the CPU (the GPU is left to the probes), at low priority: it must not starve the API.
-            with sandboxed_module(
-                "service.probing.exported",
-                stderr,
-                {"CUDA_VISIBLE_DEVICES": ""},
-                limits=limits,
-                niceness=DRY_RUN_NICENESS,
-            ) as process:
-                request = json.dumps({"path": str(path), "declared": declared})
-                output = _communicate(process, request, timeout_s)
-        except ProbeError as exc:  # the sandbox could not be set up: a fault of this host, not the upload
-            raise ServiceError(exc.message, code=exc.code) from exc
-        final = final_message(output.splitlines())
-        if final is not None and final["event"] == RESULT:
-            return dict(final["result"])
-        if final is not None:
-            raise ArtifactRejected(
-                str(final.get("message", "")), code=str(final.get("code", "dry_run_failed"))
-            )
-        stderr.seek(0)
-        tail = stderr.read().decode("utf-8", "replace").strip().splitlines()[-5:]
-        raise ArtifactRejected(
-            f"the dry run of the model crashed (exit status {process.returncode}): " + " | ".join(tail),
-            code="dry_run_failed",
-        )
-
-
-def _communicate(process: subprocess.Popen[bytes], request: str, timeout_s: float) -> bytes:
+    """The upload's dry run: the model's training task, or ArtifactRejected saying why it has none."""
     try:
-        output, _ = process.communicate(request.encode(), timeout=timeout_s)
-        return output
-    except subprocess.TimeoutExpired:
-        kill_group(process)
+        outcome = run_exported_child(
+            {"path": str(path), "declared": declared}, timeout_s=timeout_s, limits=limits
+        )
+    except ChildTimeout:
         raise ArtifactRejected(
             f"the dry run (one training step at batch sizes 2, 3 and 1 on the CPU) did not finish within "
             f"{timeout_s:g} s",
             code="dry_run_timeout",
         ) from None
+    except ProbeError as exc:  # the sandbox could not be set up: a fault of this host, not the upload
+        raise ServiceError(exc.message, code=exc.code) from exc
+    final = outcome.final
+    if final is not None and final["event"] == RESULT:
+        return dict(final["result"])
+    if final is not None:
+        raise ArtifactRejected(str(final.get("message", "")), code=str(final.get("code", "dry_run_failed")))
+    raise ArtifactRejected(
+        f"the dry run of the model crashed (exit status {outcome.returncode}): "
+        + " | ".join(outcome.stderr_tail),
+        code="dry_run_failed",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,13 +392,13 @@ def check_sample(path: Path, filename: str) -> tuple[dict[str, Any], str]:
     import zipfile
 
     from service.probing import sample_check
-    from service.probing.data import _read_npz, read_safetensors
+    from service.probing.data import read_npz, read_safetensors
 
     suffix = Path(filename or "").suffix.lower()
     if suffix not in SAMPLE_SUFFIXES:
         suffix = ".npz" if zipfile.is_zipfile(path) else ".safetensors"
     try:
-        arrays = _read_npz(path) if suffix == ".npz" else read_safetensors(path.read_bytes())
+        arrays = read_npz(path) if suffix == ".npz" else read_safetensors(path.read_bytes())
         description = sample_check.check_arrays(arrays)
     except ValueError as exc:
         raise ArtifactRejected(str(exc), code="invalid_sample") from None

@@ -182,7 +182,7 @@ def load_client_sample(
         raise ValueError(f"data sample is {size} bytes, over the limit of {max_file_bytes} bytes")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        arrays = _read_npz(path)
+        arrays = read_npz(path)
     elif suffix == ".safetensors":
         arrays = read_safetensors(path.read_bytes())
     else:
@@ -199,7 +199,7 @@ MAX_SAFETENSORS_HEADER_BYTES = 1024**2
 MAX_SAFETENSORS_HEADER_DEPTH = 8
 
 
-def _read_npz(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[str, torch.Tensor]:
+def read_npz(path: Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> dict[str, torch.Tensor]:
     """Arrays of an .npz as tensors, read member by member without numpy's loader, never unpickling.
 
     The zip's end record is checked before its directory is parsed; each member's `.npy` header is read

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.probing import untrusted
-from service.probing.data import MAX_SAMPLE_DIMS, _read_npz, read_safetensors
+from service.probing.data import MAX_SAMPLE_DIMS, read_npz, read_safetensors
 
 
 def _zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> Path:
@@ -87,14 +87,14 @@ def test_npz_arrays_come_back_exactly_and_bounded(tmp_path: Path) -> None:
     y = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
     path = tmp_path / "s.npz"
     np.savez_compressed(path, x=x, y=y)
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     assert np.array_equal(arrays["x"].numpy(), x) and np.array_equal(arrays["y"].numpy(), y)
     with pytest.raises(ValueError, match="more than the limit of 100 bytes"):
-        _read_npz(path, max_bytes=100)
+        read_npz(path, max_bytes=100)
     deep = tmp_path / "deep.npz"
     np.savez(deep, x=np.zeros((1,) * (MAX_SAMPLE_DIMS + 1)))
     with pytest.raises(ValueError, match="dimensions"):
-        _read_npz(deep)
+        read_npz(deep)
 
 
 def test_safetensors_headers_are_bounded() -> None:
