@@ -472,16 +472,26 @@ def infer_config(program: torch.export.ExportedProgram, declared: dict[str, Any]
             out = module(x)
         except Exception as exc:
             raise step_failed(2, exc) from exc
+    target = _target_of(out, loss, num_classes, "x")
+    if "target_high" in target and _is_integer(dtype) and dtype != "bool" and high is None:
+        high = target["target_high"]  # token ids of a language model: its vocabulary
+    return _config({**base, "input_high": high, **target})
+
+
+def _target_of(out: Any, loss: str, num_classes: int | None, inputs: str) -> dict[str, Any]:
+    """The target fields (`target_shape`, `target_dtype`, `target_high`) the declared loss needs for the
+    model's output at batch size 2: float targets shaped like the output for a regression loss, class
+    ids over its last dimension for cross_entropy."""
     if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != 2:
         got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ArchiveError(
             "unsupported_outputs",
-            f"loss {loss} needs forward(x) to return one tensor with the batch first, got {got} at batch "
-            "size 2 (a model that computes its own loss: loss=model_returns_loss)",
+            f"loss {loss} needs forward({inputs}) to return one tensor with the batch first, got {got} at "
+            "batch size 2 (a model that computes its own loss: loss=model_returns_loss)",
         )
     per_sample = tuple(int(d) for d in out.shape[1:])
     if loss in REGRESSION_LOSSES:
-        return _config({**base, "input_high": high, "target_shape": per_sample, "target_dtype": "float32"})
+        return {"target_shape": per_sample, "target_dtype": "float32"}
     if not per_sample or not out.is_floating_point():
         raise ArchiveError(
             "unsupported_outputs",
@@ -493,17 +503,7 @@ def infer_config(program: torch.export.ExportedProgram, declared: dict[str, Any]
             "invalid_model_spec",
             f"num_classes is {num_classes} but the model's logits have {classes} classes (last dimension)",
         )
-    if _is_integer(dtype) and dtype != "bool" and high is None:
-        high = classes
-    return _config(
-        {
-            **base,
-            "input_high": high,
-            "target_shape": per_sample[:-1],
-            "target_dtype": "int64",
-            "target_high": classes,
-        }
-    )
+    return {"target_shape": per_sample[:-1], "target_dtype": "int64", "target_high": classes}
 
 
 def _embedding_bounds(program: torch.export.ExportedProgram) -> dict[str, int]:
@@ -610,28 +610,7 @@ def _infer_several(
         except Exception as exc:
             raise step_failed(2, exc) from exc
     names = ", ".join(s["name"] for s in specs)
-    if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != 2:
-        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ArchiveError(
-            "unsupported_outputs",
-            f"loss {loss} needs forward({names}) to return one tensor with the batch first, got {got} at "
-            "batch size 2 (a model that computes its own loss: loss=model_returns_loss)",
-        )
-    per_sample = tuple(int(d) for d in out.shape[1:])
-    if loss in REGRESSION_LOSSES:
-        return _config({**base, "target_shape": per_sample, "target_dtype": "float32"})
-    if not per_sample or not out.is_floating_point():
-        raise ArchiveError(
-            "unsupported_outputs",
-            f"loss cross_entropy needs float logits [batch, ..., classes], got {list(out.shape)} {out.dtype}",
-        )
-    classes = per_sample[-1]
-    if num_classes is not None and num_classes != classes:
-        raise ArchiveError(
-            "invalid_model_spec",
-            f"num_classes is {num_classes} but the model's logits have {classes} classes (last dimension)",
-        )
-    return _config({**base, "target_shape": per_sample[:-1], "target_dtype": "int64", "target_high": classes})
+    return _config({**base, **_target_of(out, loss, num_classes, names)})
 
 
 def _check_batch(batch: dict[str, Any]) -> None:
