@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Smoke test of docker-compose.yml with podman (no Docker engine needed):
-#   build the service image (as scripts/docker_smoke.sh does) and, when docker.io/library/postgres:16
+#   build the service image (as scripts/docker_smoke.sh does) and, when postgres:16
 #   cannot be pulled, a stand-in with that name (Debian's postgresql package and an entrypoint that
 #   honours POSTGRES_USER/PASSWORD/DB) -> bring the stack up (PostgreSQL, two API replicas, a worker) ->
 #   wait for both replicas' /healthz -> POST a small recommendation to the first replica -> read it from
@@ -24,7 +24,7 @@ HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-240}"
 JOB_TIMEOUT="${JOB_TIMEOUT:-300}"
 KEEP_IMAGES="${KEEP_IMAGES:-1}"
 SERVICE_IMAGE=localhost/batchsize-service:latest  # docker-compose.yml's `image: batchsize-service`
-POSTGRES_IMAGE=docker.io/library/postgres:16      # docker-compose.yml's PostgreSQL image
+POSTGRES_IMAGE=postgres:16  # docker-compose.yml's PostgreSQL image
 PYTHON_STANDIN="localhost/batchsize-standin-python:3.11-bookworm"  # the same stand-in as docker_smoke.sh
 WORK="$(mktemp -d)"
 
@@ -103,14 +103,15 @@ print("" if value is None else value)' "$1"
 # --- images ---------------------------------------------------------------------------------------
 pulled() { podman image exists "$1" || timeout "$PULL_TIMEOUT" podman pull -q "$1" >/dev/null 2>&1; }
 
-BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+BASE_IMAGE=python:3.11-slim-bookworm
 if ! pulled "$BASE_IMAGE"; then
   BASE_IMAGE="$PYTHON_STANDIN"
   if ! podman image exists "$PYTHON_STANDIN"; then
     command -v debootstrap >/dev/null || fail "no python:3.11-slim-bookworm and no debootstrap for a stand-in"
     log "building $PYTHON_STANDIN with debootstrap"
+    MIRROR=$("$ROOT/scripts/apt_mirror") || fail "no Debian mirror configured for apt"
     debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
-      bookworm "$WORK/rootfs" http://deb.debian.org/debian > "$WORK/debootstrap.log" 2>&1 \
+      bookworm "$WORK/rootfs" "$MIRROR" > "$WORK/debootstrap.log" 2>&1 \
       || { tail -20 "$WORK/debootstrap.log"; fail "debootstrap failed"; }
     rm -rf "$WORK/rootfs/var/lib/apt/lists/"* "$WORK/rootfs/var/cache/apt/"*
     tar -C "$WORK/rootfs" -c . | podman import --change 'CMD ["python3"]' - "$PYTHON_STANDIN" >/dev/null

@@ -120,18 +120,19 @@ wait_healthy() {  # sets WAITED to the seconds it took, or fails
 
 # --- base image -------------------------------------------------------------------------------------
 if [ -z "$BASE_IMAGE" ]; then
-  if podman image exists docker.io/library/python:3.11-slim-bookworm; then
-    BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+  if podman image exists python:3.11-slim-bookworm; then
+    BASE_IMAGE=python:3.11-slim-bookworm
   elif podman image exists "$STANDIN"; then
     BASE_IMAGE="$STANDIN"  # made by an earlier run here; `podman rmi` it to try pulling again
-  elif timeout "$PULL_TIMEOUT" podman pull -q docker.io/library/python:3.11-slim-bookworm >/dev/null 2>&1; then
-    BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+  elif timeout "$PULL_TIMEOUT" podman pull -q python:3.11-slim-bookworm >/dev/null 2>&1; then
+    BASE_IMAGE=python:3.11-slim-bookworm
   else
     BASE_IMAGE="$STANDIN"
     command -v debootstrap >/dev/null || fail "no python:3.11-slim-bookworm and no debootstrap for a stand-in"
     log "python:3.11-slim-bookworm cannot be pulled: building stand-in $STANDIN with debootstrap"
+    MIRROR=$("$ROOT/scripts/apt_mirror") || fail "no Debian mirror configured for apt"
     debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
-      bookworm "$WORK/rootfs" http://deb.debian.org/debian > "$WORK/debootstrap.log" 2>&1 \
+      bookworm "$WORK/rootfs" "$MIRROR" > "$WORK/debootstrap.log" 2>&1 \
       || { tail -20 "$WORK/debootstrap.log"; fail "debootstrap failed"; }
     rm -rf "$WORK/rootfs/var/lib/apt/lists/"* "$WORK/rootfs/var/cache/apt/"*
     tar -C "$WORK/rootfs" -c . | podman import --change 'CMD ["python3"]' - "$STANDIN" >/dev/null
