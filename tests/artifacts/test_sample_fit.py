@@ -121,7 +121,7 @@ def test_a_check_that_cannot_run_does_not_block_and_the_probe_checks_at_its_star
     def hurried(check: sample_fit.FitCheck, *, settings: Settings) -> str | None:
         return original(check, settings=settings.model_copy(update={"artifact_dry_run_timeout_s": 0.01}))
 
-    app = create_app(settings)
+    app = create_app(settings, run_worker=False)  # the test runs the job itself (make_worker)
     with TestClient(app) as client:
         model = _upload(client, classifier_archive(), "model", loss="cross_entropy")
         sample = _sample(client, tmp_path, "ambiguous.npz", **_ambiguous(text_data(64)))
