@@ -200,8 +200,17 @@ def test_a_niceness_lowers_the_child_priority() -> None:
 
 
 def _tmpdir_of(pid: int) -> Path:
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return Path(next(v for v in environ if v.startswith(b"TMPDIR=")).split(b"=", 1)[1].decode())
+    """The child's TMPDIR from /proc. Popen returns once exec closed the close-on-exec pipe, which the
+    kernel does before it writes the new environment, so for a moment the file can still be empty."""
+    found: list[bytes] = []
+
+    def read() -> bool:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        found[:] = [v for v in environ if v.startswith(b"TMPDIR=")]
+        return bool(found)
+
+    _wait_until(read, timeout_s=10)
+    return Path(found[0].split(b"=", 1)[1].decode())
 
 
 def _wait_until(predicate: Callable[[], bool], timeout_s: float = 60) -> None:
