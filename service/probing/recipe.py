@@ -27,6 +27,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from service.probing.horizon import robust_micro_batch
+
 OBJECTIVES = ("time_to_target", "throughput", "max_feasible")
 ADAM_FAMILY = ("adam", "adamw")
 # Linear warm-up from the reference learning rate: this many steps per doubling of the ratio to it.
@@ -217,8 +219,7 @@ def candidate_layouts(
     dataset size) are dropped, keeping at least the smallest layout.
     """
     measured = [int(b) for b, _ in _ladder(throughput) if b <= max_micro_batch]
-    lo = min(measured) if measured else 1
-    micros = {max_micro_batch, *measured} | {m for m in micro_batch_grid(max_micro_batch) if m >= lo}
+    micros = set(micro_candidates(throughput, max_micro_batch))
     accumulations = [2**k for k in range(31) if 2**k <= max_accumulation]
     layouts = {(m, 1, m * devices) for m in micros}
     for m in {max_micro_batch, *measured}:
@@ -228,6 +229,15 @@ def candidate_layouts(
         kept = [t for t in layouts_list if t[2] <= max_global_batch]
         layouts_list = kept or layouts_list[:1]
     return layouts_list
+
+
+def micro_candidates(throughput: Sequence[Mapping[str, float]], max_micro_batch: int) -> list[int]:
+    """The micro-batches a recipe picks from: the grid's sizes from the smallest measured one (below
+    it nothing says how step time behaves), the measured sizes and the maximum."""
+    measured = [int(b) for b, _ in _ladder(throughput) if b <= max_micro_batch]
+    lo = min(measured) if measured else 1
+    grid = [m for m in micro_batch_grid(max_micro_batch) if m >= lo]
+    return sorted({max_micro_batch, *measured, *grid})
 
 
 def micro_batch_grid(upper: int) -> list[int]:
@@ -481,13 +491,17 @@ def choose_batch(
     devices: int = 1,
     dataset_size: int | None = None,
     step_overhead_s: float = 0.0,
+    b_noise_sigma: float | None = None,
 ) -> dict[str, Any]:
     """The chosen (micro, accumulation, global) layout and the time-to-target curve around it.
 
     Step times come from `throughput_model` (reported): with the affine model and no accumulation the
     optimum is near B* = sqrt(B_noise·overhead_s/per_sample_s), so a 2x error in B_noise moves it by
     only sqrt(2). Without a B_noise, "time_to_target" falls back to the throughput knee (reported in
-    "objective_used").
+    "objective_used"). With `b_noise_sigma` (B_noise's ln-spread) and a layout without accumulation,
+    the micro-batch is `horizon.robust_micro_batch`'s: the smallest time ratio to the best at the
+    interval's quantile over B_noise's and the step times' spread (reported in "batch_choice"); the curve
+    stays the point estimate's, relative to the chosen size, so a neighbour can sit slightly below 1.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -501,8 +515,16 @@ def choose_batch(
         per_sample = time_per_sample(m, a, devices, throughput, step_overhead_s, model)
         return relative_time_to_target(g, noise, per_sample)
 
+    choice = "point estimate"
     if used == "time_to_target":
         chosen = min(layouts, key=lambda t: (cost(t), t[2]))
+        singles = {t[0]: t for t in layouts if t[1] == 1}
+        if b_noise_sigma is not None and b_noise is not None and chosen[1] == 1 and len(singles) > 1:
+            micro = robust_micro_batch(
+                throughput=throughput, candidates=sorted(singles), b_noise=b_noise, sigma=b_noise_sigma,
+                devices=devices,
+            )  # fmt: skip
+            chosen, choice = singles[micro], "robust: smallest 80 % bound of the time ratio"
     elif used == "throughput":
         m = throughput_knee(throughput, max_feasible_batch_size)
         chosen = next((t for t in layouts if t[0] == m and t[1] == 1), layouts[0])
@@ -524,6 +546,7 @@ def choose_batch(
         "gradient_accumulation_steps": chosen[1],
         "recommended_batch_size": chosen[2],
         "objective_used": used,
+        "batch_choice": choice,
         "time_to_target_curve": curve if b_noise is not None else [],
         "throughput_model": {k: _finite(v) for k, v in model.items()},
     }
@@ -583,6 +606,7 @@ def recommend(
         devices=devices,
         dataset_size=dataset_size,
         step_overhead_s=step_overhead_s,
+        b_noise_sigma=(horizon or {}).get("sigma") if horizon_noise is not None and not settled else None,
     )
     global_batch = picked["recommended_batch_size"]
     scaled, rule = scale_learning_rate(learning_rate, reference_batch_size, global_batch, optimizer, b_noise)

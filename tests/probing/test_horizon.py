@@ -177,6 +177,53 @@ def test_the_interval_is_tight_for_the_optimum_and_wide_for_a_poor_choice() -> N
     assert "80%" in good["statement"]
 
 
+# Step time flat to 64, then rising: 128 and beyond pay per sample (a device that is saturated).
+LOPSIDED = [
+    {"batch_size": b, "samples_per_second": b / t, "spread": 0.01}
+    for b, t in (
+        (8, 0.002),
+        (16, 0.002),
+        (32, 0.002),
+        (64, 0.0021),
+        (128, 0.0023),
+        (256, 0.0046),
+        (512, 0.0092),
+    )
+]
+GRID = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+
+
+def test_a_sure_robust_choice_is_the_optimum_of_the_measured_step_times() -> None:
+    # (B + 30)·t(B)/B on the ladder: 64 -> 94·0.0021/64 = 0.00308, 128 -> 158·0.0023/128 = 0.00284,
+    # 192 -> 222·0.00345/192 = 0.00399 (t log-log between 128 and 256).
+    assert horizon.robust_micro_batch(throughput=LOPSIDED, candidates=GRID, b_noise=30.0, sigma=0.01) == 128
+
+
+@pytest.mark.parametrize("b_noise", [30.0, 200.0])
+def test_the_robust_choice_has_the_smallest_stated_bound(b_noise: float) -> None:
+    chosen = horizon.robust_micro_batch(throughput=LOPSIDED, candidates=GRID, b_noise=b_noise, sigma=1.0)
+    bounds = {
+        b: horizon.time_ratio_interval(
+            throughput=LOPSIDED, candidates=GRID, recommended=b, b_noise=b_noise, sigma=1.0
+        )["time_ratio_high"]
+        for b in GRID
+    }
+    assert bounds[chosen] == min(bounds.values())
+    assert bounds[chosen] < bounds[8] and bounds[chosen] < bounds[512]
+
+
+def test_the_stated_bound_is_the_calibrated_quantile(monkeypatch: pytest.MonkeyPatch) -> None:
+    def high() -> float:
+        return horizon.time_ratio_interval(
+            throughput=THROUGHPUT, candidates=CANDIDATES, recommended=64, b_noise=200.0, sigma=0.5
+        )["time_ratio_high"]
+
+    calibrated, power = high(), horizon.INTERVAL_CALIBRATION
+    monkeypatch.setattr(horizon, "INTERVAL_CALIBRATION", 1.0)
+    raw = high()
+    assert power > 1.0 and raw > 1.0 and calibrated == pytest.approx(raw**power)
+
+
 def test_generalisation_warns_when_the_recommended_size_is_worse() -> None:
     races = {
         "level": 0.5,

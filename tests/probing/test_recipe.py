@@ -7,7 +7,7 @@ from unittest.mock import ANY
 
 import pytest
 
-from service.probing import recipe
+from service.probing import horizon, recipe
 
 
 def ladder(points):
@@ -152,6 +152,24 @@ def test_time_to_target_minimises_b_plus_noise_over_throughput(b_noise):
     assert picked["gradient_accumulation_steps"] == 1
     curve = {p["batch_size"]: p["relative_time"] for p in picked["time_to_target_curve"]}
     assert curve[picked["recommended_batch_size"]] == 1.0 and min(curve.values()) == 1.0
+
+
+def test_with_a_spread_the_choice_is_the_robust_one_and_says_so():
+    lad = saturating(sizes=(8, 16, 32, 64, 128, 256, 512))
+    point = recipe.choose_batch(throughput=lad, max_feasible_batch_size=512, b_noise=100.0)
+    robust = recipe.choose_batch(
+        throughput=lad, max_feasible_batch_size=512, b_noise=100.0, b_noise_sigma=1.0
+    )
+    assert point["batch_choice"] == "point estimate" and robust["batch_choice"].startswith("robust")
+    candidates = recipe.micro_candidates(lad, 512)
+    assert min(candidates) == 8  # nothing below the smallest measured size
+    assert robust["recommended_batch_size"] == horizon.robust_micro_batch(
+        throughput=lad, candidates=candidates, b_noise=100.0, sigma=1.0
+    )
+    # recommend() chooses robustly for B_noise at the horizon, with the horizon's spread.
+    carried = {"value": 100.0, "sigma": 1.0}
+    r = _recommend(horizon=carried)
+    assert r["batch_choice"].startswith("robust")
 
 
 def test_tiny_and_huge_noise_scales():
