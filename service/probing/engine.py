@@ -558,6 +558,7 @@ class _AccumulationCheck:
         result["gradient_accumulation_steps"] = accumulation
         result["recommended_batch_size"] = global_batch
         result["steps_per_epoch"] = math.ceil(self.spec.dataset_size / global_batch)
+        horizon.reschedule(result, result.get("throughput") or [], self.spec.dataset_size)
         unmeasured = "no time left for a trial" if not self.trials else "no smaller size measured to fit"
         how = (
             "measured within the budget"

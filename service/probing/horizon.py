@@ -508,6 +508,37 @@ def time_ratio_interval(
     }
 
 
+def micro_step_time(throughput: Sequence[Mapping[str, Any]], micro_batch: int) -> float:
+    """Seconds per step of `micro_batch` on the measured ladder (monotone, log-log between sizes)."""
+    sizes, times, _ = step_time_table(throughput)
+    return float(_interpolate(sizes, times[None, :], np.array([float(micro_batch)]))[0, 0])
+
+
+def _recommended_schedule(
+    block: Mapping[str, Any],
+    recommendation: Mapping[str, Any],
+    throughput: Sequence[Mapping[str, Any]],
+    dataset_size: int,
+) -> dict[str, Any]:
+    accumulation = int(recommendation.get("gradient_accumulation_steps", 1))
+    return schedule(
+        int(recommendation["recommended_batch_size"]), s_min=block.get("s_min"), b_noise=block["b_noise"],
+        dataset_size=dataset_size,
+        step_time_s=micro_step_time(throughput, int(recommendation["micro_batch_size"])) * accumulation,
+    )  # fmt: skip
+
+
+def reschedule(
+    recommendation: Mapping[str, Any], throughput: Sequence[Mapping[str, Any]], dataset_size: int
+) -> None:
+    """Recompute the horizon block's "recommended" steps, epochs and time after the layout changed
+    (the engine's accumulation check lowers the micro-batch and may round the global batch up)."""
+    block = recommendation.get("horizon")
+    if not block or block.get("b_noise") is None or "recommended" not in block or not throughput:
+        return
+    block["recommended"] = _recommended_schedule(block, recommendation, throughput, dataset_size)
+
+
 def schedule(
     batch_size: int, *, s_min: float | None, b_noise: float, dataset_size: int, step_time_s: float | None
 ) -> dict[str, Any]:
@@ -582,24 +613,15 @@ def report(
         "b_noise": b_h,
         "b_noise_low": carried.get("low"),
         "b_noise_high": carried.get("high"),
+        "s_min": carried.get("s_min"),
     }
     if b_h is None or not throughput:
         return {**block, "interval": None, "warnings": warnings}
-    sizes, times, _ = step_time_table(throughput)
-
-    def step_time(global_batch: int) -> float:
-        micro = max(1, global_batch // max(1, devices))
-        t = _interpolate(sizes, times[None, :], np.array([float(micro)]))[0, 0]
-        return float(t)
-
     per_size = {
-        "recommended": schedule(
-            rec_global, s_min=carried.get("s_min"), b_noise=b_h, dataset_size=dataset_size,
-            step_time_s=step_time(rec_micro) * recommendation.get("gradient_accumulation_steps", 1),
-        ),
+        "recommended": _recommended_schedule(block, recommendation, throughput, dataset_size),
         "reference": schedule(
             reference_batch_size, s_min=carried.get("s_min"), b_noise=b_h, dataset_size=dataset_size,
-            step_time_s=step_time(reference_batch_size),
+            step_time_s=micro_step_time(throughput, max(1, reference_batch_size // max(1, devices))),
         ),
     }  # fmt: skip
     interval = time_ratio_interval(

@@ -8,6 +8,7 @@ above the step the memory search measured. Every peak is counted by the engine's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -92,6 +93,8 @@ def _accumulating_recipe(micro_batch: int) -> dict[str, Any]:
         "steps_per_epoch": -(-DATASET // (2 * micro_batch)),
         "warnings": [],
         "search": {"accumulation_checked": None},
+        "throughput": [{"batch_size": b, "samples_per_second": b / (0.001 + 1e-5 * b)} for b in (4, 64, 512)],
+        "horizon": {"b_noise": 100.0, "s_min": 50.0, "recommended": {"batch_size": 2 * micro_batch}},
     }
 
 
@@ -121,6 +124,11 @@ def test_an_accumulating_recipe_fits_a_real_accumulating_loop(loop: str) -> None
     assert result["recommended_batch_size"] >= 2 * micro
     split = result["micro_batch_size"] * result["gradient_accumulation_steps"]
     assert split == result["recommended_batch_size"]
+    # The horizon's steps, epochs and time are for the new layout.
+    recommended = result["horizon"]["recommended"]
+    assert recommended["batch_size"] == result["recommended_batch_size"]
+    assert recommended["steps"] == math.ceil(50.0 * (1 + 100.0 / result["recommended_batch_size"]))
+    assert recommended["predicted_seconds"] > 0
     assert any("gradient accumulation" in w and "lowered" in w for w in result["warnings"])
     # With the check: the recipe's micro-batch fits the real accumulating loop.
     peak = _accumulating_loop_peak(loop, result["micro_batch_size"])

@@ -224,6 +224,22 @@ def test_the_stated_bound_is_the_calibrated_quantile(monkeypatch: pytest.MonkeyP
     assert power > 1.0 and raw > 1.0 and calibrated == pytest.approx(raw**power)
 
 
+def test_reschedule_follows_a_changed_layout() -> None:
+    untouched: dict = {"recommended_batch_size": 64, "micro_batch_size": 64}
+    horizon.reschedule(untouched, THROUGHPUT, 10_000)  # no horizon block: nothing to do
+    assert "horizon" not in untouched
+    rec = {
+        "recommended_batch_size": 96, "micro_batch_size": 32, "gradient_accumulation_steps": 3,
+        "horizon": {"b_noise": 100.0, "s_min": 50.0, "recommended": {"batch_size": 128, "steps": 90}},
+    }  # fmt: skip
+    horizon.reschedule(rec, THROUGHPUT, 10_000)
+    row = rec["horizon"]["recommended"]
+    steps = 50.0 * (1 + 100.0 / 96)
+    assert row["batch_size"] == 96 and row["steps"] == math.ceil(steps)
+    assert row["epochs"] == pytest.approx(steps * 96 / 10_000)
+    assert row["predicted_seconds"] == pytest.approx(steps * 3 * (0.002 + 1e-5 * 32), rel=1e-6)
+
+
 def test_generalisation_warns_when_the_recommended_size_is_worse() -> None:
     races = {
         "level": 0.5,
