@@ -20,9 +20,10 @@ ORACLE: for every size of the task's sweep, the learning rate is tuned on the gr
 (linear scaling for SGD, square root for Adam-family, from the reference), walking k while it improves;
 every run goes to the deep target and records the steps to both targets, so one grid serves both
 depths (with REPEATS, each depth's best lr is re-run with a second minibatch order and the mean of the
-two is the size's steps). Time to target = steps x step time, the step time measured after the task's sweep in
-interleaved rounds (each size's fastest round). A recommended size outside the sweep (a half-octave) is
-scored log-log between its neighbours (marked ~).
+two is the size's steps). Time to target = steps x step time, the step time measured after the task's
+sweep in interleaved rounds (each size's fastest round); `--time-sweeps` stores step times in the sweep
+files, which `--rescore` then uses, so that methods are compared on one yardstick. A recommended size
+outside the sweep (a half-octave) is scored log-log between its neighbours (marked ~).
 
 PROBE: what the service runs, minus the memory search (maximum feasible = the sweep's largest size): the
 throughput ladder (service.probing.throughput), the statistics phase (races.run_statistics: warm-up and
@@ -42,6 +43,7 @@ diverges (one run to the deep target).
     .venv/bin/python bench/convergence.py --tasks digits-mlp-sgd --quick   # smoke test
     .venv/bin/python bench/convergence.py --halves held_out --sweep-only --out /tmp/sweep  # sweep only
     .venv/bin/python bench/convergence.py --rescore /tmp/a.json,/tmp/sweep.json   # probes on stored sweeps
+    .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --time-sweeps --rounds 12  # step times
 """
 
 from __future__ import annotations
@@ -600,7 +602,11 @@ def time_at(times: dict[int, float], b: int) -> tuple[float, bool]:
 
 
 def bench_task(
-    name: str, refs: dict[str, Any], tuned: dict[int, Any], args: argparse.Namespace
+    name: str,
+    refs: dict[str, Any],
+    tuned: dict[int, Any],
+    args: argparse.Namespace,
+    step_times: dict[int, float] | None = None,
 ) -> dict[str, Any]:
     setup = _setup(name)
     task = setup.task
@@ -624,7 +630,7 @@ def bench_task(
         run_to_targets(name, r["recommended_batch_size"], r["learning_rate"], targets, task.ref_steps * 3)
         for r in recs
     ]
-    step_s = measure_step_times(setup, sorted(tuned), rounds=args.rounds, min_seconds=0.15)
+    step_s = step_times or measure_step_times(setup, sorted(tuned), rounds=args.rounds, min_seconds=0.15)
     for d, label in enumerate(("shallow", "deep")):
         times = {b: (t["depths"][d]["steps"] or math.inf) * step_s[b] for b, t in tuned.items()}
         best = min(times, key=lambda b: times[b])
@@ -764,6 +770,11 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
             if loads.get("oracle_sweep_from")
             else []
         ),
+        *(
+            [f"- step times (the oracle's yardstick): {_step_times_source(loads['step_times'])}"]
+            if loads.get("step_times")
+            else []
+        ),
         f"- probe budget: {PROBE_SHARE:.0%} of the sweep's training seconds; cost = ladder + statistics "
         "seconds",
         "",
@@ -828,6 +839,15 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def _step_times_source(sources: dict[str, Any]) -> str:
+    measured = {json.dumps(v, sort_keys=True) for v in sources.values() if v != "this command"}
+    redone = sorted(n for n, v in sources.items() if v == "this command")
+    parts = [f"stored with the sweeps, measured {', '.join(sorted(measured))}"] if measured else []
+    if redone:
+        parts.append(f"measured by this command for {', '.join(redone)}")
+    return "; ".join(parts)
+
+
 def _uptime() -> str:
     try:
         return Path("/proc/loadavg").read_text().split(" ")[:3].__str__()
@@ -835,9 +855,34 @@ def _uptime() -> str:
         return "unknown"
 
 
+def time_sweeps(args: argparse.Namespace, names: list[str]) -> None:
+    """Measure each stored task's step times (`--rounds` interleaved rounds) and write them into its
+    sweep file, so that every later `--rescore` scores on the same yardstick."""
+    for path in args.rescore.split(","):
+        sweep = json.loads(Path(path).read_text())
+        for t in sweep["tasks"]:
+            name = t["task"]["name"]
+            if name not in names:
+                continue
+            if TASKS[name].model == "exported_mlp" and name not in _ARCHIVES:
+                archive = _archive_path(TASKS[name])
+                _export_mlp([64, *TASKS[name].hidden, 10], archive)
+                _ARCHIVES[name] = str(archive)
+            sizes = sorted(int(b) for b in t["oracle"])
+            t["step_seconds"] = measure_step_times(_setup(name), sizes, rounds=args.rounds, min_seconds=0.3)
+            t["step_times_measured"] = {
+                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "rounds": args.rounds,
+                "load": _uptime(), "command": "python bench/convergence.py " + " ".join(sys.argv[1:]),
+            }  # fmt: skip
+            print(f"{name}: {t['step_seconds']}", flush=True)
+            Path(path).write_text(json.dumps(sweep, indent=1, default=str))
+    for archive in _ARCHIVES.values():
+        Path(archive).unlink(missing_ok=True)
+
+
 def rescore(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -> None:
     """Everything but the sweep again, on the sweep stored in `args.rescore` (steps to target do not
-    depend on timing)."""
+    depend on timing); step times stored with the sweep (`--time-sweeps`) are used unless `--retime`."""
     stored: dict[str, Any] = {}
     for path in args.rescore.split(","):  # sweeps of different task subsets merge
         previous = json.loads(Path(path).read_text())
@@ -856,8 +901,11 @@ def rescore(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -
     for name in (n for n in names if n in stored):
         t = stored[name]
         tuned = {int(b): v for b, v in t["oracle"].items()}
+        stored_times = None if args.retime else t.get("step_seconds")
+        times = {int(b): v for b, v in stored_times.items()} if stored_times else None
+        loads.setdefault("step_times", {})[name] = t.get("step_times_measured") if times else "this command"
         print(f"== {name} (rescored)", flush=True)
-        results.append(bench_task(name, t["reference_run"], tuned, args))
+        results.append(bench_task(name, t["reference_run"], tuned, args, times))
         loads["after"] = _uptime()
         write_report(results, args, out, time.monotonic() - started, loads)
     for path in _ARCHIVES.values():
@@ -884,6 +932,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--halves", help="comma-separated halves: their tasks instead of --tasks")
     parser.add_argument(
+        "--time-sweeps", action="store_true",
+        help="with --rescore: measure each task's step times and store them in its sweep file, nothing else",
+    )  # fmt: skip
+    parser.add_argument("--retime", action="store_true", help="with --rescore: measure step times again")
+    parser.add_argument(
         "--repeats", action="store_true",
         help="re-run each depth's best lr with a second minibatch order (the size's steps: the mean of two)",
     )  # fmt: skip
@@ -894,6 +947,9 @@ def main() -> None:
         halves = args.halves.split(",")
         names = [n for n, t in TASKS.items() if t.half in halves]
     loads: dict[str, Any] = {"before": _uptime()}
+    if args.rescore and args.time_sweeps:
+        time_sweeps(args, names)
+        return
     if args.rescore:
         rescore(args, names, loads)
         return

@@ -239,6 +239,11 @@ class RecommendationResult(OpenModel):
         None,
         description="The objective applied (`throughput` when no noise estimate allowed time to target).",
     )
+    batch_choice: str | None = Field(
+        None,
+        description="How the size was chosen: `point estimate`, or `robust: ...` (the smallest 80 % bound of "
+        "the time ratio given B_noise's spread at the horizon).",
+    )
     learning_rate_scaled: float | None = Field(
         None, description="What the scaling rule alone gave, before the ceiling."
     )
