@@ -177,7 +177,7 @@ def test_the_interval_is_tight_for_the_optimum_and_wide_for_a_poor_choice() -> N
     assert "80%" in good["statement"]
 
 
-# Step time flat to 64, then rising: 128 and beyond pay per sample (a device that is saturated).
+# Step time nearly flat to 128, then per sample from 256 on (a device that is saturated).
 LOPSIDED = [
     {"batch_size": b, "samples_per_second": b / t, "spread": 0.01}
     for b, t in (
