@@ -242,7 +242,7 @@ class RecommendationResult(OpenModel):
     batch_choice: str | None = Field(
         None,
         description="How the size was chosen: `point estimate`, or `robust: ...` (the smallest 80 % bound of "
-        "the time ratio given B_noise's spread at the horizon).",
+        "the time ratio given B_noise's spread at the horizon, moved halfway in ln B to the step-time knee).",
     )
     learning_rate_scaled: float | None = Field(
         None, description="What the scaling rule alone gave, before the ceiling."

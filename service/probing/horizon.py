@@ -58,9 +58,20 @@ INTERVAL_PROBABILITY = 0.8
 # The Monte Carlo quantile covers B_noise's and the step times' measured spread, not the model's own
 # error (S(B) = S_min(1 + B_noise/B) is an idealisation) nor the oracle's: the stated bound is the
 # quantile raised to this power, the 80 % quantile of ln(measured ratio)/ln(quantile) over the
-# benchmark's seen task-depths (bench/convergence.py; split-conformal calibration).
-INTERVAL_CALIBRATION = 2.06
+# benchmark's seen task-depths (bench/convergence.py, 168 task-depth-probes, the choice moved to the
+# knee; split-conformal calibration: 81 % held with it, 92 % with the 2.06 set before the knee).
+INTERVAL_CALIBRATION = 1.06
 DRAWS = 2000
+# The step-time knee: the largest candidate whose step takes at most STEP_TIME_KNEE times the smallest
+# measured size's. Below it a bigger batch costs (almost) nothing per step, and with an lr tuned per size
+# steps to target do not rise with B, so the best size is rarely far below it. The recommended size is
+# the time model's choice moved KNEE_WEIGHT of the way (in ln B) to the knee: a short probe measures
+# B_noise to ~3x (its error against the benchmark oracle's own B_noise), the knee to a few per cent.
+# Set on the benchmark's seen task-depths (bench/convergence.py; two probe sets of 96 and 72): median
+# ratio 1.10 -> 1.09 and 1.12 -> 1.07, geometric mean 1.14 -> 1.12 and 1.15 -> 1.11, worst 1.86 -> 1.48
+# and 1.86 -> 1.45; the knee alone: geometric mean 1.15 and 1.14.
+STEP_TIME_KNEE = 1.25
+KNEE_WEIGHT = 0.5
 CONFIDENCE_BOUNDS = (("high", 1.10), ("medium", 1.25))  # interval upper end -> coarse label
 GENERALISATION_TOLERANCE = 0.02  # relative held-out loss excess that triggers a warning
 # An extrapolated horizon's loss is fitted to the curve's tail: points below EARLY_LOSS_FRACTION of its
@@ -475,6 +486,27 @@ def robust_micro_batch(
     )
     upper = np.quantile(ratio, INTERVAL_PROBABILITY, axis=0)
     return micro[int(np.argmin(upper))]
+
+
+def step_time_knee(
+    throughput: Sequence[Mapping[str, Any]], max_micro_batch: int, factor: float = STEP_TIME_KNEE
+) -> int:
+    """The largest measured size <= max_micro_batch whose step time is at most `factor` times the
+    smallest measured size's (as measured: smoothing the ladder first moved the knee by noise)."""
+    ladder = sorted(
+        (int(p["batch_size"]), float(p["batch_size"]) / float(p["samples_per_second"]))
+        for p in throughput
+        if p.get("samples_per_second")
+    )
+    within = [b for b, t in ladder if t <= factor * ladder[0][1] and b <= max_micro_batch]
+    return max(within) if within else min(ladder[0][0], max_micro_batch)
+
+
+def toward_knee(choice: int, knee: int, candidates: Sequence[int], weight: float = KNEE_WEIGHT) -> int:
+    """The candidate nearest (in ln B; the smaller on a tie) to `choice` moved `weight` of the way to
+    `knee` in ln B."""
+    target = (1 - weight) * math.log(choice) + weight * math.log(knee)
+    return min(sorted({int(c) for c in candidates}), key=lambda c: (abs(math.log(c) - target), c))
 
 
 def time_ratio_interval(

@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from service.probing.horizon import robust_micro_batch
+from service.probing.horizon import robust_micro_batch, step_time_knee, toward_knee
 
 OBJECTIVES = ("time_to_target", "throughput", "max_feasible")
 ADAM_FAMILY = ("adam", "adamw")
@@ -499,9 +499,10 @@ def choose_batch(
     optimum is near B* = sqrt(B_noise·overhead_s/per_sample_s), so a 2x error in B_noise moves it by
     only sqrt(2). Without a B_noise, "time_to_target" falls back to the throughput knee (reported in
     "objective_used"). With `b_noise_sigma` (B_noise's ln-spread) and a layout without accumulation,
-    the micro-batch is `horizon.robust_micro_batch`'s: the smallest time ratio to the best at the
-    interval's quantile over B_noise's and the step times' spread (reported in "batch_choice"); the curve
-    stays the point estimate's, relative to the chosen size, so a neighbour can sit slightly below 1.
+    the micro-batch is `horizon.robust_micro_batch`'s (the smallest time ratio to the best at the
+    interval's quantile over B_noise's and the step times' spread) moved KNEE_WEIGHT of the way to the
+    step-time knee (`horizon.step_time_knee`), reported in "batch_choice"; the curve stays the point
+    estimate's, relative to the chosen size, so a neighbour can sit below 1.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -524,7 +525,12 @@ def choose_batch(
                 throughput=throughput, candidates=sorted(singles), b_noise=b_noise, sigma=b_noise_sigma,
                 devices=devices,
             )  # fmt: skip
-            chosen, choice = singles[micro], "robust: smallest 80 % bound of the time ratio"
+            knee = step_time_knee(throughput, max(singles))
+            chosen = singles[toward_knee(micro, knee, sorted(singles))]
+            choice = (
+                f"robust: smallest 80 % bound of the time ratio ({micro * devices}), moved halfway (in ln B) "
+                f"to the step-time knee ({knee * devices})"
+            )
     elif used == "throughput":
         m = throughput_knee(throughput, max_feasible_batch_size)
         chosen = next((t for t in layouts if t[0] == m and t[1] == 1), layouts[0])

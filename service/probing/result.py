@@ -149,7 +149,7 @@ class ProbeResult(TypedDict, total=False):
     steps_per_epoch: int
     objective: str
     objective_used: str
-    batch_choice: str  # "point estimate", or "robust: ..." when B_noise's spread at the horizon is known
+    batch_choice: str  # "point estimate", or "robust: ..." (then to the step-time knee) with a spread
     learning_rate_scaled: float
     learning_rate_ceiling: LearningRateCeiling
     optimizer_settings: dict[str, Any]

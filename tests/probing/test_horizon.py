@@ -212,6 +212,23 @@ def test_the_robust_choice_has_the_smallest_stated_bound(b_noise: float) -> None
     assert bounds[chosen] < bounds[8] and bounds[chosen] < bounds[512]
 
 
+def test_the_step_time_knee_is_the_largest_measured_size_within_the_factor() -> None:
+    # LOPSIDED: 0.0023 s at 128 is within 1.25x of 0.002 s at 8; 0.0046 s at 256 is not.
+    assert horizon.step_time_knee(LOPSIDED, 512) == 128
+    assert horizon.step_time_knee(LOPSIDED, 100) == 64  # never above the largest micro-batch allowed
+    assert horizon.step_time_knee(LOPSIDED, 512, factor=3.0) == 256
+    per_sample = [{"batch_size": b, "samples_per_second": 1000.0} for b in (8, 16, 32)]  # step time ∝ B
+    assert horizon.step_time_knee(per_sample, 512) == 8
+
+
+def test_toward_the_knee_moves_the_choice_halfway_in_ln_b() -> None:
+    assert horizon.toward_knee(512, 128, GRID) == 256
+    assert horizon.toward_knee(32, 128, GRID) == 64
+    assert horizon.toward_knee(128, 128, GRID) == 128
+    assert horizon.toward_knee(256, 128, GRID) == 192  # sqrt(256·128) = 181: 192 is nearer than 128
+    assert horizon.toward_knee(512, 128, GRID, weight=0.0) == 512
+
+
 def test_the_stated_bound_is_the_calibrated_quantile(monkeypatch: pytest.MonkeyPatch) -> None:
     def high() -> float:
         return horizon.time_ratio_interval(
