@@ -35,6 +35,9 @@ time budget is PROBE_SHARE of the sweep's training seconds in the same run; its 
 and the statistics (once per task: both depths share it). A task's probe, step timing and check runs
 happen in the main process as soon as its sweep is done, while the pool sweeps the next tasks.
 
+`--without-knee` also scores each probe's answer chosen without the step-time knee (service/probing/
+horizon.py: KNEE_WEIGHT 0, the interval calibrated as it was before it), on the same probes.
+
 Per task and depth: the oracle's best size and time, the recommended size, ratio = oracle time at the
 recommended size / best time, the stated 80 % interval for that ratio and whether it held, the probe's
 cost as % of the sweep, and whether training at the recommended size with the recommended learning rate
@@ -45,11 +48,13 @@ diverges (one run to the deep target).
     .venv/bin/python bench/convergence.py --halves held_out --sweep-only --out /tmp/sweep  # sweep only
     .venv/bin/python bench/convergence.py --rescore /tmp/a.json,/tmp/sweep.json   # probes on stored sweeps
     .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --time-sweeps --rounds 12  # step times
+    .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --without-knee --probe-runs 3  # ablation
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import functools
@@ -62,6 +67,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -88,6 +94,9 @@ SHALLOW_FRACTION = 1 / 5
 LADDER_SHARE = 0.4  # of the probe's budget for the throughput ladder, as engine.THROUGHPUT_TIME_SHARE
 PROBE_SHARE = 0.08  # the probe's budget: this share of the sweep's training seconds in the same run
 MAX_GRID_RUNS = 4
+# `--without-knee`: each probe's answer also without the step-time knee (horizon.KNEE_WEIGHT 0), with the
+# interval calibration the method had before it.
+PRE_KNEE_CALIBRATION = 2.06
 EVAL_SIZE = 256  # the oracle evaluates often: a smaller subset keeps that cheap
 # tuning: the method's constants were first set on it; seen: earlier held-out halves, read before the
 # method's later changes (so no longer held out); held_out: six tasks defined before those changes.
@@ -633,6 +642,18 @@ def recommend_for(setup: Setup, probe: dict[str, Any], epochs: float) -> dict[st
     )
 
 
+@contextlib.contextmanager
+def _knee_off() -> Iterator[None]:
+    """The recipe as it chose before the step-time knee: the robust size itself, its bound calibrated
+    as it was then."""
+    saved = horizon.KNEE_WEIGHT, horizon.INTERVAL_CALIBRATION
+    horizon.KNEE_WEIGHT, horizon.INTERVAL_CALIBRATION = 0.0, PRE_KNEE_CALIBRATION
+    try:
+        yield
+    finally:
+        horizon.KNEE_WEIGHT, horizon.INTERVAL_CALIBRATION = saved
+
+
 # ------------------------------------------------------------------------------------------ score
 
 
@@ -664,12 +685,16 @@ def bench_task(
     probe = run_probe(setup, budget)
     n = len(setup.x)
     depths = []
-    recs = []
+    recs: list[dict[str, Any]] = []
+    ablations: list[dict[str, Any]] = []
     for d, label in enumerate(("shallow", "deep")):
         # The client's horizon: the epochs the reference run (batch 32, its lr) took to reach this depth.
         epochs = refs["target_steps"][d] * REFERENCE_BATCH / n
         rec = recommend_for(setup, probe, epochs)
         recs.append(rec)
+        if args.without_knee:
+            with _knee_off():
+                ablations.append(recommend_for(setup, probe, epochs))
         b_h = (rec.get("horizon") or {}).get("b_noise")
         print(f"  {label}: epochs {epochs:.2f} -> B={rec['recommended_batch_size']}", end=" ")
         print(f"lr={rec['learning_rate']:.3g} B_h={_fmt(b_h)}", flush=True)
@@ -708,6 +733,14 @@ def bench_task(
             "horizon": rec.get("horizon"), "warnings": rec["warnings"],
             "oracle_times_s": {b: times[b] for b in sorted(times)},
         })  # fmt: skip
+        if ablations:
+            other = ablations[d]["recommended_batch_size"]
+            other_high = ((ablations[d].get("horizon") or {}).get("interval") or {}).get("time_ratio_high")
+            other_ratio = time_at(times, other)[0] / times[best]
+            depths[-1]["without_knee"] = {
+                "recommended_batch_size": other, "ratio": other_ratio, "interval_high": other_high,
+                "interval_held": None if other_high is None else other_ratio <= other_high,
+            }  # fmt: skip
     deep_over_shallow = [
         (tuned[b]["depths"][1]["steps"] or math.nan) / (tuned[b]["depths"][0]["steps"] or math.nan)
         for b in tuned
@@ -747,6 +780,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _ratio_summary(ratios: list[float]) -> dict[str, Any]:
+    finite = [r for r in ratios if math.isfinite(r)]
+    return {
+        "median_ratio": statistics.median(ratios),
+        "geometric_mean_ratio": math.exp(statistics.mean(math.log(r) for r in finite)) if finite else None,
+        "worst_ratio": max(ratios),
+        "over_1_25": sum(r > 1.25 for r in ratios),
+    }
+
+
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for half in HALVES:
@@ -757,14 +800,20 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         held = [d["interval_held"] for _, d in rows if d["interval_held"] is not None]
         out[half] = {
             "task_depths": len(rows),
-            "median_ratio": statistics.median(ratios),
-            "worst_ratio": max(ratios),
+            **_ratio_summary(ratios),
             "interval_held_fraction": sum(held) / len(held) if held else None,
             "max_probe_cost_fraction": max(
                 r["probe_cost_fraction"] for r in results if r["task"]["half"] == half
             ),
             "recommended_lr_diverged": sum(d["recommended_lr_run"]["diverged"] for _, d in rows),
         }  # fmt: skip
+        ablated = [d["without_knee"] for _, d in rows if "without_knee" in d]
+        if ablated:
+            held_without = [a["interval_held"] for a in ablated if a["interval_held"] is not None]
+            out[half]["without_knee"] = {
+                **_ratio_summary([a["ratio"] for a in ablated]),
+                "interval_held_fraction": sum(held_without) / len(held_without) if held_without else None,
+            }
     return out
 
 
@@ -827,16 +876,45 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         f"- probe budget: {PROBE_SHARE:.0%} of the sweep's training seconds; cost = ladder + statistics "
         "seconds",
         "",
-        "| half | task-depths | median ratio | worst ratio | 80 % interval held | max probe cost "
-        "| rec. lr diverged |",
-        "|---|---|---|---|---|---|---|",
+        "| half | task-depths | median ratio | geometric mean | worst ratio | over 1.25 | 80 % interval held "
+        "| max probe cost | rec. lr diverged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for half, s in summary.items():
         lines.append(
-            f"| {half} | {s['task_depths']} | {s['median_ratio']:.2f} | {s['worst_ratio']:.2f} | "
+            f"| {half} | {s['task_depths']} | {s['median_ratio']:.2f} | {_fmt(s['geometric_mean_ratio'])} | "
+            f"{s['worst_ratio']:.2f} | {s['over_1_25']} | "
             f"{_fmt(s['interval_held_fraction'])} | {s['max_probe_cost_fraction']:.1%} | "
             f"{s['recommended_lr_diverged']} |"
         )
+    if any("without_knee" in h for h in summary.values()):
+        lines += [
+            "",
+            "The same probes, the size chosen without the step-time knee (`--without-knee`: "
+            f"horizon.KNEE_WEIGHT 0, interval calibration {PRE_KNEE_CALIBRATION}):",
+            "",
+            "| half | task-depths | median ratio | geometric mean | worst ratio | over 1.25 "
+            "| 80 % interval held |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {half} | {h['task_depths']} | {w['median_ratio']:.2f} | "
+                f"{_fmt(w['geometric_mean_ratio'])} | {w['worst_ratio']:.2f} | {w['over_1_25']} | "
+                f"{_fmt(w['interval_held_fraction'])} |"
+                for half, h in summary.items()
+                for w in (h["without_knee"],)
+            ),
+            "",
+            "| half | task | run | depth | oracle best B | rec. B: ratio (held) | without the knee |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {r['task']['half']} | {r['task']['name']} | {r.get('probe_run', 1)} | {d['depth']} | "
+                f"{d['oracle_best_batch_size']} | {d['recommended_batch_size']}: {d['ratio']:.2f} "
+                f"({d['interval_held']}) | {d['without_knee']['recommended_batch_size']}: "
+                f"{d['without_knee']['ratio']:.2f} ({d['without_knee']['interval_held']}) |"
+                for r in results
+                for d in r["depths"]
+            ),
+        ]
     lines += [
         "",
         "| half | task | depth | target | oracle best B (time) | rec. B (lr) | ratio | 80 % bound | held | "
@@ -953,8 +1031,9 @@ def rescore(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -
         stored_times = None if args.retime else t.get("step_seconds")
         times = {int(b): v for b, v in stored_times.items()} if stored_times else None
         loads.setdefault("step_times", {})[name] = t.get("step_times_measured") if times else "this command"
-        print(f"== {name} (rescored)", flush=True)
-        results.append(bench_task(name, t["reference_run"], tuned, args, times))
+        for run in range(1, args.probe_runs + 1):  # each run probes again; the sweep and yardstick stay
+            print(f"== {name} (rescored, probe run {run})", flush=True)
+            results.append({**bench_task(name, t["reference_run"], tuned, args, times), "probe_run": run})
         loads["after"] = _uptime()
         write_report(results, args, out, time.monotonic() - started, loads)
     for path in _ARCHIVES.values():
@@ -990,6 +1069,13 @@ def main() -> None:
         help="minibatch orders for each depth's best lr (the size's steps: their mean)",
     )  # fmt: skip
     parser.add_argument("--repeats", action="store_const", const=2, dest="orders", help="--orders 2")
+    parser.add_argument(
+        "--without-knee", action="store_true",
+        help="also score each probe's answer chosen without the step-time knee (an ablation, same probes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--probe-runs", type=int, default=1, help="with --rescore: probe and score each task this many times"
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.tasks.split(",")]

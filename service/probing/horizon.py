@@ -62,14 +62,13 @@ INTERVAL_PROBABILITY = 0.8
 # knee; split-conformal calibration: 81 % held with it, 92 % with the 2.06 set before the knee).
 INTERVAL_CALIBRATION = 1.06
 DRAWS = 2000
-# The step-time knee: the largest candidate whose step takes at most STEP_TIME_KNEE times the smallest
-# measured size's. Below it a bigger batch costs (almost) nothing per step, and with an lr tuned per size
-# steps to target do not rise with B, so the best size is rarely far below it. The recommended size is
+# The step-time knee: the largest measured size whose step takes at most STEP_TIME_KNEE times the
+# smallest measured size's. Below it a bigger batch costs (almost) nothing per step, and with an lr tuned per
+# size steps to target do not rise with B, so the best size is rarely far below it. The recommended size is
 # the time model's choice moved KNEE_WEIGHT of the way (in ln B) to the knee: a short probe measures
 # B_noise to ~3x (its error against the benchmark oracle's own B_noise), the knee to a few per cent.
-# Set on the benchmark's seen task-depths (bench/convergence.py; two probe sets of 96 and 72): median
-# ratio 1.10 -> 1.09 and 1.12 -> 1.07, geometric mean 1.14 -> 1.12 and 1.15 -> 1.11, worst 1.86 -> 1.48
-# and 1.86 -> 1.45; the knee alone: geometric mean 1.15 and 1.14.
+# Both set on the benchmark's seen task-depths (bench/convergence.py); docs/benchmarks/convergence_knee.md
+# scores the same probes with and without it.
 STEP_TIME_KNEE = 1.25
 KNEE_WEIGHT = 0.5
 CONFIDENCE_BOUNDS = (("high", 1.10), ("medium", 1.25))  # interval upper end -> coarse label
@@ -502,9 +501,10 @@ def step_time_knee(
     return max(within) if within else min(ladder[0][0], max_micro_batch)
 
 
-def toward_knee(choice: int, knee: int, candidates: Sequence[int], weight: float = KNEE_WEIGHT) -> int:
-    """The candidate nearest (in ln B; the smaller on a tie) to `choice` moved `weight` of the way to
-    `knee` in ln B."""
+def toward_knee(choice: int, knee: int, candidates: Sequence[int], weight: float | None = None) -> int:
+    """The candidate nearest (in ln B; the smaller on a tie) to `choice` moved `weight` (default
+    KNEE_WEIGHT) of the way to `knee` in ln B."""
+    weight = KNEE_WEIGHT if weight is None else weight
     target = (1 - weight) * math.log(choice) + weight * math.log(knee)
     return min(sorted({int(c) for c in candidates}), key=lambda c: (abs(math.log(c) - target), c))
 
