@@ -167,6 +167,7 @@ def test_with_a_spread_the_choice_is_the_robust_one_and_says_so():
     robust_size = horizon.robust_micro_batch(throughput=lad, candidates=candidates, b_noise=100.0, sigma=1.0)
     knee = horizon.step_time_knee(lad, 512)
     assert robust["recommended_batch_size"] == horizon.toward_knee(robust_size, knee, candidates)
+    assert knee < robust["recommended_batch_size"] < robust_size  # here the knee (32) moves 96 to 64
     assert f"({robust_size})" in robust["batch_choice"] and f"knee ({knee})" in robust["batch_choice"]
     # recommend() chooses robustly for B_noise at the horizon, with the horizon's spread.
     carried = {"value": 100.0, "sigma": 1.0}
