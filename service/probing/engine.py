@@ -162,6 +162,8 @@ def run_probe(spec: ProbeSpec, emit: Emit, *, started: float | None = None) -> P
                 )
                 clock.lap("statistics", ran=statistics.get("gradient_noise_scale") is not None)
             else:
+                # Not measured, but a client's sample the model cannot use still fails the job.
+                _checked_sample(spec, model_spec, config, device)
                 clock.skip("statistics", settled)
                 statistics["noise_independent"] = settled
 
@@ -739,6 +741,29 @@ def _search_points(search: SearchResult) -> list[dict]:
     ]
 
 
+def _checked_sample(spec: ProbeSpec, model_spec: Any, config: Any, device: torch.device) -> Any:
+    """The statistics' data (data.sample_for_model: the client's sample, a built-in one, or None); a
+    client's sample first trains one step on a slice, and one the model cannot use fails the job
+    (invalid_sample)."""
+    shape, dtype = list(model_spec.input_shape(config)), model_spec.input_dtype
+    classes = int(model_spec.num_classes(config))
+    task = sample_check.Task.for_model(
+        config, input_shape=shape, input_dtype=dtype, num_classes=classes, ignore_index=spec.ignore_index
+    )
+    try:
+        sample = sample_for_model(shape, dtype, classes, spec.sample_path, task=task)
+    except ValueError as exc:
+        raise ProbeError("invalid_sample", f"the data sample does not fit the model: {exc}") from exc
+    if sample is not None and not sample.builtin:  # one step on a slice settles whether it fits
+        try:
+            checked = model_spec.build(config, spec.gradient_checkpointing).to(device)
+            sample_check.dry_step(checked, model_spec.loss, sample.x.to(device), sample.y.to(device), task)
+        except ValueError as exc:
+            raise ProbeError("invalid_sample", f"the data sample does not fit the model: {exc}") from exc
+        del checked
+    return sample
+
+
 def _statistics_phase(
     spec: ProbeSpec,
     model_spec: Any,
@@ -756,25 +781,10 @@ def _statistics_phase(
     MIN_STATISTICS_STEPS steps at the reference batch size (predicted from the steps measured so far).
     Returns run_statistics' dict ({"gradient_noise_scale", "races", "cut_short"}), with only
     "cut_short" filled when no real data fits the model or no time is left. A client's sample is checked
-    (one training step on a slice) even then: a sample the model cannot use fails the job.
+    (`_checked_sample`) even then: a sample the model cannot use fails the job.
     """
     skipped = {"gradient_noise_scale": None, "races": None}
-    shape, dtype = list(model_spec.input_shape(config)), model_spec.input_dtype
-    classes = int(model_spec.num_classes(config))
-    task = sample_check.Task.for_model(
-        config, input_shape=shape, input_dtype=dtype, num_classes=classes, ignore_index=spec.ignore_index
-    )
-    try:
-        sample = sample_for_model(shape, dtype, classes, spec.sample_path, task=task)
-    except ValueError as exc:
-        raise ProbeError("invalid_sample", f"the data sample does not fit the model: {exc}") from exc
-    if sample is not None and not sample.builtin:  # one step on a slice settles whether it fits
-        try:
-            checked = model_spec.build(config, spec.gradient_checkpointing).to(device)
-            sample_check.dry_step(checked, model_spec.loss, sample.x.to(device), sample.y.to(device), task)
-        except ValueError as exc:
-            raise ProbeError("invalid_sample", f"the data sample does not fit the model: {exc}") from exc
-        del checked
+    sample = _checked_sample(spec, model_spec, config, device)
     time_budget_s = STATISTICS_TIME_SHARE * clock.left()
     needed = max(
         MIN_STATISTICS_S, TIME_SAFETY * MIN_STATISTICS_STEPS * costs.predict(spec.reference_batch_size)

@@ -121,3 +121,19 @@ def test_the_probe_fails_a_sample_whose_targets_the_model_cannot_use(tmp_path) -
         in info.value.message
     )
     assert "x float32 [64], y int64 [3] per example" in info.value.message
+
+
+def test_a_sample_the_model_cannot_use_fails_the_job_even_when_the_statistics_are_skipped(
+    tmp_path, monkeypatch
+) -> None:
+    """When the throughput curve settles the answer without a noise scale, the sample is still checked."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "positions.npz"
+    np.savez(path, x=rng.standard_normal((256, 64)).astype(np.float32), y=rng.integers(0, 10, (256, 3)))
+    monkeypatch.setattr(engine, "_answer_without_noise_scale", lambda *args: "skipped: settled")
+    spec = ProbeSpec(
+        model_name="mlp", memory_budget_bytes=64 * 2**20, time_budget_s=2.0, sample_path=str(path)
+    )
+    with pytest.raises(ProbeError) as info:
+        engine.run_probe(spec, lambda event: None)
+    assert info.value.code == "invalid_sample"
