@@ -27,6 +27,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from service.probing import horizon
 from service.probing.horizon import robust_micro_batch, step_time_knee, toward_knee
 
 OBJECTIVES = ("time_to_target", "throughput", "max_feasible")
@@ -528,8 +529,8 @@ def choose_batch(
             knee = step_time_knee(throughput, max(singles))
             chosen = singles[toward_knee(micro, knee, sorted(singles))]
             choice = (
-                f"robust: smallest 80 % bound of the time ratio ({micro * devices}), moved halfway (in ln B) "
-                f"to the step-time knee ({knee * devices})"
+                f"robust: smallest 80 % bound of the time ratio ({micro * devices}), moved "
+                f"{horizon.KNEE_WEIGHT:.0%} of the way (in ln B) to the step-time knee ({knee * devices})"
             )
     elif used == "throughput":
         m = throughput_knee(throughput, max_feasible_batch_size)
