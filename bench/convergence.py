@@ -374,10 +374,10 @@ def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     if kind == "friedman2":
         from sklearn.datasets import make_friedman2
 
-        x, y = make_friedman2(n_samples=3000, noise=100.0, random_state=7)
+        x, y = make_friedman2(n_samples=3000, noise=30.0, random_state=7)
         xt = torch.as_tensor(x, dtype=torch.float32)
         yt = torch.as_tensor(y, dtype=torch.float32)
-        description = "make_friedman2, 3000 x 4, noise 100, x and y standardised"
+        description = "make_friedman2, 3000 x 4, noise 30, x and y standardised"
         return (xt - xt.mean(0)) / xt.std(0), (yt - yt.mean()) / yt.std(), description
     if kind == "text":
         from models import get_model, make_config
