@@ -1010,9 +1010,17 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
 
 
 def _step_times_source(sources: dict[str, Any]) -> str:
-    measured = {json.dumps(v, sort_keys=True) for v in sources.values() if v != "this command"}
+    """One line per command that stored step times: its rounds, first and last date, task count."""
+    by_command: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for v in sources.values():
+        if v != "this command":
+            by_command.setdefault((v.get("command", "?"), v.get("rounds")), []).append(v)
+    parts = [
+        f"stored with the sweeps by `{command}` ({rounds} interleaved rounds, {len(vs)} tasks, "
+        f"{min(v.get('date', '?') for v in vs)} to {max(v.get('date', '?') for v in vs)})"
+        for (command, rounds), vs in sorted(by_command.items(), key=lambda kv: str(kv[0]))
+    ]
     redone = sorted(n for n, v in sources.items() if v == "this command")
-    parts = [f"stored with the sweeps, measured {', '.join(sorted(measured))}"] if measured else []
     if redone:
         parts.append(f"measured by this command for {', '.join(redone)}")
     return "; ".join(parts)
