@@ -926,6 +926,22 @@ def _warnings(
     return warnings
 
 
+def _plain_sgd_warning(spec: ProbeSpec, recommendation: dict[str, Any]) -> list[str]:
+    """Plain SGD's tuned learning rate stops growing at a curvature limit (about 2 / the Hessian's
+    largest eigenvalue) that neither the races nor the noise scale see; past it a larger batch stops
+    saving steps, so a size above the reference may be slower than predicted."""
+    if spec.optimizer != "sgd" or spec.momentum > 0:
+        return []
+    if recommendation["recommended_batch_size"] <= spec.reference_batch_size:
+        return []
+    return [
+        "plain SGD (momentum 0): its largest stable learning rate is set by the loss's curvature, which "
+        "the probe does not measure; past it a larger batch stops saving steps, so the recommended size "
+        "may be too large (on the benchmark suite's plain-SGD tasks the best size was usually 1.5-4x "
+        "smaller: docs/benchmarks/convergence.md)"
+    ]
+
+
 def _round_up(seconds: float, step: float = 10.0) -> int:
     return int(step * math.ceil(seconds / step))
 
@@ -1028,7 +1044,7 @@ def _assemble_result(
         if statistics.get("gradient_noise_scale")
         else None,
         "confidence": confidence,
-        "warnings": warnings + recommendation["warnings"],
+        "warnings": warnings + recommendation["warnings"] + _plain_sgd_warning(spec, recommendation),
         "data_sample": statistics.get("sample"),
         "search": {
             "trials": len(search.trials),

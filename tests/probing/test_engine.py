@@ -278,3 +278,19 @@ def test_time_to_target_without_time_for_the_noise_scale_is_a_flagged_throughput
     assert any("no time was left to measure the noise scale" in w for w in result["warnings"])
     assert any("a time_budget_s of about" in w for w in result["warnings"])
     assert result["learning_rate"] <= 0.1  # nothing observed: never above the reference
+
+
+@pytest.mark.parametrize(
+    ("momentum", "recommended", "warned"),
+    [(0.0, 128, True), (0.0, 32, False), (0.9, 128, False)],
+)
+def test_plain_sgd_above_the_reference_batch_is_warned_about(momentum, recommended, warned) -> None:
+    spec = _spec(optimizer="sgd", momentum=momentum, reference_batch_size=32)
+    warnings = engine._plain_sgd_warning(spec, {"recommended_batch_size": recommended})
+    assert bool(warnings) is warned
+    assert all("plain SGD" in w for w in warnings)
+
+
+def test_adam_is_never_warned_about_plain_sgd() -> None:
+    spec = _spec(optimizer="adam", momentum=0.0, reference_batch_size=32)
+    assert engine._plain_sgd_warning(spec, {"recommended_batch_size": 512}) == []
