@@ -1,10 +1,10 @@
 """Generalisation suite: does the probe's recommended batch size hold on training jobs it was not tuned on?
 
-Thirty small tasks in three groups fixed in this file: the TUNING half is the one the method's
-constants (service/probing/horizon.py, races.py, recipe.py) were first set on; SEEN are four earlier
+Thirty-six small tasks in three groups fixed in this file: the TUNING half is the one the method's
+constants (service/probing/horizon.py, races.py, recipe.py) were first set on; SEEN are five earlier
 held-out halves, each scored once and then read before the method's later changes (so no longer held
-out); the HELD-OUT half (six tasks, two data sets no other task uses) was defined before those changes
-and is scored once, with the method fixed. Together they cover plain SGD, SGD with momentum (and
+out); the HELD-OUT half (six tasks, two data sets no other task uses) was defined and swept after those
+changes and is scored once, with the method fixed. Together they cover plain SGD, SGD with momentum (and
 Nesterov, weight decay), Adam and AdamW with beta2 0.95 to 0.999 and weight decay, dropout, label noise,
 MSE and Huber regression, CNNs with and without BatchNorm, a character-level language model and a model
 that goes through a torch.export archive (`.pt2`, loaded by service/probing/exported.py as an upload
