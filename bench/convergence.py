@@ -1,10 +1,10 @@
 """Generalisation suite: does the probe's recommended batch size hold on training jobs it was not tuned on?
 
-Thirty-six small tasks in three groups fixed in this file: the TUNING half is the one the method's
+Forty-two small tasks in three groups fixed in this file: the TUNING half is the one the method's
 constants (service/probing/horizon.py, races.py, recipe.py) were first set on; SEEN are five earlier
 held-out halves, each scored once and then read before the method's later changes (so no longer held
-out); the HELD-OUT half (six tasks, two data sets no other task uses) was defined and swept after those
-changes and is scored once, with the method fixed. Together they cover plain SGD, SGD with momentum (and
+out); the HELD-OUT half (twelve tasks, four data sets no other task uses) was defined and swept after those
+changes and is scored with the method fixed. Together they cover plain SGD, SGD with momentum (and
 Nesterov, weight decay), Adam and AdamW with beta2 0.95 to 0.999 and weight decay, dropout, label noise,
 MSE and Huber regression, CNNs with and without BatchNorm, a character-level language model and a model
 that goes through a torch.export archive (`.pt2`, loaded by service/probing/exported.py as an upload
@@ -114,7 +114,8 @@ CLOCK = time.thread_time
 class Task:
     name: str
     half: str  # one of HALVES, fixed before the constants it is reported against were set
-    # digits[_images|_noisy] | friedman[2|3] | tabular | hastie | regression | blobs | quantiles | text
+    # digits[_images|_noisy] | friedman[2|3] | tabular | hastie | regression | blobs | quantiles | moons |
+    # swissroll | text
     data: str
     model: str  # mlp | mlp_dropout | cnn | cnn_bn | gpt | exported_mlp
     optimizer: str
@@ -237,9 +238,11 @@ TASKS = {
              sizes=(16, 32, 64, 128, 256), options={"betas": [0.9, 0.95], "weight_decay": 0.1},
              description="character-level GPT (1 layer, 32-dim, 16-byte context) on Python source, "
              "AdamW betas (0.9, 0.95), wd 0.1, lr 6e-4"),
-        # ---- held-out half: defined (conventional, untuned client lrs; two data sets no other task uses)
-        # after the fifth held-out half had been read and before any further change to the method; swept
-        # with four minibatch orders and shallow targets at 1/5 of the reference's steps; scored once
+        # ---- held-out half: twelve tasks, six on each of four data sets no other task uses, with
+        # conventional, untuned client lrs; swept with four minibatch orders and shallow targets at 1/5 of
+        # the reference's steps. The first six (the sixth held-out half) were defined after the fifth had
+        # been read and before any further change to the method, and scored once (median 1.01, worst 1.46,
+        # interval 10 of 12); no change to how the size is chosen followed, so they stay held out
         Task("quantiles-mlp-adamw", "held_out", "quantiles", "mlp", "adamw", 2e-3, 600,
              options={"betas": [0.9, 0.95], "weight_decay": 0.05},
              description="MLP 8-64-64-4 on make_gaussian_quantiles (4 nested shells), "
@@ -261,6 +264,27 @@ TASKS = {
              sizes=(16, 32, 64, 128, 256),
              description="character-level GPT (1 layer, 32-dim, 16-byte context) on Python source, "
              "Adam (torch defaults), lr 1e-3"),
+        # the seventh held-out half: defined after the sixth had been scored, with the method unchanged
+        Task("moons-mlp-momentum", "held_out", "moons", "mlp", "sgd", 0.05, 600,
+             options={"momentum": 0.9},
+             description="MLP 8-64-64-2 on make_moons (noise 0.3) plus 6 noise features, SGD momentum 0.9"),
+        Task("moons-mlp-dropout-adamw", "held_out", "moons", "mlp_dropout", "adamw", 1e-3, 500,
+             hidden=(128, 128), options={"betas": [0.9, 0.999], "weight_decay": 0.01},
+             description="MLP 8-128-128-2 with dropout 0.2 on make_moons plus noise features, AdamW "
+             "(torch default betas), wd 0.01"),
+        Task("swissroll-mlp-sgd", "held_out", "swissroll", "mlp", "sgd", 0.02, 800,
+             options={"momentum": 0.0},
+             description="MLP 3-64-64-1 regression (MSE) of the roll position on make_swiss_roll, plain SGD"),
+        Task("swissroll-mlp-huber-adam", "held_out", "swissroll", "mlp", "adam", 1e-3, 600, hidden=(128,),
+             loss="huber",
+             description="MLP 3-128-1 regression (Huber loss) on make_swiss_roll, Adam (torch defaults)"),
+        Task("digits-cnn-bn-sgd", "held_out", "digits_images", "cnn_bn", "sgd", 0.05, 300,
+             sizes=(16, 32, 64, 128, 256), options={"momentum": 0.0},
+             description="CNN (2 conv + BatchNorm) on digits 1x8x8, plain SGD"),
+        Task("text-gpt-adamw-b99", "held_out", "text", "gpt", "adamw", 2e-3, 300,
+             sizes=(16, 32, 64, 128, 256), options={"betas": [0.9, 0.99], "weight_decay": 0.05},
+             description="character-level GPT (1 layer, 32-dim, 16-byte context) on Python source, "
+             "AdamW betas (0.9, 0.99), wd 0.05, lr 2e-3"),
     )
 }  # fmt: skip
 
@@ -379,6 +403,22 @@ def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         yt = torch.as_tensor(y, dtype=torch.float32)
         description = "make_friedman2, 3000 x 4, noise 30, x and y standardised"
         return (xt - xt.mean(0)) / xt.std(0), (yt - yt.mean()) / yt.std(), description
+    if kind == "moons":
+        from sklearn.datasets import make_moons
+
+        x, y = make_moons(n_samples=3000, noise=0.3, random_state=8)
+        noise = torch.randn(3000, 6, generator=torch.Generator().manual_seed(8))
+        xt = torch.cat([torch.as_tensor(x, dtype=torch.float32), noise], dim=1)
+        description = "make_moons, 3000 x 2 (noise 0.3) plus 6 Gaussian noise features, x standardised"
+        return (xt - xt.mean(0)) / xt.std(0), torch.as_tensor(y, dtype=torch.long), description
+    if kind == "swissroll":
+        from sklearn.datasets import make_swiss_roll
+
+        x, t = make_swiss_roll(n_samples=3000, noise=0.5, random_state=9)
+        xt = torch.as_tensor(x, dtype=torch.float32)
+        yt = torch.as_tensor(t, dtype=torch.float32)
+        description = "make_swiss_roll, 3000 x 3 (noise 0.5), target: the roll position; x and y standardised"
+        return (xt - xt.mean(0)) / xt.std(0), (yt - yt.mean()) / yt.std(), description
     if kind == "text":
         from models import get_model, make_config
 
@@ -430,6 +470,10 @@ class Setup:
             width = [8, *task.hidden, 4]
         elif task.data == "friedman2":
             width, self.loss = [4, *task.hidden, 1], _huber if task.loss == "huber" else _mse
+        elif task.data == "moons":
+            width = [8, *task.hidden, 2]
+        elif task.data == "swissroll":
+            width, self.loss = [3, *task.hidden, 1], _huber if task.loss == "huber" else _mse
         if task.model == "gpt":
             from models import get_model, make_config
 
