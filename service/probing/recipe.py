@@ -381,6 +381,25 @@ def choose_noise_scale(
     return {**choice, "bound": "lower" if lower else None}
 
 
+def unresolved_lower_bound(gradient_noise_scale: Mapping[str, Any]) -> float | None:
+    """B_noise's lower bound when the two-batch estimate did not resolve B_simple (|G|² not above its
+    noise at b_big): the bootstrap's lower quantile, which says how far above b_big B_simple must lie,
+    between b_big and NOISE_BOUND_FACTOR x b_big (beyond that the sizes measured say nothing). b_big
+    alone, the weakest bound, made the recipe choose too small a batch on every such task of the
+    convergence suite."""
+    b_big = float(gradient_noise_scale.get("b_big") or 0)
+    if b_big <= 0:
+        return None
+    low = gradient_noise_scale.get("low")
+    if low is None:  # no bootstrap: only b_big is known
+        return b_big
+    return max(b_big, min(float(low), NOISE_BOUND_FACTOR * b_big))  # low is clamped at 1e30, or inf
+
+
+def _fmt_bound(value: float | None) -> str:
+    return "nothing" if value is None else f"{value:.3g}"
+
+
 def _choose_noise_scale(
     gradient_noise_scale: Mapping[str, Any] | None, races: Mapping[str, Any] | None
 ) -> dict:
@@ -389,11 +408,13 @@ def _choose_noise_scale(
     gns_value = gns.get("value")
     gns_ok = gns_value is not None and math.isfinite(gns_value) and gns_value > 0
     if gns and gns.get("status") == "unresolved":
+        gns_value = unresolved_lower_bound(gns)
+        gns_ok = gns_value is not None
         warnings.append(
             f"gradient noise scale not resolved at b_big={gns.get('b_big')}: B_simple is above it; "
-            "using that as a lower bound"
+            f"using {_fmt_bound(gns_value)} (its bootstrap's lower quantile, at most {NOISE_BOUND_FACTOR}x "
+            "b_big) as a lower bound"
         )
-        gns_value, gns_ok = float(gns.get("b_big") or 0) or None, bool(gns.get("b_big"))
     race = races or {}
     race_value = race.get("value")
     status = race.get("status")

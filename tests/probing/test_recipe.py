@@ -275,6 +275,25 @@ def test_unresolved_noise_scale_is_a_lower_bound():
     assert choice["value"] == 512 and any("lower bound" in w for w in choice["warnings"])
 
 
+@pytest.mark.parametrize(
+    ("low", "bound"),
+    [
+        (100.0, 100.0),
+        (5000.0, recipe.NOISE_BOUND_FACTOR * 32),
+        (1e30, recipe.NOISE_BOUND_FACTOR * 32),
+        (8.0, 32),
+    ],
+)
+def test_an_unresolved_noise_scale_is_bounded_by_its_bootstraps_lower_quantile(low, bound):
+    # |G|² not resolved at b_big=32: the bootstrap's 5 % quantile says how far above b_big B_simple lies,
+    # up to NOISE_BOUND_FACTOR x b_big; never below b_big itself.
+    gns = {"value": math.inf, "low": low, "high": math.inf, "status": "unresolved", "b_big": 32,
+           "measured_on": "client"}  # fmt: skip
+    choice = recipe.choose_noise_scale(gns, None)
+    assert choice["value"] == pytest.approx(bound) and choice["bound"] == "lower"
+    assert any(f"using {bound:.3g}" in w for w in choice["warnings"])
+
+
 def test_no_estimate_falls_back_to_throughput():
     r = _recommend(gradient_noise_scale=None, races=None)
     assert r["noise_scale_source"] is None and r["objective_used"] == "throughput"
