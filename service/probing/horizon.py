@@ -488,10 +488,12 @@ def robust_micro_batch(
 
 
 def step_time_knee(
-    throughput: Sequence[Mapping[str, Any]], max_micro_batch: int, factor: float = STEP_TIME_KNEE
+    throughput: Sequence[Mapping[str, Any]], max_micro_batch: int, factor: float | None = None
 ) -> int:
-    """The largest measured size <= max_micro_batch whose step time is at most `factor` times the
-    smallest measured size's (as measured: smoothing the ladder first moved the knee by noise)."""
+    """The largest measured size <= max_micro_batch whose step time is at most `factor` (default
+    STEP_TIME_KNEE) times the smallest measured size's (as measured: smoothing the ladder first moved
+    the knee by noise)."""
+    factor = STEP_TIME_KNEE if factor is None else factor
     ladder = sorted(
         (int(p["batch_size"]), float(p["batch_size"]) / float(p["samples_per_second"]))
         for p in throughput

@@ -396,10 +396,6 @@ def unresolved_lower_bound(gradient_noise_scale: Mapping[str, Any]) -> float | N
     return max(b_big, min(float(low), NOISE_BOUND_FACTOR * b_big))  # low is clamped at 1e30, or inf
 
 
-def _fmt_bound(value: float | None) -> str:
-    return "nothing" if value is None else f"{value:.3g}"
-
-
 def _choose_noise_scale(
     gradient_noise_scale: Mapping[str, Any] | None, races: Mapping[str, Any] | None
 ) -> dict:
@@ -410,11 +406,12 @@ def _choose_noise_scale(
     if gns and gns.get("status") == "unresolved":
         gns_value = unresolved_lower_bound(gns)
         gns_ok = gns_value is not None
-        warnings.append(
-            f"gradient noise scale not resolved at b_big={gns.get('b_big')}: B_simple is above it; "
-            f"using {_fmt_bound(gns_value)} (its bootstrap's lower quantile, at most {NOISE_BOUND_FACTOR}x "
-            "b_big) as a lower bound"
-        )
+        if gns_value is not None:
+            warnings.append(
+                f"gradient noise scale not resolved at b_big={gns.get('b_big')}: B_simple is above it; "
+                f"using {gns_value:.3g} (its bootstrap's lower quantile, at most {NOISE_BOUND_FACTOR}x "
+                "b_big) as a lower bound"
+            )
     race = races or {}
     race_value = race.get("value")
     status = race.get("status")
