@@ -36,7 +36,9 @@ and the statistics (once per task: both depths share it). A task's probe, step t
 happen in the main process as soon as its sweep is done, while the pool sweeps the next tasks.
 
 `--without-knee` also scores each probe's answer chosen without the step-time knee (service/probing/
-horizon.py: KNEE_WEIGHT 0, the interval calibrated as it was before it), on the same probes.
+horizon.py: KNEE_WEIGHT 0, the interval calibrated as it was before it), on the same probes. With
+`--probe-runs N` each task is probed N times on the same sweep and yardstick, and the report says how far
+the answer moves between runs; `--probe-shares` probes each run at several budgets, interleaved.
 
 Per task and depth: the oracle's best size and time, the recommended size, ratio = oracle time at the
 recommended size / best time, the stated 80 % interval for that ratio and whether it held, the probe's
@@ -49,6 +51,7 @@ diverges (one run to the deep target).
     .venv/bin/python bench/convergence.py --rescore /tmp/a.json,/tmp/sweep.json   # probes on stored sweeps
     .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --time-sweeps --rounds 12  # step times
     .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --without-knee --probe-runs 3  # ablation
+    .venv/bin/python bench/convergence.py --rescore /tmp/a.json --probe-runs 2 --probe-shares 0.04,0.08,0.16
 """
 
 from __future__ import annotations
@@ -811,12 +814,13 @@ def bench_task(
     tuned: dict[int, Any],
     args: argparse.Namespace,
     step_times: dict[int, float] | None = None,
+    share: float = PROBE_SHARE,
 ) -> dict[str, Any]:
     setup = _setup(name)
     task = setup.task
     targets = refs["targets"]
     sweep_cost = sum(t["sweep_seconds"] for t in tuned.values())
-    budget = PROBE_SHARE * sweep_cost
+    budget = share * sweep_cost
     probe = run_probe(setup, budget)
     n = len(setup.x)
     depths = []
@@ -889,6 +893,7 @@ def bench_task(
         "deep_over_shallow_steps": {b: r for b, r in zip(tuned, deep_over_shallow, strict=True)},
         "step_seconds": step_s,
         "sweep_seconds": sweep_cost,
+        "probe_share": share,
         "probe_budget_s": budget,
         "probe_seconds": probe["seconds"],
         "probe_cost_fraction": probe["seconds"] / sweep_cost,
@@ -913,6 +918,10 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "inf" if math.isinf(v) else f"{v:.3g}"
     return str(v)
+
+
+def _shares(args: argparse.Namespace) -> list[float]:
+    return [float(s) for s in str(args.probe_shares).split(",")]
 
 
 def _ratio_summary(ratios: list[float]) -> dict[str, Any]:
@@ -952,9 +961,40 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def run_spread(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per half, how far one task-depth's answer moves between probe runs (same sweep, same yardstick):
+    the recommended sizes' max/min ratio (median and 90th percentile over task-depths), and how many
+    task-depths were over 1.25 in every run or in some runs only."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        for d in r["depths"]:
+            groups.setdefault((r["task"]["half"], r["task"]["name"], d["depth"]), []).append(d)
+    out: dict[str, Any] = {}
+    for half in HALVES:
+        runs = [ds for (h, _, _), ds in groups.items() if h == half and len(ds) > 1]
+        if not runs:
+            continue
+        spreads = sorted(
+            max(d["recommended_batch_size"] for d in ds) / min(d["recommended_batch_size"] for d in ds)
+            for ds in runs
+        )
+        over = [[d["ratio"] > 1.25 for d in ds] for ds in runs]
+        out[half] = {
+            "task_depths": len(runs), "runs": min(len(ds) for ds in runs),
+            "rec_spread_median": statistics.median(spreads),
+            "rec_spread_p90": spreads[min(len(spreads) - 1, int(0.9 * len(spreads)))],
+            "over_1_25_every_run": sum(all(o) for o in over),
+            "over_1_25_some_runs": sum(any(o) and not all(o) for o in over),
+        }  # fmt: skip
+    return out
+
+
 def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: Path, seconds: float,
                  loads: dict[str, Any]) -> None:  # fmt: skip
-    summary = summarise(results)
+    shares = sorted({r.get("probe_share", PROBE_SHARE) for r in results})
+    by_share = {s: [r for r in results if r.get("probe_share", PROBE_SHARE) == s] for s in shares}
+    summary = summarise(results) if len(shares) == 1 else {}
+    spread = {s: run_spread(rs) for s, rs in by_share.items()}
     meta = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu_model_name() or platform.processor()}, {os.cpu_count()} cores",
@@ -964,12 +1004,16 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         "minutes": seconds / 60,
         "load": loads,
         "split": {h: [t.name for t in TASKS.values() if t.half == h] for h in HALVES},
-        "probe_share": PROBE_SHARE,
+        "probe_share": shares[0] if len(shares) == 1 else shares,
         "goals_held_out": {"median_ratio": 1.10, "worst_ratio": 1.25, "interval_held_fraction": 0.75,
                            "probe_cost_fraction": 0.10, "recommended_lr_diverged": 0},
     }  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps({**meta, "summary": summary, "tasks": results}, indent=1,
-                                                   default=str))  # fmt: skip
+    by_budget = {s: {"summary": summarise(rs), "run_spread": spread[s]} for s, rs in by_share.items()}
+    out.with_suffix(".json").write_text(json.dumps(
+        {**meta, "summary": summary, **({"by_budget": by_budget} if len(shares) > 1 else {}),
+         "run_spread": spread[shares[0]] if len(shares) == 1 else None, "tasks": results},
+        indent=1, default=str,
+    ))  # fmt: skip
     lines = [
         "# Convergence benchmark: the generalisation suite",
         "",
@@ -1008,8 +1052,14 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
             if loads.get("step_times")
             else []
         ),
-        f"- probe budget: {PROBE_SHARE:.0%} of the sweep's training seconds; cost = ladder + statistics "
-        "seconds",
+        f"- probe budget: {', '.join(f'{s:.0%}' for s in shares)} of the sweep's training seconds; cost = "
+        "ladder + statistics seconds",
+    ]
+    if len(shares) > 1:
+        lines += _budget_lines(by_budget, by_share)
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        return
+    lines += [
         "",
         "| half | task-depths | median ratio | geometric mean | worst ratio | over 1.25 | 80 % interval held "
         "| max probe cost | rec. lr diverged |",
@@ -1022,6 +1072,9 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
             f"{_fmt(s['interval_held_fraction'])} | {s['max_probe_cost_fraction']:.1%} | "
             f"{s['recommended_lr_diverged']} |"
         )
+    if spread[shares[0]]:
+        lines += ["", "How far the answer moves between probe runs (same sweep and yardstick):", "",
+                  *_spread_lines(spread[shares[0]])]  # fmt: skip
     if any("without_knee" in h for h in summary.values()):
         lines += [
             "",
@@ -1101,6 +1154,63 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def _spread_lines(spread: dict[str, Any], share: float | None = None) -> list[str]:
+    head = "| budget " if share is not None else ""
+    cell = f"| {share:.0%} " if share is not None else ""
+    return [
+        f"{head}| half | task-depths x runs | rec. size max/min over runs: median | 90th pct | over 1.25 in "
+        "every run | in some runs only |",
+        "|---" * (6 + (share is not None)) + "|",
+        *(
+            f"{cell}| {half} | {s['task_depths']} x {s['runs']} | {s['rec_spread_median']:.2f} | "
+            f"{s['rec_spread_p90']:.2f} | {s['over_1_25_every_run']} | {s['over_1_25_some_runs']} |"
+            for half, s in spread.items()
+        ),
+    ]
+
+
+def _budget_lines(by_budget: dict[float, Any], by_share: dict[float, list[dict[str, Any]]]) -> list[str]:
+    """The report of a run with several probe budgets: per budget and half, the scores and how far the
+    answer moves between runs; then each task-depth's answers per budget."""
+    lines = [
+        "",
+        "| budget | half | task-depths | median ratio | geometric mean | worst ratio | over 1.25 "
+        "| 80 % interval held | max probe cost | rec. lr diverged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for share, b in by_budget.items():
+        for half, s in b["summary"].items():
+            lines.append(
+                f"| {share:.0%} | {half} | {s['task_depths']} | {s['median_ratio']:.2f} | "
+                f"{_fmt(s['geometric_mean_ratio'])} | {s['worst_ratio']:.2f} | {s['over_1_25']} | "
+                f"{_fmt(s['interval_held_fraction'])} | {s['max_probe_cost_fraction']:.1%} | "
+                f"{s['recommended_lr_diverged']} |"
+            )
+    lines += ["", "How far the answer moves between probe runs (same sweep and yardstick):", ""]
+    for i, (share, b) in enumerate(by_budget.items()):
+        lines += _spread_lines(b["run_spread"], share)[2 * (i > 0) :]
+    shares = list(by_share)
+    lines += [
+        "",
+        "Per task-depth: the oracle's best size, then per budget each run's recommended size: ratio.",
+        "",
+        "| half | task | depth | oracle best B | " + " | ".join(f"{s:.0%} budget" for s in shares) + " |",
+        "|---|---|---|---|" + "---|" * len(shares),
+    ]
+    for r in by_share[shares[0]]:
+        if r.get("probe_run", 1) != 1:  # one row per task: its runs are the cells
+            continue
+        for d in r["depths"]:
+            cells = []
+            for s in shares:
+                runs = [dd for rr in by_share[s] if rr["task"]["name"] == r["task"]["name"]
+                        for dd in rr["depths"] if dd["depth"] == d["depth"]]  # fmt: skip
+                cells.append(", ".join(f"{dd['recommended_batch_size']}: {dd['ratio']:.2f}" for dd in runs))
+            lines.append(f"| {r['task']['half']} | {r['task']['name']} | {d['depth']} | "
+                         f"{d['oracle_best_batch_size']} | " + " | ".join(cells) + " |")  # fmt: skip
+    return lines
+
+
 def _step_times_source(sources: dict[str, Any]) -> str:
     """One line per command that stored step times: its rounds, first and last date, task count."""
     by_command: dict[tuple[str, Any], list[dict[str, Any]]] = {}
@@ -1175,8 +1285,10 @@ def rescore(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -
         times = {int(b): v for b, v in stored_times.items()} if stored_times else None
         loads.setdefault("step_times", {})[name] = t.get("step_times_measured") if times else "this command"
         for run in range(1, args.probe_runs + 1):  # each run probes again; the sweep and yardstick stay
-            print(f"== {name} (rescored, probe run {run})", flush=True)
-            results.append({**bench_task(name, t["reference_run"], tuned, args, times), "probe_run": run})
+            for share in _shares(args):  # budgets interleaved, so the host's load falls on each alike
+                print(f"== {name} (rescored, probe run {run}, budget {share:.0%})", flush=True)
+                result = bench_task(name, t["reference_run"], tuned, args, times, share)
+                results.append({**result, "probe_run": run})
         loads["after"] = _uptime()
         write_report(results, args, out, time.monotonic() - started, loads)
     for path in _ARCHIVES.values():
@@ -1218,6 +1330,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--probe-runs", type=int, default=1, help="with --rescore: probe and score each task this many times"
+    )  # fmt: skip
+    parser.add_argument(
+        "--probe-shares", default=str(PROBE_SHARE),
+        help="with --rescore: comma-separated probe budgets (shares of the sweep), each probed and scored",
     )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
