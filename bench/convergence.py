@@ -934,6 +934,22 @@ def _ratio_summary(ratios: list[float]) -> dict[str, Any]:
     }
 
 
+def baselines(depths: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the recommended size is compared with on the same task-depths: the client's own batch size
+    (REFERENCE_BATCH) everywhere, and the one size that does best over all of them in hindsight (smallest
+    geometric-mean ratio, a ratio capped at 10 where a size never reached the target)."""
+
+    def ratios(size: int) -> list[float]:
+        return [time_at(d["oracle_times_s"], size)[0] / d["oracle_best_time_s"] for d in depths]
+
+    common = set.intersection(*(set(d["oracle_times_s"]) for d in depths))
+    fixed = min(sorted(common), key=lambda b: statistics.mean(math.log(min(r, 10.0)) for r in ratios(b)))
+    return {
+        "reference": {"batch_size": REFERENCE_BATCH, **_ratio_summary(ratios(REFERENCE_BATCH))},
+        "best_fixed": {"batch_size": fixed, **_ratio_summary(ratios(fixed))},
+    }
+
+
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for half in HALVES:
@@ -950,6 +966,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
                 r["probe_cost_fraction"] for r in results if r["task"]["half"] == half
             ),
             "recommended_lr_diverged": sum(d["recommended_lr_run"]["diverged"] for _, d in rows),
+            "baselines": baselines([d for _, d in rows]),
         }  # fmt: skip
         ablated = [d["without_knee"] for _, d in rows if "without_knee" in d]
         if ablated:
@@ -1072,6 +1089,9 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
             f"{_fmt(s['interval_held_fraction'])} | {s['max_probe_cost_fraction']:.1%} | "
             f"{s['recommended_lr_diverged']} |"
         )
+    lines += [
+        "", "Baselines on the same task-depths (oracle times, no probe):", "", *_baseline_lines(summary)
+    ]
     if spread[shares[0]]:
         lines += ["", "How far the answer moves between probe runs (same sweep and yardstick):", "",
                   *_spread_lines(spread[shares[0]])]  # fmt: skip
@@ -1154,6 +1174,20 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def _baseline_lines(summary: dict[str, Any]) -> list[str]:
+    return [
+        "| half | size | median ratio | geometric mean | worst ratio | over 1.25 |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {half} | {name} {b['batch_size']} | {b['median_ratio']:.2f} | "
+            f"{_fmt(b['geometric_mean_ratio'])} | {b['worst_ratio']:.2f} | {b['over_1_25']} |"
+            for half, s in summary.items()
+            for name, b in (("client's own", s["baselines"]["reference"]),
+                            ("best fixed in hindsight", s["baselines"]["best_fixed"]))
+        ),
+    ]  # fmt: skip
+
+
 def _spread_lines(spread: dict[str, Any], share: float | None = None) -> list[str]:
     head = "| budget " if share is not None else ""
     cell = f"| {share:.0%} " if share is not None else ""
@@ -1186,6 +1220,8 @@ def _budget_lines(by_budget: dict[float, Any], by_share: dict[float, list[dict[s
                 f"{_fmt(s['interval_held_fraction'])} | {s['max_probe_cost_fraction']:.1%} | "
                 f"{s['recommended_lr_diverged']} |"
             )
+    first = next(iter(by_budget.values()))["summary"]
+    lines += ["", "Baselines on the same task-depths (oracle times, no probe):", "", *_baseline_lines(first)]
     lines += ["", "How far the answer moves between probe runs (same sweep and yardstick):", ""]
     for i, (share, b) in enumerate(by_budget.items()):
         lines += _spread_lines(b["run_spread"], share)[2 * (i > 0) :]
