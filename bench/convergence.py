@@ -823,12 +823,12 @@ def recommend_for(setup: Setup, probe: dict[str, Any], epochs: float) -> dict[st
 def _knee_off() -> Iterator[None]:
     """The recipe as it chose before the step-time knee: the robust size itself, its bound calibrated
     as it was then."""
-    saved = horizon.KNEE_WEIGHT, horizon.INTERVAL_CALIBRATION
-    horizon.KNEE_WEIGHT, horizon.INTERVAL_CALIBRATION = 0.0, PRE_KNEE_CALIBRATION
+    saved = horizon.KNEE_WEIGHT, horizon.INTERVAL_CALIBRATION, horizon.MODEL_SIGMA
+    horizon.KNEE_WEIGHT, horizon.INTERVAL_CALIBRATION, horizon.MODEL_SIGMA = 0.0, PRE_KNEE_CALIBRATION, 0.0
     try:
         yield
     finally:
-        horizon.KNEE_WEIGHT, horizon.INTERVAL_CALIBRATION = saved
+        horizon.KNEE_WEIGHT, horizon.INTERVAL_CALIBRATION, horizon.MODEL_SIGMA = saved
 
 
 # ------------------------------------------------------------------------------------------ score

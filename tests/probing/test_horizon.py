@@ -140,6 +140,16 @@ def test_no_b_noise_no_horizon() -> None:
     assert carried["value"] is None and carried["warnings"]
 
 
+def test_epochs_without_a_race_still_give_the_steps() -> None:
+    """No race ran (a short budget): B_noise is not carried, but the client's epochs fix S_min."""
+    carried = horizon.carry_to_horizon(
+        races=None, b_noise_level=64.0, source="gradient_noise_scale", reference_batch_size=32,
+        dataset_size=3200, epochs=2,
+    )  # fmt: skip
+    assert carried["value"] == 64.0 and carried["warnings"]
+    assert carried["s_min"] == pytest.approx(2 * 3200 / 32 / (1 + 64 / 32))
+
+
 def test_schedule_links_steps_and_epochs() -> None:
     n, b_noise, s_min = 50_000, 400.0, 1000.0
     small = horizon.schedule(32, s_min=s_min, b_noise=b_noise, dataset_size=n, step_time_s=0.01)
@@ -160,8 +170,11 @@ THROUGHPUT = [
 CANDIDATES = [8, 16, 32, 64, 128, 256, 512]
 
 
-def test_the_interval_is_tight_for_the_optimum_and_wide_for_a_poor_choice() -> None:
+def test_the_interval_is_tight_for_the_optimum_and_wide_for_a_poor_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Time to target ∝ (B + B_noise)(0.002 + 1e-5 B)/B: the optimum is sqrt(B_noise·200) = 200 for 200.
+    monkeypatch.setattr(horizon, "MODEL_SIGMA", 0.0)  # the measured spreads alone
     good = horizon.time_ratio_interval(
         throughput=THROUGHPUT, candidates=CANDIDATES, recommended=256, b_noise=200.0, sigma=0.05
     )
@@ -229,16 +242,31 @@ def test_toward_the_knee_moves_the_choice_halfway_in_ln_b() -> None:
     assert horizon.toward_knee(512, 128, GRID, weight=0.0) == 512
 
 
-def test_the_stated_bound_is_the_calibrated_quantile(monkeypatch: pytest.MonkeyPatch) -> None:
-    def high() -> float:
-        return horizon.time_ratio_interval(
-            throughput=THROUGHPUT, candidates=CANDIDATES, recommended=64, b_noise=200.0, sigma=0.5
-        )["time_ratio_high"]
+def _stated_bound(sigma: float) -> float:
+    return horizon.time_ratio_interval(
+        throughput=THROUGHPUT, candidates=CANDIDATES, recommended=64, b_noise=200.0, sigma=sigma
+    )["time_ratio_high"]
 
-    calibrated, power = high(), horizon.INTERVAL_CALIBRATION
+
+def test_the_stated_bound_is_the_calibrated_quantile(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(horizon, "INTERVAL_CALIBRATION", 1.0)
-    raw = high()
-    assert power > 1.0 and raw > 1.0 and calibrated == pytest.approx(raw**power)
+    raw = _stated_bound(0.5)
+    monkeypatch.setattr(horizon, "INTERVAL_CALIBRATION", 1.5)
+    assert raw > 1.0 and _stated_bound(0.5) == pytest.approx(raw**1.5)
+
+
+def test_the_bound_keeps_the_model_error_when_the_measured_spread_vanishes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A longer probe narrows B_noise's measured spread, not the model's error: the bound stays wide,
+    and the two spreads add in quadrature."""
+    model = horizon.MODEL_SIGMA
+    assert model > 0
+    measured_nothing, measured = _stated_bound(0.0), _stated_bound(0.5)
+    assert measured > measured_nothing
+    monkeypatch.setattr(horizon, "MODEL_SIGMA", 0.0)
+    assert _stated_bound(0.0) < measured_nothing  # only the step times' spread left
+    assert _stated_bound(math.hypot(0.5, model)) == pytest.approx(measured)
 
 
 def test_reschedule_follows_a_changed_layout() -> None:
