@@ -937,8 +937,8 @@ def _plain_sgd_warning(spec: ProbeSpec, recommendation: dict[str, Any]) -> list[
     return [
         "plain SGD (momentum 0): its largest stable learning rate is set by the loss's curvature, which "
         "the probe does not measure; past it a larger batch stops saving steps, so the recommended size "
-        "may be too large (on the benchmark suite's plain-SGD tasks the best size was usually 1.5-6x "
-        "smaller: docs/benchmarks/convergence.md)"
+        "may be too large (on the benchmark suite's plain-SGD tasks it was 2-6x above the best size in about "
+        "half of the cases: docs/benchmarks/convergence.md)"
     ]
 
 
