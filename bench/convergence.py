@@ -1051,7 +1051,7 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
     by_share = {s: [r for r in results if r.get("probe_share", PROBE_SHARE) == s] for s in shares}
     summary = summarise(results) if len(shares) == 1 else {}
     spread = {s: run_spread(rs) for s, rs in by_share.items()}
-    meta = {
+    meta: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu_model_name() or platform.processor()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
