@@ -386,6 +386,12 @@ def _cnn_bn() -> nn.Module:
     )  # fmt: skip
 
 
+def _standardised(values: Any) -> torch.Tensor:
+    """float32, each column (or a vector) to mean 0 and standard deviation 1."""
+    t = torch.as_tensor(values, dtype=torch.float32)
+    return (t - t.mean(0)) / t.std(0)
+
+
 def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     if kind in ("digits", "digits_noisy"):
         s = data.builtin_sample([64], "float32", 10)
@@ -402,9 +408,8 @@ def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         from sklearn.datasets import make_friedman1
 
         x, y = make_friedman1(n_samples=3000, n_features=10, noise=1.0, random_state=0)
-        yt = torch.as_tensor(y, dtype=torch.float32)
         xt = torch.as_tensor(x, dtype=torch.float32)
-        return xt, (yt - yt.mean()) / yt.std(), "make_friedman1, 3000 x 10, noise 1.0, y standardised"
+        return xt, _standardised(y), "make_friedman1, 3000 x 10, noise 1.0, y standardised"
     if kind == "tabular":
         from sklearn.datasets import make_classification
 
@@ -412,8 +417,7 @@ def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
             n_samples=3000, n_features=20, n_informative=10, n_redundant=4, n_classes=5,
             n_clusters_per_class=2, flip_y=0.05, random_state=1,
         )  # fmt: skip
-        xt = torch.as_tensor(x, dtype=torch.float32)
-        xt = (xt - xt.mean(0)) / xt.std(0)
+        xt = _standardised(x)
         description = "make_classification, 3000 x 20 (10 informative), 5 classes, 5 % flipped labels"
         return xt, torch.as_tensor(y, dtype=torch.long), description
     if kind == "hastie":
@@ -426,25 +430,21 @@ def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         from sklearn.datasets import make_regression
 
         x, y = make_regression(n_samples=3000, n_features=30, n_informative=15, noise=10.0, random_state=3)
-        yt = torch.as_tensor(y, dtype=torch.float32)
         xt = torch.as_tensor(x, dtype=torch.float32)
-        return xt, (yt - yt.mean()) / yt.std(), "make_regression, 3000 x 30 (15 informative), noise 10"
+        return xt, _standardised(y), "make_regression, 3000 x 30 (15 informative), noise 10"
     if kind == "blobs":
         from sklearn.datasets import make_blobs
 
         x, y = make_blobs(n_samples=3000, n_features=16, centers=8, cluster_std=4.0, random_state=4)
-        xt = torch.as_tensor(x, dtype=torch.float32)
-        xt = (xt - xt.mean(0)) / xt.std(0)
+        xt = _standardised(x)
         description = "make_blobs, 3000 x 16, 8 clusters (std 4, overlapping)"
         return xt, torch.as_tensor(y, dtype=torch.long), description
     if kind == "friedman3":
         from sklearn.datasets import make_friedman3
 
         x, y = make_friedman3(n_samples=3000, noise=0.1, random_state=5)
-        xt = torch.as_tensor(x, dtype=torch.float32)
-        yt = torch.as_tensor(y, dtype=torch.float32)
         description = "make_friedman3, 3000 x 4, noise 0.1, x and y standardised"
-        return (xt - xt.mean(0)) / xt.std(0), (yt - yt.mean()) / yt.std(), description
+        return _standardised(x), _standardised(y), description
     if kind == "quantiles":
         from sklearn.datasets import make_gaussian_quantiles
 
@@ -455,26 +455,22 @@ def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         from sklearn.datasets import make_friedman2
 
         x, y = make_friedman2(n_samples=3000, noise=30.0, random_state=7)
-        xt = torch.as_tensor(x, dtype=torch.float32)
-        yt = torch.as_tensor(y, dtype=torch.float32)
         description = "make_friedman2, 3000 x 4, noise 30, x and y standardised"
-        return (xt - xt.mean(0)) / xt.std(0), (yt - yt.mean()) / yt.std(), description
+        return _standardised(x), _standardised(y), description
     if kind == "multilabel":
         from sklearn.datasets import make_multilabel_classification
 
         x, y = make_multilabel_classification(
             n_samples=3000, n_features=20, n_classes=5, n_labels=2, random_state=12
         )
-        xt = torch.as_tensor(x, dtype=torch.float32)
         description = "make_multilabel_classification, 3000 x 20 (counts), 5 labels (about 2 per example)"
-        return (xt - xt.mean(0)) / xt.std(0), torch.as_tensor(y, dtype=torch.float32), description
+        return _standardised(x), torch.as_tensor(y, dtype=torch.float32), description
     if kind == "sparse":
         from sklearn.datasets import make_sparse_uncorrelated
 
         x, y = make_sparse_uncorrelated(n_samples=3000, n_features=10, random_state=13)
-        yt = torch.as_tensor(y, dtype=torch.float32)
         description = "make_sparse_uncorrelated, 3000 x 10 (4 informative, unit noise), y standardised"
-        return torch.as_tensor(x, dtype=torch.float32), (yt - yt.mean()) / yt.std(), description
+        return torch.as_tensor(x, dtype=torch.float32), _standardised(y), description
     if kind in ("moons", "circles", "swissroll", "scurve"):
         return _manifold_data(kind)
     if kind == "text":
@@ -496,15 +492,13 @@ def _manifold_data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         noise = torch.randn(3000, 6, generator=torch.Generator().manual_seed(8))
         xt = torch.cat([torch.as_tensor(x, dtype=torch.float32), noise], dim=1)
         description = "make_moons, 3000 x 2 (noise 0.3) plus 6 Gaussian noise features, x standardised"
-        return (xt - xt.mean(0)) / xt.std(0), torch.as_tensor(y, dtype=torch.long), description
+        return _standardised(xt), torch.as_tensor(y, dtype=torch.long), description
     if kind == "swissroll":
         from sklearn.datasets import make_swiss_roll
 
         x, t = make_swiss_roll(n_samples=3000, noise=0.5, random_state=9)
-        xt = torch.as_tensor(x, dtype=torch.float32)
-        yt = torch.as_tensor(t, dtype=torch.float32)
         description = "make_swiss_roll, 3000 x 3 (noise 0.5), target: the roll position; x and y standardised"
-        return (xt - xt.mean(0)) / xt.std(0), (yt - yt.mean()) / yt.std(), description
+        return _standardised(x), _standardised(t), description
     if kind == "circles":
         from sklearn.datasets import make_circles
 
@@ -513,15 +507,13 @@ def _manifold_data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         xt = torch.cat([torch.as_tensor(x, dtype=torch.float32), noise], dim=1)
         description = ("make_circles, 3000 x 2 (noise 0.2, factor 0.5) plus 6 Gaussian noise features, "
                        "x standardised")
-        return (xt - xt.mean(0)) / xt.std(0), torch.as_tensor(y, dtype=torch.long), description
+        return _standardised(xt), torch.as_tensor(y, dtype=torch.long), description
     if kind == "scurve":
         from sklearn.datasets import make_s_curve
 
         x, t = make_s_curve(n_samples=3000, noise=0.3, random_state=11)
-        xt = torch.as_tensor(x, dtype=torch.float32)
-        yt = torch.as_tensor(t, dtype=torch.float32)
         description = "make_s_curve, 3000 x 3 (noise 0.3), target: the curve position; x and y standardised"
-        return (xt - xt.mean(0)) / xt.std(0), (yt - yt.mean()) / yt.std(), description
+        return _standardised(x), _standardised(t), description
     raise ValueError(kind)
 
 
