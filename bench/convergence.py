@@ -886,6 +886,29 @@ def time_at(times: dict[int, float], b: int) -> tuple[float, bool]:
     return math.exp(math.log(times[lo]) + f * (math.log(times[hi]) - math.log(times[lo]))), True
 
 
+def oracle_score(
+    tuned: dict[int, Any], step_s: dict[int, float], depth: int, recommended: int, high: float | None
+) -> dict[str, Any]:
+    """The oracle's side of one depth's score: its best size and time, and the recommended size's ratio
+    to it (`time_at`; outside the sweep: the nearest size's time, flagged) against the stated bound."""
+    times = {b: (t["depths"][depth]["steps"] or math.inf) * step_s[b] for b, t in tuned.items()}
+    best = min(times, key=lambda b: times[b])
+    t_rec, interpolated = time_at(times, recommended)
+    ratio = t_rec / times[best]
+    return {
+        "oracle_best_batch_size": best, "oracle_best_time_s": times[best],
+        "oracle_best_steps": tuned[best]["depths"][depth]["steps"],
+        "oracle_best_lr": tuned[best]["depths"][depth]["best_lr"],
+        "recommended_batch_size": recommended, "ratio": ratio, "ratio_interpolated": interpolated,
+        "ratio_outside_sweep": not min(tuned) <= recommended <= max(tuned),
+        "interval_high": high, "interval_held": None if high is None else ratio <= high,
+        "oracle_times_s": {b: times[b] for b in sorted(times)},
+    }  # fmt: skip
+
+
+_ABLATION_KEYS = ("recommended_batch_size", "ratio", "interval_high", "interval_held")
+
+
 def bench_task(
     name: str,
     refs: dict[str, Any],
@@ -922,24 +945,13 @@ def bench_task(
     ]
     step_s = step_times or measure_step_times(setup, sorted(tuned), rounds=args.rounds, min_seconds=0.15)
     for d, label in enumerate(("shallow", "deep")):
-        times = {b: (t["depths"][d]["steps"] or math.inf) * step_s[b] for b, t in tuned.items()}
-        best = min(times, key=lambda b: times[b])
         rec = recs[d]
-        b_rec = rec["recommended_batch_size"]
-        t_rec, interpolated = time_at(times, b_rec)
-        ratio = t_rec / times[best]
         interval = (rec.get("horizon") or {}).get("interval") or {}
-        high = interval.get("time_ratio_high")
-        best_steps = tuned[best]["depths"][d]["steps"]
         depths.append({
             "depth": label, "target_loss": targets[d],
             "reference_epochs": refs["target_steps"][d] * REFERENCE_BATCH / n,
-            "oracle_best_batch_size": best, "oracle_best_time_s": times[best],
-            "oracle_best_steps": best_steps,
-            "oracle_best_lr": tuned[best]["depths"][d]["best_lr"],
-            "recommended_batch_size": b_rec, "recommended_lr": rec["learning_rate"],
-            "ratio": ratio, "ratio_interpolated": interpolated,
-            "interval_high": high, "interval_held": None if high is None else ratio <= high,
+            **oracle_score(tuned, step_s, d, rec["recommended_batch_size"], interval.get("time_ratio_high")),
+            "recommended_lr": rec["learning_rate"],
             "confidence": rec["confidence"],
             "recommended_lr_run": {"status": checks[d]["status"], "steps": checks[d]["steps"][d],
                                    "diverged": checks[d]["status"] == "diverged"},
@@ -948,16 +960,11 @@ def bench_task(
                                  (rec.get("horizon") or {}).get("b_noise_high")],
             "b_noise_level": rec.get("b_noise"), "noise_source": rec.get("noise_scale_source"),
             "horizon": rec.get("horizon"), "warnings": rec["warnings"],
-            "oracle_times_s": {b: times[b] for b in sorted(times)},
         })  # fmt: skip
         if ablations:
-            other = ablations[d]["recommended_batch_size"]
             other_high = ((ablations[d].get("horizon") or {}).get("interval") or {}).get("time_ratio_high")
-            other_ratio = time_at(times, other)[0] / times[best]
-            depths[-1]["without_knee"] = {
-                "recommended_batch_size": other, "ratio": other_ratio, "interval_high": other_high,
-                "interval_held": None if other_high is None else other_ratio <= other_high,
-            }  # fmt: skip
+            scored = oracle_score(tuned, step_s, d, ablations[d]["recommended_batch_size"], other_high)
+            depths[-1]["without_knee"] = {k: scored[k] for k in _ABLATION_KEYS}
     deep_over_shallow = [
         (tuned[b]["depths"][1]["steps"] or math.nan) / (tuned[b]["depths"][0]["steps"] or math.nan)
         for b in tuned
@@ -1044,6 +1051,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
                 r["probe_cost_fraction"] for r in results if r["task"]["half"] == half
             ),
             "recommended_lr_diverged": sum(d["recommended_lr_run"]["diverged"] for _, d in rows),
+            "outside_sweep": sum(bool(d.get("ratio_outside_sweep")) for _, d in rows),
             "baselines": baselines([d for _, d in rows]),
         }  # fmt: skip
         ablated = [d["without_knee"] for _, d in rows if "without_knee" in d]
@@ -1129,8 +1137,8 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         "the probe is told `epochs` = the epochs the reference needed for that depth; a size's steps are "
         "the mean over the minibatch orders its sweep ran (`steps_per_order`: 1, 2 or 4)",
         "- ratio: oracle time to target at the recommended size / the oracle's best (lr tuned per size and "
-        "depth; a recommended size outside the sweep is interpolated log-log between its neighbours, "
-        "marked ~); "
+        "depth; a recommended size between two swept sizes is interpolated log-log between them, marked "
+        "~; one outside the sweep gets the nearest swept size's time, marked *, and is not measured); "
         "interval: the answer's 80 % upper bound on that ratio; held: ratio <= bound",
         *(
             [
@@ -1139,7 +1147,16 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
                     **loads["oracle_sweep_from"]
                 )
             ]
-            if loads.get("oracle_sweep_from")
+            if loads.get("oracle_sweep_from") and not loads.get("answers_from")
+            else []
+        ),
+        *(
+            [
+                "- the answers (probes, recommendations, bounds, check runs) are those of the report of "
+                "{date} (`{command}`), not recomputed: this command scored them again on the stored sweeps "
+                "and their step times".format(**loads["answers_from"])
+            ]
+            if loads.get("answers_from")
             else []
         ),
         *(
@@ -1167,6 +1184,13 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
             f"{_fmt(s['interval_held_fraction'])} | {s['max_probe_cost_fraction']:.1%} | "
             f"{s['recommended_lr_diverged']} |"
         )
+    outside = {half: s["outside_sweep"] for half, s in summary.items() if s.get("outside_sweep")}
+    if outside:
+        lines += [
+            "",
+            f"Recommended sizes outside the sweep (marked *; the nearest swept size's time, not "
+            f"measured): {outside}. `--extend-sweep` tunes such a size into the stored sweep.",
+        ]
     lines += [
         "", "Baselines on the same task-depths (oracle times, no probe):", "", *_baseline_lines(summary)
     ]
@@ -1214,7 +1238,7 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
                 f"| {r['task']['half']} | {r['task']['name']} | {d['depth']} | {d['target_loss']:.4g} | "
                 f"{d['oracle_best_batch_size']} ({d['oracle_best_time_s']:.2f} s) | "
                 f"{d['recommended_batch_size']} "
-                f"({d['recommended_lr']:.3g}) | {'~' if d['ratio_interpolated'] else ''}{d['ratio']:.2f} | "
+                f"({d['recommended_lr']:.3g}) | {_ratio_mark(d)}{d['ratio']:.2f} | "
                 f"{_fmt(d['interval_high'])} | {d['interval_held']} | {d['confidence']} | "
                 f"{_fmt(d['b_noise_horizon'])} [{_fmt(lo)}, {_fmt(hi)}] | "
                 f"{r['probe_cost_fraction']:.1%} | "
@@ -1250,6 +1274,12 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         warns = sorted({w for d in r["depths"] for w in d["warnings"]})
         lines += ["", "Warnings: " + ("; ".join(warns) if warns else "none")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _ratio_mark(depth: dict[str, Any]) -> str:
+    if depth.get("ratio_outside_sweep"):
+        return "*"
+    return "~" if depth["ratio_interpolated"] else ""
 
 
 def _baseline_lines(summary: dict[str, Any]) -> list[str]:
@@ -1374,16 +1404,78 @@ def time_sweeps(args: argparse.Namespace, names: list[str]) -> None:
         Path(archive).unlink(missing_ok=True)
 
 
-def rescore(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -> None:
-    """Everything but the sweep again, on the sweep stored in `args.rescore` (steps to target do not
-    depend on timing); step times stored with the sweep (`--time-sweeps`) are used unless `--retime`."""
+def _stored_sweeps(paths: str, loads: dict[str, Any]) -> dict[str, Any]:
+    """The stored sweeps' tasks by name (comma-separated files of different task subsets merge); each
+    file's date, command and load are noted in `loads`."""
     stored: dict[str, Any] = {}
-    for path in args.rescore.split(","):  # sweeps of different task subsets merge
+    for path in paths.split(","):
         previous = json.loads(Path(path).read_text())
         sweep = {k: previous.get(k) for k in ("date", "command", "load")}
         loads.setdefault("oracle_sweep_from", sweep)
         loads.setdefault("oracle_sweeps", []).append(sweep)
         stored.update({t["task"]["name"]: t for t in previous["tasks"]})
+    return stored
+
+
+def extend_sweep(args: argparse.Namespace) -> None:
+    """Tune further sizes (`--extend-sweep NAME:SIZE,...`, e.g. a recommended size outside the sweep)
+    into the stored sweep file that holds the task; `--time-sweeps` then times every size again, side by
+    side, so the added one shares the others' yardstick."""
+    global ORDERS
+    ORDERS = args.orders
+    wanted: dict[str, list[int]] = {}
+    for item in args.extend_sweep.split(","):
+        name, size = item.split(":")
+        wanted.setdefault(name, []).append(int(size))
+    for path in args.rescore.split(","):
+        sweep = json.loads(Path(path).read_text())
+        for t in sweep["tasks"]:
+            name = t["task"]["name"]
+            for size in wanted.pop(name, []):
+                t["oracle"][str(size)] = tune_size(name, size, t["reference_run"]["targets"])
+                t.setdefault("extended", []).append({
+                    "batch_size": size, "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                    "orders": ORDERS, "command": "python bench/convergence.py " + " ".join(sys.argv[1:]),
+                })  # fmt: skip
+                t.pop("step_seconds", None)  # stale: the sizes must be timed again together
+                print(f"{name}: {size} -> steps {[d['steps'] for d in t['oracle'][str(size)]['depths']]}")
+        Path(path).write_text(json.dumps(sweep, indent=1, default=str))
+    if wanted:
+        raise SystemExit(f"not in the stored sweeps: {sorted(wanted)}")
+
+
+def reuse_answers(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -> None:
+    """Score the answers of a previous report (`--reuse-answers JSON`) again on the stored sweeps and
+    their step times, without probing again: the same answers on an extended or re-timed oracle."""
+    report = json.loads(Path(args.reuse_answers).read_text())
+    loads["answers_from"] = {k: report.get(k) for k in ("date", "command")}
+    stored = _stored_sweeps(args.rescore, loads)
+    results = []
+    for result in (r for r in report["tasks"] if r["task"]["name"] in names):
+        t = stored[result["task"]["name"]]
+        if not t.get("step_seconds"):
+            raise SystemExit(f"{result['task']['name']}: the stored sweep has no step times (--time-sweeps)")
+        tuned = {int(b): v for b, v in t["oracle"].items()}
+        step_s = {int(b): v for b, v in t["step_seconds"].items()}
+        loads.setdefault("step_times", {})[result["task"]["name"]] = t.get("step_times_measured")
+        depths = []
+        for d, depth in enumerate(result["depths"]):
+            scored = oracle_score(tuned, step_s, d, depth["recommended_batch_size"], depth["interval_high"])
+            depths.append({**depth, **scored})
+            if "without_knee" in depth:
+                other = depth["without_knee"]
+                size, high = other["recommended_batch_size"], other["interval_high"]
+                again = oracle_score(tuned, step_s, d, size, high)
+                depths[-1]["without_knee"] = {k: again[k] for k in _ABLATION_KEYS}
+        results.append({**result, "depths": depths, "step_seconds": step_s, "oracle": tuned})
+    loads["after"] = _uptime()
+    write_report(results, args, Path(args.out), 0.0, loads)
+
+
+def rescore(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -> None:
+    """Everything but the sweep again, on the sweep stored in `args.rescore` (steps to target do not
+    depend on timing); step times stored with the sweep (`--time-sweeps`) are used unless `--retime`."""
+    stored = _stored_sweeps(args.rescore, loads)
     for name in names:
         if name in stored and TASKS[name].model == "exported_mlp":
             path = _archive_path(TASKS[name])
@@ -1449,6 +1541,14 @@ def main() -> None:
         "--probe-shares", default=str(PROBE_SHARE),
         help="with --rescore: comma-separated probe budgets (shares of the sweep), each probed and scored",
     )  # fmt: skip
+    parser.add_argument(
+        "--extend-sweep", metavar="NAME:SIZE,...",
+        help="with --rescore: tune these sizes into the stored sweep files (then --time-sweeps)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reuse-answers", metavar="JSON",
+        help="with --rescore: score this report's answers again on the stored sweeps, without probing",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.tasks.split(",")]
@@ -1456,8 +1556,14 @@ def main() -> None:
         halves = args.halves.split(",")
         names = [n for n, t in TASKS.items() if t.half in halves]
     loads: dict[str, Any] = {"before": _uptime()}
+    if args.rescore and args.extend_sweep:
+        extend_sweep(args)
+        return
     if args.rescore and args.time_sweeps:
         time_sweeps(args, names)
+        return
+    if args.rescore and args.reuse_answers:
+        reuse_answers(args, names, loads)
         return
     if args.rescore:
         rescore(args, names, loads)
