@@ -1129,7 +1129,8 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
         "- groups, fixed in bench/convergence.py: tuning half (the method's constants were first set on it) "
         f"{', '.join(meta['split']['tuning'])}; seen (earlier held-out halves, read before the method's "
         f"later changes, so no longer held out) {', '.join(meta['split']['seen'])}; held-out half (defined "
-        f"before those changes, scored once with the method fixed) {', '.join(meta['split']['held_out'])}",
+        "and swept before it was scored, with no change to the method since; scored once) "
+        f"{', '.join(meta['split']['held_out'])}",
         *([f"- oracle sweeps merged: {loads['oracle_sweeps']}"] if len(loads.get("oracle_sweeps") or []) > 1
           else []),
         "- depths: the reference run (batch 32, the client's lr) fixes them: shallow = its training loss "
