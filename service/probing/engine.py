@@ -63,16 +63,12 @@ from service.probing.step import (
     is_precision_error,
 )
 from service.probing.throughput import measure_throughput, throughput_ladder
-
-Emit = Callable[[dict[str, Any]], None]
+from service.probing.trials import TIME_SAFETY, Emit, StepCosts, trial_event, trial_measurer, warm_up
 
 # How a probe spends its time budget. Every phase plans from the step times measured so far and never
 # starts a trial it cannot finish before its deadline; the whole probe ends by `time_budget_s` (counted
 # from the probe process's start) less FINISH_RESERVE_S, kept for assembling the answer.
 FINISH_RESERVE_S = 0.5
-# A step's time is predicted from the steps measured so far (proportionally above the largest one: an
-# upper bound when step time is affine in the batch size) times this factor, for timing noise.
-TIME_SAFETY = 1.25
 # Phases each objective needs, and the share of the time left that the memory search may use.
 PHASES = {
     "max_feasible": ("memory",),
@@ -123,7 +119,7 @@ def run_probe(spec: ProbeSpec, emit: Emit, *, started: float | None = None) -> P
     emit({"event": "phase", "phase": "setup", "trials_planned": 0})
 
     model_spec, config = _resolve_model(spec)
-    costs = _StepCosts()
+    costs = StepCosts()
     notes: list[str] = []
     throughput: list[dict] = []
     statistics: dict[str, Any] = {"gradient_noise_scale": None, "races": None, "cut_short": []}
@@ -132,13 +128,13 @@ def run_probe(spec: ProbeSpec, emit: Emit, *, started: float | None = None) -> P
         gradient_bytes = step.state_bytes()["gradients"]
         check_budget_covers_model(budget, step.state_bytes())
         with _device_budget(device, budget):
-            _warm_up(step, budget, cap, emit, costs)
+            warm_up(step, budget, cap, emit, costs)
             check_budget_covers_model(budget, step.state_bytes())  # now with the real optimizer state
             clock.lap("setup")
             emit({"event": "phase", "phase": "memory", "trials_planned": min(PLANNED_TRIALS, cap)})
             search_deadline = time.monotonic() + SEARCH_TIME_SHARE[spec.objective] * clock.left()
             search = search_max_batch_size(
-                _trial_measurer(step, budget, emit, costs),
+                trial_measurer(step, budget, emit, costs),
                 budget,
                 cap,
                 affordable=lambda size: costs.largest_within(size, search_deadline - time.monotonic()),
@@ -224,64 +220,6 @@ class _Clock:
         return any(p["phase"] == phase and p["ran"] for p in self.phases)
 
 
-class _StepCosts:
-    """Wall time of the steps measured so far, to predict what a step at another size will cost.
-
-    Above the largest size measured: the secant through the two largest sizes, its slope at least
-    MIN_SLOPE_SHARE of the largest size's time per sample (a fixed cost measured at small sizes may hide
-    the per-sample cost), or proportionally from one size. Between sizes: linear; below: the smallest
-    size's time. The first step (warm-up: it creates the optimizer state) is used only while nothing
-    else has been measured.
-    """
-
-    MIN_SLOPE_SHARE = 0.25
-
-    def __init__(self) -> None:
-        self.seconds: dict[int, float] = {}
-        self.first_step: tuple[int, float] | None = None
-
-    def add(self, batch_size: int, seconds: float | None, *, first_step: bool = False) -> None:
-        if seconds is None or seconds <= 0:
-            return
-        if first_step:
-            self.first_step = (batch_size, seconds)
-        else:
-            self.seconds[batch_size] = max(seconds, self.seconds.get(batch_size, 0.0))
-
-    def predict(self, batch_size: int) -> float:
-        """Seconds for one step at `batch_size` (0 when nothing was measured)."""
-        seconds = self.seconds or dict([self.first_step] if self.first_step else [])
-        if not seconds:
-            return 0.0
-        sizes = sorted(seconds)
-        hi = sizes[-1]
-        if batch_size >= hi:
-            per_sample = seconds[hi] / hi
-            slope = per_sample
-            if len(sizes) > 1:
-                secant = (seconds[hi] - seconds[sizes[-2]]) / (hi - sizes[-2])
-                slope = max(secant, self.MIN_SLOPE_SHARE * per_sample)
-            return seconds[hi] + slope * (batch_size - hi)
-        if batch_size <= sizes[0]:
-            return seconds[sizes[0]]
-        i = next(i for i, b in enumerate(sizes) if b >= batch_size)
-        b0, b1 = sizes[i - 1], sizes[i]
-        return seconds[b0] + (seconds[b1] - seconds[b0]) * (batch_size - b0) / (b1 - b0)
-
-    def largest_within(self, batch_size: int, seconds: float) -> int:
-        """The largest size <= `batch_size` whose step (with TIME_SAFETY) fits in `seconds`; 0 if none."""
-        if TIME_SAFETY * self.predict(batch_size) <= seconds:
-            return batch_size
-        lo, hi = 0, batch_size  # step time grows with the batch size: bisect
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if TIME_SAFETY * self.predict(mid) <= seconds:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-
 # --------------------------------------------------------------------------------------------------
 # Setup
 
@@ -362,89 +300,6 @@ def _device_budget(device: torch.device, budget_bytes: int) -> Iterator[None]:
 # Phases
 
 
-def _trial_event(phase: str, trial: Trial) -> dict[str, Any]:
-    sps = trial.batch_size / trial.step_time_s if trial.ok and trial.step_time_s else None
-    detail = dict(trial.detail)
-    for name in ("fwd_bwd_peak_bytes", "step_peak_bytes", "baseline_bytes"):
-        if getattr(trial, name) is not None:
-            detail[name] = getattr(trial, name)
-    return {
-        "event": "trial",
-        "phase": phase,
-        "batch_size": trial.batch_size,
-        "outcome": trial.outcome,
-        "peak_bytes": trial.peak_bytes,
-        "step_time_s": trial.step_time_s,
-        "samples_per_second": sps,
-        "detail": detail,
-    }
-
-
-def _measure(step: TrainingStep, batch_size: int, budget: int) -> Trial:
-    return measure_step(
-        step.run,
-        batch_size,
-        budget,
-        step.device,
-        roots=step.memory_roots(),
-        cleanup=step.discard_gradients,
-    )
-
-
-def _run_keeping_loss(step: TrainingStep, losses: list[torch.Tensor], size: int, recorder: Any) -> None:
-    losses.append(step.run(size, recorder))
-
-
-def _warm_up(
-    step: TrainingStep, budget: int, cap: int, emit: Emit, costs: _StepCosts, phase: str = "warmup"
-) -> None:
-    """The first step creates the optimizer state: run it (guarded) before measuring.
-
-    At batch 2 when allowed, since BatchNorm cannot train on one sample whose last feature map is 1x1;
-    at batch 1 when 2 does not fit.
-    """
-    if phase == "warmup":
-        emit({"event": "phase", "phase": "warmup", "trials_planned": 1})
-    for batch_size in sorted({min(2, cap), 1}, reverse=True):
-        losses: list[torch.Tensor] = []
-        began = time.perf_counter()
-        trial = measure_step(
-            functools.partial(_run_keeping_loss, step, losses),
-            batch_size,
-            budget,
-            step.device,
-            roots=step.memory_roots(),
-            cleanup=step.discard_gradients,
-        )
-        emit(_trial_event(phase, trial))
-        if trial.ok:
-            costs.add(batch_size, time.perf_counter() - began, first_step=True)
-            step.check_finite_loss(float(losses[0]), batch_size)
-            return
-    raise ProbeError(
-        "oom_at_min_batch",
-        f"the first training step at batch size 1 does not fit the memory budget of {budget} bytes "
-        f"({trial.detail.get('error', trial.outcome)})",
-    )
-
-
-def _trial_measurer(step: TrainingStep, budget: int, emit: Emit, costs: _StepCosts) -> Callable[[int], Trial]:
-    def measure(batch_size: int) -> Trial:
-        began = time.perf_counter()
-        try:
-            trial = _measure(step, batch_size, budget)
-        except Exception as exc:  # model code failed: record the trial, then let _model_errors map it
-            failed = Trial(batch_size, "error", detail={"error": f"{type(exc).__name__}: {exc}"})
-            emit(_trial_event("memory", failed))
-            raise
-        if trial.ok:  # a failed step stopped early: its time says little about a full one
-            costs.add(batch_size, time.perf_counter() - began)
-        emit(_trial_event("memory", trial))
-        return trial
-
-    return measure
-
-
 class _AccumulationCheck:
     """Measures a recipe's micro-batch in the accumulating convention (ACCUMULATING_CONVENTION) and
     lowers it, with a few bisection trials of the search's kind, until it fits the budget.
@@ -463,7 +318,7 @@ class _AccumulationCheck:
         config: Any,
         device: torch.device,
         budget: int,
-        costs: _StepCosts,
+        costs: StepCosts,
         emit: Emit,
     ) -> None:
         self.spec, self.model_spec, self.config = spec, model_spec, config
@@ -530,7 +385,7 @@ class _AccumulationCheck:
 
     def _measurer(self) -> Callable[[int], Trial]:
         step = TrainingStep.from_spec(self.spec, self.model_spec, self.config)
-        _warm_up(step, self.budget, 2, self.emit, self.costs, phase="accumulation")
+        warm_up(step, self.budget, 2, self.emit, self.costs, phase="accumulation")
         accumulating = functools.partial(step.run, micro_steps=2)
 
         def measure(batch_size: int) -> Trial:
@@ -543,7 +398,7 @@ class _AccumulationCheck:
                 cleanup=step.discard_gradients,
             )
             self.trials.append(trial)
-            self.emit(_trial_event("accumulation", trial))
+            self.emit(trial_event("accumulation", trial))
             return trial
 
         return measure
@@ -587,7 +442,7 @@ def _throughput_phase(
     step: TrainingStep,
     max_batch_size: int,
     time_budget_s: float,
-    costs: _StepCosts,
+    costs: StepCosts,
     emit: Emit,
     notes: list[str],
 ) -> list[dict]:
@@ -678,12 +533,12 @@ def _answer_without_noise_scale(spec: ProbeSpec, max_batch_size: int, throughput
     return None
 
 
-def _plain_costs(step: TrainingStep, max_batch_size: int, seconds: float, tracked: _StepCosts) -> _StepCosts:
+def _plain_costs(step: TrainingStep, max_batch_size: int, seconds: float, tracked: StepCosts) -> StepCosts:
     """Step times without the memory tracker (which adds a fixed cost per operation: a small model's
     tracked step can take 100x its plain one): one plain step at the smallest ladder size and, when the
     tracked time says it fits a third of `seconds`, one at the largest. Falls back on the tracked times
     for what it could not time."""
-    plain = _StepCosts()
+    plain = StepCosts()
     for batch_size in sorted({min(2, max_batch_size), max_batch_size}):
         if TIME_SAFETY * tracked.predict(batch_size) > seconds / 3:
             return tracked
@@ -702,7 +557,7 @@ def _plain_costs(step: TrainingStep, max_batch_size: int, seconds: float, tracke
     return plain
 
 
-def _plan_ladder(max_batch_size: int, seconds: float, costs: _StepCosts) -> list[int]:
+def _plan_ladder(max_batch_size: int, seconds: float, costs: StepCosts) -> list[int]:
     """The ladder's sizes that fit `seconds`: each size costs at least a warm-up and a timed step
     (predicted step times; the caller keeps one more round in hand). The ladder is
     thinned first (fewer sizes up to the maximum); when even its ends do not fit, the largest sizes go.
@@ -772,7 +627,7 @@ def _statistics_phase(
     max_batch_size: int,
     throughput: list[dict],
     clock: _Clock,
-    costs: _StepCosts,
+    costs: StepCosts,
     emit: Emit,
 ) -> dict[str, Any]:
     """Gradient noise scale and training races on real data (races.run_statistics), in fp32.
@@ -951,7 +806,7 @@ def _budget_warnings(
     search: SearchResult,
     statistics: dict[str, Any],
     clock: _Clock,
-    costs: _StepCosts,
+    costs: StepCosts,
 ) -> list[str]:
     """What the time budget cut short, each with the budget that would have covered it (estimated from
     the step times measured here)."""

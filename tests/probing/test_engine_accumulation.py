@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from models.registry import get_model, make_config
-from service.probing import engine
+from service.probing import engine, trials
 from service.probing.memory import CPUMemoryBudget
 from service.probing.search import SearchResult, search_max_batch_size
 from service.probing.spec import ProbeSpec
@@ -74,12 +74,12 @@ def _accumulating_loop_peak(loop: str, micro_batch: int) -> int:
     return tracker.peak_bytes
 
 
-def _searched(spec: ProbeSpec) -> tuple[SearchResult, engine._StepCosts, int]:
+def _searched(spec: ProbeSpec) -> tuple[SearchResult, trials.StepCosts, int]:
     """The memory search's result in the request's loop convention, as run_probe runs it."""
     step = TrainingStep.from_spec(spec, MLP, make_config(MLP, CONFIG))
     step.warm_up(2)
-    costs = engine._StepCosts()
-    measure = engine._trial_measurer(step, BUDGET, lambda _e: None, costs)
+    costs = trials.StepCosts()
+    measure = trials.trial_measurer(step, BUDGET, lambda _e: None, costs)
     search = search_max_batch_size(measure, BUDGET, DATASET)
     return search, costs, step.state_bytes()["gradients"]
 
