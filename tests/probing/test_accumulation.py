@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from models.registry import get_model, make_config
-from service.probing import engine, trials
+from service.probing import accumulation, engine, trials
 from service.probing.memory import CPUMemoryBudget
 from service.probing.search import SearchResult, search_max_batch_size
 from service.probing.spec import ProbeSpec
@@ -108,14 +108,14 @@ def test_an_accumulating_recipe_fits_a_real_accumulating_loop(loop: str) -> None
 
     result = _accumulating_recipe(micro)
     events: list[dict] = []
-    check = engine._AccumulationCheck(
+    check = accumulation.AccumulationCheck(
         spec, MLP, make_config(MLP, CONFIG), torch.device("cpu"), BUDGET, costs, events.append
     )
     check.run(result, search, gradient_bytes, 120.0)  # type: ignore[arg-type]
 
     checked = result["search"]["accumulation_checked"]
     assert checked["fits"] is False and checked["verified"] is True
-    assert 2 <= checked["trials"] <= engine.ACCUMULATION_MAX_TRIALS
+    assert 2 <= checked["trials"] <= accumulation.ACCUMULATION_MAX_TRIALS
     chosen = checked["micro_batch_size"]
     assert chosen < micro and checked["peak_bytes"] <= BUDGET
     # The global batch is split again: a smaller micro-batch, more accumulation steps, same global batch.
@@ -145,7 +145,7 @@ def test_a_micro_batch_that_fits_accumulating_is_kept_after_one_trial() -> None:
     search, costs, gradient_bytes = _searched(spec)
     micro = search.max_batch_size // 2
     result = _accumulating_recipe(micro)
-    check = engine._AccumulationCheck(
+    check = accumulation.AccumulationCheck(
         spec, MLP, make_config(MLP, CONFIG), torch.device("cpu"), BUDGET, costs, lambda _e: None
     )
     check.run(result, search, gradient_bytes, 120.0)  # type: ignore[arg-type]
@@ -163,7 +163,7 @@ def test_without_time_for_a_trial_the_micro_batch_is_lowered_by_the_gradients_an
     search, costs, gradient_bytes = _searched(spec)
     micro = search.max_batch_size
     result = _accumulating_recipe(micro)
-    check = engine._AccumulationCheck(
+    check = accumulation.AccumulationCheck(
         spec, MLP, make_config(MLP, CONFIG), torch.device("cpu"), BUDGET, costs, lambda _e: None
     )
     check.run(result, search, gradient_bytes, 0.0)  # type: ignore[arg-type]
