@@ -302,8 +302,8 @@ def stable_learning_rates(
 
     The noise-scale warm-up trains at the reference learning rate and batch size (stable when it ran
     at least MIN_STABLE_STEPS steps with a finite loss); each training race at its own size and learning
-    rate (stable when it reached the loss level, or ran MIN_STABLE_STEPS steps without diverging and
-    made progress).
+    rate (stable when it reached the loss level, also in fewer steps than the B_noise fit can use
+    ("too_fast"), or ran MIN_STABLE_STEPS steps without diverging and made progress).
     """
     seen: list[dict[str, Any]] = []
     gns = gradient_noise_scale or {}
@@ -316,7 +316,7 @@ def stable_learning_rates(
         lr, size, status = race.get("learning_rate"), race.get("batch_size"), race.get("status")
         if not lr or not size:
             continue
-        if status == "reached" or (
+        if status in ("reached", "too_fast") or (
             status in ("time_budget", "max_steps") and (race.get("steps") or 0) >= MIN_STABLE_STEPS
         ):
             seen.append({"batch_size": int(size), "learning_rate": float(lr), "source": "race"})

@@ -453,10 +453,13 @@ def test_stable_observations():
             {"batch_size": 64, "learning_rate": 0.2, "status": "time_budget", "steps": 3},  # too short
             {"batch_size": 128, "learning_rate": 0.4, "status": "diverged", "steps": 50},
             {"batch_size": 256, "learning_rate": 0.8, "status": "no_progress", "steps": 50},
+            # reached the races' level in fewer steps than the fit can use: still trained stably there
+            {"batch_size": 512, "learning_rate": 1.6, "status": "too_fast", "steps": 5},
         ]
     }
     seen = recipe.stable_learning_rates(gns, races, reference_learning_rate=0.1, reference_batch_size=32)
-    assert [(o["batch_size"], o["source"]) for o in seen] == [(32, "warmup"), (8, "race"), (32, "race")]
+    expected = [(32, "warmup"), (8, "race"), (32, "race"), (512, "race")]
+    assert [(o["batch_size"], o["source"]) for o in seen] == expected
     diverged = {"status": "non_finite_loss", "warmup_steps": 3}
     none = recipe.stable_learning_rates(diverged, None, reference_learning_rate=1, reference_batch_size=1)
     assert none == []
