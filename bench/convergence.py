@@ -926,6 +926,48 @@ def time_at(times: dict[int, float], b: int) -> tuple[float, bool]:
     return math.exp(math.log(times[lo]) + f * (math.log(times[hi]) - math.log(times[lo]))), True
 
 
+def _score_without_fast_races(
+    setup: Setup, probe: dict[str, Any], depths: list[dict[str, Any]], refs: dict[str, Any],
+    step_s: dict[int, float],
+) -> None:
+    """`--without-fast-races`: each depth's recipe also with the lr's stability evidence as it was before
+    `too_fast` races counted (same probe and size; a check run where the lr differs), scored as the
+    recipe is, in depth["without_fast_races"]."""
+    for d, depth in enumerate(depths):
+        with _fast_races_ignored():
+            lr = recommend_for(setup, probe, depth["reference_epochs"])["learning_rate"]
+        run = depth["recommended_lr_run"]
+        if lr != depth["recommended_lr"]:
+            size, cap = depth["recommended_batch_size"], setup.task.ref_steps * 3
+            run = _check_run(run_to_targets(setup.task.name, size, lr, refs["targets"], cap), d)
+        scored = recipe_score({**depth, "recommended_lr_run": run}, step_s, refs["target_steps"][d])
+        depth["without_fast_races"] = {"recommended_lr": lr, "recommended_lr_run": run, **scored}
+
+
+def _check_run(check: dict[str, Any], depth: int) -> dict[str, Any]:
+    """A check run (`run_to_targets` at the recipe's size and lr) as a depth's score records it."""
+    status = check["status"]
+    return {"status": status, "steps": check["steps"][depth], "diverged": status == "diverged"}
+
+
+@contextlib.contextmanager
+def _fast_races_ignored() -> Iterator[None]:
+    """The recipe's lr as it was before a race that reached the level in fewer steps than the fit can
+    use (`too_fast`) counted as evidence of a stable lr."""
+    counted = recipe.stable_learning_rates
+
+    def without(gradient_noise_scale: Any, raced: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        counting = [r for r in (raced or {}).get("races") or [] if r["status"] != "too_fast"]
+        kept = raced and {**raced, "races": counting}
+        return counted(gradient_noise_scale, kept, **kwargs)
+
+    recipe.stable_learning_rates = without
+    try:
+        yield
+    finally:
+        recipe.stable_learning_rates = counted
+
+
 def oracle_score(
     tuned: dict[int, Any], step_s: dict[int, float], depth: int, recommended: int, high: float | None
 ) -> dict[str, Any]:
@@ -1005,8 +1047,7 @@ def bench_task(
             **oracle_score(tuned, step_s, d, rec["recommended_batch_size"], interval.get("time_ratio_high")),
             "recommended_lr": rec["learning_rate"],
             "confidence": rec["confidence"],
-            "recommended_lr_run": {"status": checks[d]["status"], "steps": checks[d]["steps"][d],
-                                   "diverged": checks[d]["status"] == "diverged"},
+            "recommended_lr_run": _check_run(checks[d], d),
             "b_noise_horizon": (rec.get("horizon") or {}).get("b_noise"),
             "b_noise_interval": [(rec.get("horizon") or {}).get("b_noise_low"),
                                  (rec.get("horizon") or {}).get("b_noise_high")],
@@ -1018,6 +1059,8 @@ def bench_task(
             other_high = ((ablations[d].get("horizon") or {}).get("interval") or {}).get("time_ratio_high")
             scored = oracle_score(tuned, step_s, d, ablations[d]["recommended_batch_size"], other_high)
             depths[-1]["without_knee"] = {k: scored[k] for k in _ABLATION_KEYS}
+    if args.without_fast_races:
+        _score_without_fast_races(setup, probe, depths, refs, step_s)
     deep_over_shallow = [
         (tuned[b]["depths"][1]["steps"] or math.nan) / (tuned[b]["depths"][0]["steps"] or math.nan)
         for b in tuned
@@ -1081,6 +1124,7 @@ def _recipe_summary(depths: list[dict[str, Any]]) -> dict[str, Any] | None:
         **_ratio_summary([d["recipe_ratio"] for d in scored]),
         "over_client_median": statistics.median(over_client),
         "slower_than_client": sum(r > 1 for r in over_client),
+        "diverged": sum(d["recommended_lr_run"]["diverged"] for d in scored),
     }
 
 
@@ -1120,6 +1164,12 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "recipe": _recipe_summary([d for _, d in rows]),
             "baselines": baselines([d for _, d in rows]),
         }  # fmt: skip
+        lr_ablated = [(d, d["without_fast_races"]) for _, d in rows if "without_fast_races" in d]
+        if lr_ablated:
+            out[half]["recipe_without_fast_races"] = {
+                **(_recipe_summary([a for _, a in lr_ablated]) or {}),
+                "lr_changed": sum(a["recommended_lr"] != d["recommended_lr"] for d, a in lr_ablated),
+            }
         ablated = [d["without_knee"] for _, d in rows if "without_knee" in d]
         if ablated:
             held_without = [a["interval_held"] for a in ablated if a["interval_held"] is not None]
@@ -1352,6 +1402,11 @@ def _ratio_mark(depth: dict[str, Any]) -> str:
 
 def _recipe_lines(summary: dict[str, Any]) -> list[str]:
     rows = [(half, s["recipe"]) for half, s in summary.items() if s.get("recipe")]
+    rows += [
+        (f"{half}, too_fast races not counted (lr changed on {s['recipe_without_fast_races']['lr_changed']})",
+         s["recipe_without_fast_races"])
+        for half, s in summary.items() if s.get("recipe_without_fast_races")
+    ]  # fmt: skip
     if not rows:
         return []
     lines = [
@@ -1361,14 +1416,14 @@ def _recipe_lines(summary: dict[str, Any]) -> list[str]:
         "client's own run (batch 32 at the client's lr), on the same step times:",
         "",
         "| half | median / best | geometric mean | worst | over 1.25 | median / client's own run | slower "
-        "than the client's own run |",
-        "|---|---|---|---|---|---|---|",
+        "than the client's own run | lr diverged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for half, r in rows:
         lines.append(
             f"| {half} | {r['median_ratio']:.2f} | {_fmt(r['geometric_mean_ratio'])} | "
             f"{r['worst_ratio']:.2f} | {r['over_1_25']} | {r['over_client_median']:.2f} | "
-            f"{r['slower_than_client']} |"
+            f"{r['slower_than_client']} | {r.get('diverged', '-')} |"
         )
     return lines
 
@@ -1625,6 +1680,11 @@ def main() -> None:
     parser.add_argument(
         "--without-knee", action="store_true",
         help="also score each probe's answer chosen without the step-time knee (an ablation, same probes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--without-fast-races", action="store_true",
+        help="also score each recipe with the lr as it was before too_fast races counted as stable (an "
+        "ablation: same probes and sizes, a check run where the lr differs)",
     )  # fmt: skip
     parser.add_argument(
         "--probe-runs", type=int, default=1, help="with --rescore: probe and score each task this many times"
