@@ -25,7 +25,9 @@ depths (with `--orders N`, each depth's best lr is re-run with N-1 more minibatc
 is the size's steps). Time to target = steps x step time, the step time measured after the task's
 sweep in interleaved rounds (each size's fastest round); `--time-sweeps` stores step times in the sweep
 files, which `--rescore` then uses, so that methods are compared on one yardstick. A recommended size
-outside the sweep (a half-octave) is scored log-log between its neighbours (marked ~).
+between two swept sizes (a half-octave) is scored log-log between them (marked ~); one outside the sweep
+gets the nearest swept size's time (marked *, not measured) until `--extend-sweep` tunes it into the
+stored sweep and `--reuse-answers` scores the same answers again.
 
 PROBE: what the service runs, minus the memory search (maximum feasible = the sweep's largest size): the
 throughput ladder (service.probing.throughput), the statistics phase (races.run_statistics: warm-up and
@@ -44,7 +46,9 @@ the answer moves between runs; `--probe-shares` probes each run at several budge
 Per task and depth: the oracle's best size and time, the recommended size, ratio = oracle time at the
 recommended size / best time, the stated 80 % interval for that ratio and whether it held, the probe's
 cost as % of the sweep, and whether training at the recommended size with the recommended learning rate
-diverges (one run to the deep target).
+diverges (one run to the deep target). That run also scores the recipe as a client runs it: its time to
+target over the oracle's best and over the client's own run (batch 32 at its lr); `--without-fast-races`
+scores it also with the lr's stability evidence as it was before `too_fast` races counted.
 
     .venv/bin/python bench/convergence.py                    # the suite (~40 min on 2 busy shared cores)
     .venv/bin/python bench/convergence.py --tasks digits-mlp-sgd --quick   # smoke test
@@ -53,6 +57,8 @@ diverges (one run to the deep target).
     .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --time-sweeps --rounds 12  # step times
     .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --without-knee --probe-runs 3  # ablation
     .venv/bin/python bench/convergence.py --rescore /tmp/a.json --probe-runs 2 --probe-shares 0.04,0.08,0.16
+    .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --extend-sweep NAME:8 --orders 4
+    .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --reuse-answers /tmp/report.json
 """
 
 from __future__ import annotations
