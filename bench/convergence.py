@@ -92,6 +92,7 @@ from torch import nn  # noqa: E402
 
 from service.probing import data, horizon, races, recipe  # noqa: E402
 from service.probing.memory import cpu_model_name  # noqa: E402
+from service.probing.races import LossFn  # noqa: E402
 from service.probing.step import build_optimizer  # noqa: E402
 from service.probing.throughput import measure_throughput, throughput_ladder  # noqa: E402
 
@@ -445,18 +446,24 @@ def _standardised(values: Any) -> torch.Tensor:
     return (t - t.mean(0)) / t.std(0)
 
 
+def _builtin(shape: list[int], dtype: str, classes: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The service's built-in sample for this input (digits, or Python source text for a GPT)."""
+    s = data.builtin_sample(shape, dtype, classes)
+    assert s is not None and isinstance(s.x, torch.Tensor), f"no built-in sample for {shape} {dtype}"
+    return s.x, s.y, s.description
+
+
 def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     if kind in ("digits", "digits_noisy"):
-        s = data.builtin_sample([64], "float32", 10)
-        x, y = s.x, s.y.clone()
+        x, y, description = _builtin([64], "float32", 10)
+        y = y.clone()
         if kind == "digits_noisy":  # 10 % of labels replaced by a different random class
             g = torch.Generator().manual_seed(13)
             flip = torch.rand(len(y), generator=g) < 0.1
             y[flip] = (y[flip] + torch.randint(1, 10, (int(flip.sum()),), generator=g)) % 10
-        return x, y, s.description
+        return x, y, description
     if kind == "digits_images":
-        s = data.builtin_sample([1, 8, 8], "float32", 10)
-        return s.x, s.y, s.description
+        return _builtin([1, 8, 8], "float32", 10)
     if kind == "friedman":
         from sklearn.datasets import make_friedman1
 
@@ -519,8 +526,7 @@ def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
 
         spec = get_model("gpt")
         cfg = make_config(spec, GPT_CONFIG)
-        s = data.builtin_sample(spec.input_shape(cfg), spec.input_dtype, spec.num_classes(cfg))
-        return s.x, s.y, s.description
+        return _builtin(spec.input_shape(cfg), spec.input_dtype, spec.num_classes(cfg))
     raise ValueError(kind)
 
 
@@ -620,6 +626,11 @@ def _export_mlp(sizes: list[int], path: Path) -> None:
     torch.export.save(program, str(path))
 
 
+def _remove_archives() -> None:
+    for archive in _ARCHIVES.values():
+        Path(archive).unlink(missing_ok=True)
+
+
 def _archive_path(task: Task) -> Path:
     return Path(tempfile.gettempdir()) / f"bench-convergence-{task.name}-{os.getpid()}.pt2"
 
@@ -647,8 +658,9 @@ class Setup:
         self.eval_idx = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(0))[:EVAL_SIZE]
         features, outputs, family = _HEADS.get(task.data, (64, 10, "classes"))
         width = [features, *task.hidden, outputs]
-        self.loss = {"classes": nn.functional.cross_entropy, "labels": _bce,
-                     "regression": _huber if task.loss == "huber" else _mse}[family]  # fmt: skip
+        losses: dict[str, LossFn] = {"classes": nn.functional.cross_entropy, "labels": _bce,
+                                     "regression": _huber if task.loss == "huber" else _mse}  # fmt: skip
+        self.loss = losses[family]
         if task.model == "gpt":
             from models import get_model, make_config
 
@@ -780,7 +792,7 @@ def tune_size(name: str, batch_size: int, targets: list[float], quick: bool = Fa
             run(lower - 1)
         else:
             break
-    depths = []
+    depths: list[dict[str, Any]] = []
     repeats: dict[int, list[dict[str, Any]]] = {}
     for d in range(len(targets)):
         reached = {k: r["steps"][d] for k, r in runs.items() if r["steps"][d]}
@@ -927,7 +939,9 @@ def time_at(times: dict[int, float], b: int) -> tuple[float, bool]:
     lo = max((s for s in sizes if s < b), default=None)
     hi = min((s for s in sizes if s > b), default=None)
     if lo is None or hi is None:
-        return times[lo or hi], True
+        nearest = lo if lo is not None else hi
+        assert nearest is not None, "no size of the sweep reached the target"
+        return times[nearest], True
     f = math.log(b / lo) / math.log(hi / lo)
     return math.exp(math.log(times[lo]) + f * (math.log(times[hi]) - math.log(times[lo]))), True
 
@@ -967,7 +981,7 @@ def _fast_races_ignored() -> Iterator[None]:
         kept = raced and {**raced, "races": counting}
         return counted(gradient_noise_scale, kept, **kwargs)
 
-    recipe.stable_learning_rates = without
+    recipe.stable_learning_rates = without  # type: ignore[assignment]  # the same call, fewer races
     try:
         yield
     finally:
@@ -1552,8 +1566,7 @@ def time_sweeps(args: argparse.Namespace, names: list[str]) -> None:
             }  # fmt: skip
             print(f"{name}: {t['step_seconds']}", flush=True)
             Path(path).write_text(json.dumps(sweep, indent=1, default=str))
-    for archive in _ARCHIVES.values():
-        Path(archive).unlink(missing_ok=True)
+    _remove_archives()
 
 
 def _stored_sweeps(paths: str, loads: dict[str, Any]) -> dict[str, Any]:
@@ -1650,8 +1663,7 @@ def rescore(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -
                 results.append({**result, "probe_run": run})
         loads["after"] = _uptime()
         write_report(results, args, out, time.monotonic() - started, loads)
-    for path in _ARCHIVES.values():
-        Path(path).unlink(missing_ok=True)
+    _remove_archives()
 
 
 def main() -> None:
@@ -1762,8 +1774,7 @@ def main() -> None:
     if args.sweep_only:
         return
     print(json.dumps(summarise(results), indent=1))
-    for path in _ARCHIVES.values():
-        Path(path).unlink(missing_ok=True)
+    _remove_archives()
 
 
 if __name__ == "__main__":

@@ -222,6 +222,7 @@ def run_fleet(
             kills.append({"pid": processes[victim].pid, "t": time.time()})
             processes[victim].wait()
             processes[victim] = spawn()
+            assert kill_every  # next_kill is finite only with it
             next_kill = time.monotonic() + rng.expovariate(1 / kill_every)
     finally:
         elapsed = time.monotonic() - started

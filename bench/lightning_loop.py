@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import logging
 import os
 import platform
@@ -79,10 +80,11 @@ CASES = [
 
 
 def lightning() -> Any:
+    pl: Any
     try:
-        import pytorch_lightning as pl
+        pl = importlib.import_module("pytorch_lightning")
     except ImportError:
-        import lightning.pytorch as pl
+        pl = importlib.import_module("lightning.pytorch")
     for name in (pl.__name__, "lightning.fabric", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"(pytorch_)?lightning.*")
@@ -95,14 +97,17 @@ def lightning_fit_peak(case: Case, batch_size: int, steps: int = 3) -> int:
     pl = lightning()
     spec = get_model(case.model)
     config = make_config(spec, case.config)
+    lightning_module: Any = pl.LightningModule  # a base chosen at run time: typed as Any
+    callback: Any = pl.Callback
 
-    class Module(pl.LightningModule):
+    class Module(lightning_module):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
             self.model = spec.build(config, False)
             generator = torch.Generator().manual_seed(0)
-            self.data = torch.utils.data.TensorDataset(*spec.make_batch(config, DATASET, "cpu", generator))
+            batch = spec.make_batch(config, DATASET, torch.device("cpu"), generator)
+            self.data = torch.utils.data.TensorDataset(*batch)
 
         def training_step(self, batch: Any, _index: int) -> torch.Tensor:
             inputs, targets = batch
@@ -116,7 +121,7 @@ def lightning_fit_peak(case: Case, batch_size: int, steps: int = 3) -> int:
 
     peaks: list[int] = []
 
-    class Peaks(pl.Callback):
+    class Peaks(callback):
         tracker: CPUMemoryBudget
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -173,7 +178,7 @@ def accumulation_peak(case: Case, batch_size: int) -> int:
     generator = torch.Generator().manual_seed(0)
 
     def micro_step() -> None:
-        inputs, targets = spec.make_batch(config, batch_size, "cpu", generator)
+        inputs, targets = spec.make_batch(config, batch_size, torch.device("cpu"), generator)
         spec.loss(model(inputs), targets).backward()
 
     micro_step()

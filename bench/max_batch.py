@@ -265,10 +265,11 @@ def exact_boundary(probe: Callable[[int], bool], start: int, cap: int) -> tuple[
 
 def lightning() -> Any:
     """`pytorch_lightning`, or the unified `lightning.pytorch` package when only that is installed."""
+    pl: Any
     try:
-        import pytorch_lightning as pl
+        pl = importlib.import_module("pytorch_lightning")
     except ImportError:
-        import lightning.pytorch as pl
+        pl = importlib.import_module("lightning.pytorch")
     for name in (pl.__name__, "lightning.fabric", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"(pytorch_)?lightning.*")
@@ -288,7 +289,7 @@ class SyntheticBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed)
         while True:
-            yield self.spec.make_batch(self.config, self.batch_size, "cpu", generator)
+            yield self.spec.make_batch(self.config, self.batch_size, torch.device("cpu"), generator)
 
 
 _MODULE_CLASS: type | None = None
@@ -299,9 +300,9 @@ def lightning_module_class() -> type:
     global _MODULE_CLASS
     if _MODULE_CLASS is not None:
         return _MODULE_CLASS
-    pl = lightning()
+    lightning_module: Any = lightning().LightningModule  # a base chosen at run time: typed as Any
 
-    class ZooModule(pl.LightningModule):
+    class ZooModule(lightning_module):
         def __init__(self, case: Case, batch_size: int, counter: dict[str, int]) -> None:
             super().__init__()
             self.case = case
@@ -347,7 +348,7 @@ def make_trainer(case: Case, device: torch.device, root: str, max_steps: int = -
 
 def run_lightning(case: Case, device: torch.device, budget: int, mode: str, root: str) -> MethodResult:
     pl = lightning()
-    scaling = importlib.import_module(pl.__name__ + ".tuner.batch_size_scaling")
+    scaling: Any = importlib.import_module(pl.__name__ + ".tuner.batch_size_scaling")
     result = MethodResult(f"lightning-{mode}", "lightning loop")
     counter = {"steps": 0}
     original = scaling._try_loop_run
@@ -631,7 +632,8 @@ def run_case(
             log(f"   exact in Lightning's loop: {lightning_exact['max']} ({lightning_exact['wall_s']:.1f}s)")
         except Exception as exc:
             lightning_exact = {"max": None, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    loop_max = {"service step": step_max, "lightning loop": lightning_exact and lightning_exact["max"]}
+    lightning_max = lightning_exact["max"] if lightning_exact else None
+    loop_max = {"service step": step_max, "lightning loop": lightning_max}
 
     holds_started = time.perf_counter()
     holds_cache: dict[tuple[str, int], bool] = {}
@@ -721,8 +723,10 @@ def end_to_end_rows(cases: list[dict]) -> list[dict]:
         if api is None:
             continue
         extra = api.get("extra") or {}
-        answered = binsearch and binsearch["found"] is not None and not api["error"]
-        ratio = api["wall_s"] / binsearch["wall_s"] if answered and binsearch["wall_s"] else None
+        answered = binsearch is not None and binsearch["found"] is not None and not api["error"]
+        ratio = None
+        if binsearch is not None and answered and binsearch["wall_s"]:
+            ratio = api["wall_s"] / binsearch["wall_s"]
         rows.append(
             {
                 "case": case["case"],

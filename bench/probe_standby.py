@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 POLL_S = 0.05
 # The mlp-adam-fp32 case of bench/max_batch.py (its 16 MiB budget), as a user would ask it.
-BODY = {
+BODY: dict[str, Any] = {
     "model": {"name": "mlp", "config": {}},
     "dataset": {"size": 8192},
     "training": {"optimizer": "adam", "learning_rate": 1e-3, "precision": "fp32"},
@@ -93,8 +93,9 @@ def run_setting(standby: bool, runs: int, log: Any) -> list[dict[str, Any]]:
             probe_standby=standby,
             _env_file=None,
         )
-        with TestClient(create_app(settings, run_worker=True)) as client:
-            worker = client.app.state.batchsize.worker
+        app = create_app(settings, run_worker=True)
+        with TestClient(app) as client:
+            worker = app.state.batchsize.worker
             results = []
             for index in range(runs):
                 if standby and not wait_until(worker.standby_ready, 120):
