@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from service.probing import horizon
-from service.probing.memory import measure_step
 from service.probing.recipe import split_batch
 from service.probing.result import ProbeResult
 from service.probing.search import BRACKET_CAP, TOLERANCE, SearchResult, Trial
 from service.probing.spec import ProbeSpec
 from service.probing.step import ACCUMULATING_CONVENTION, TrainingStep
-from service.probing.trials import TIME_SAFETY, Emit, StepCosts, trial_event, warm_up
+from service.probing.trials import TIME_SAFETY, Emit, StepCosts, measure_training_step, trial_event, warm_up
 
 ACCUMULATION_MAX_TRIALS = 4
 # Each step towards the limit lands short of it by this share of the distance the slope predicts.
@@ -119,14 +118,7 @@ class AccumulationCheck:
         accumulating = functools.partial(step.run, micro_steps=2)
 
         def measure(batch_size: int) -> Trial:
-            trial = measure_step(
-                accumulating,
-                batch_size,
-                self.budget,
-                step.device,
-                roots=step.memory_roots(),
-                cleanup=step.discard_gradients,
-            )
+            trial = measure_training_step(step, batch_size, self.budget, accumulating)
             self.trials.append(trial)
             self.emit(trial_event("accumulation", trial))
             return trial

@@ -100,10 +100,13 @@ def trial_event(phase: str, trial: Trial) -> dict[str, Any]:
     }
 
 
-def measure_search_step(step: TrainingStep, batch_size: int, budget: int) -> Trial:
-    """One training step at `batch_size` measured against the memory budget, its gradients freed after."""
+def measure_training_step(
+    step: TrainingStep, batch_size: int, budget: int, run: Callable[..., Any] | None = None
+) -> Trial:
+    """One training step at `batch_size` (`run`, default `step.run`: the step or a variant of it, e.g.
+    accumulating) measured against the memory budget, the step's gradients freed after."""
     return measure_step(
-        step.run,
+        run or step.run,
         batch_size,
         budget,
         step.device,
@@ -129,13 +132,8 @@ def warm_up(
     for batch_size in sorted({min(2, cap), 1}, reverse=True):
         losses: list[torch.Tensor] = []
         began = time.perf_counter()
-        trial = measure_step(
-            functools.partial(_run_keeping_loss, step, losses),
-            batch_size,
-            budget,
-            step.device,
-            roots=step.memory_roots(),
-            cleanup=step.discard_gradients,
+        trial = measure_training_step(
+            step, batch_size, budget, functools.partial(_run_keeping_loss, step, losses)
         )
         emit(trial_event(phase, trial))
         if trial.ok:
@@ -155,7 +153,7 @@ def trial_measurer(step: TrainingStep, budget: int, emit: Emit, costs: StepCosts
     def measure(batch_size: int) -> Trial:
         began = time.perf_counter()
         try:
-            trial = measure_search_step(step, batch_size, budget)
+            trial = measure_training_step(step, batch_size, budget)
         except Exception as exc:  # model code failed: record the trial, then let the engine map it
             failed = Trial(batch_size, "error", detail={"error": f"{type(exc).__name__}: {exc}"})
             emit(trial_event("memory", failed))
