@@ -19,8 +19,9 @@ shallow one's steps). The loss is measured on a fixed
 256-example subset of the training data.
 
 ORACLE: for every size of the task's sweep, the learning rate is tuned on the grid lr_rule(B)·2^k
-(linear scaling for SGD, square root for Adam-family, from the reference), walking k while it improves;
-every run goes to the deep target and records the steps to both targets, so one grid serves both
+(linear scaling for SGD, square root for Adam-family, from the reference), walking k on while either
+depth's best lr is at the walk's edge (at most MAX_GRID_RUNS runs; `--deepen-grid` walks stored sweeps
+on); every run goes to the deep target and records the steps to both targets, so one grid serves both
 depths (with `--orders N`, each depth's best lr is re-run with N-1 more minibatch orders and the mean
 is the size's steps). Time to target = steps x step time, the step time measured after the task's
 sweep in interleaved rounds (each size's fastest round); `--time-sweeps` stores step times in the sweep
@@ -59,6 +60,7 @@ scores it also with the lr's stability evidence as it was before `too_fast` race
     .venv/bin/python bench/convergence.py --rescore /tmp/a.json --probe-runs 2 --probe-shares 0.04,0.08,0.16
     .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --extend-sweep NAME:8 --orders 4
     .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --reuse-answers /tmp/report.json
+    .venv/bin/python bench/convergence.py --rescore /tmp/sweep.json --deepen-grid --orders 4
 """
 
 from __future__ import annotations
@@ -104,7 +106,10 @@ REFERENCE_BATCH = 32
 SHALLOW_FRACTION = 1 / 5
 LADDER_SHARE = 0.4  # of the probe's budget for the throughput ladder, as engine.THROUGHPUT_TIME_SHARE
 PROBE_SHARE = 0.08  # the probe's budget: this share of the sweep's training seconds in the same run
-MAX_GRID_RUNS = 4
+# The lr walk's runs per size. Sweeps stored before 2026-12-02 walked at most 4 (k = 0, 1, -1, 2): the best
+# lr sat at the walk's top on 524 of 756 size-depths, where doubling it had still cut the steps by a median
+# 0.66x, so the oracle's best was not the best. `--deepen-grid` walks those stored sweeps on.
+MAX_GRID_RUNS = 10
 # `--without-knee`: each probe's answer also without the step-time knee (horizon.KNEE_WEIGHT 0), with the
 # interval calibration the method had before it.
 PRE_KNEE_CALIBRATION = 2.06
@@ -635,6 +640,15 @@ def _archive_path(task: Task) -> Path:
     return Path(tempfile.gettempdir()) / f"bench-convergence-{task.name}-{os.getpid()}.pt2"
 
 
+def _export_archives(names: list[str]) -> None:
+    """The `.pt2` upload of each exported-model task among `names` (once per process)."""
+    for name in names:
+        if TASKS[name].model == "exported_mlp" and name not in _ARCHIVES:
+            archive = _archive_path(TASKS[name])
+            _export_mlp([64, *TASKS[name].hidden, 10], archive)
+            _ARCHIVES[name] = str(archive)
+
+
 # The MLP's input and output widths and the loss family per data set (digits: 64 -> 10 classes).
 # "classes": cross-entropy; "labels": binary cross-entropy per label; "regression": MSE (Huber when the
 # task says so).
@@ -768,53 +782,77 @@ def _rule_lr(task: Task, batch_size: int) -> float:
     return recipe.scale_learning_rate(task.reference_lr, REFERENCE_BATCH, batch_size, task.optimizer)[0]
 
 
-def tune_size(name: str, batch_size: int, targets: list[float], quick: bool = False) -> dict[str, Any]:
-    """Steps to each target at the best lr on the grid lr_rule(B)·2^k, walking k while it improves."""
+def tune_size(
+    name: str,
+    batch_size: int,
+    targets: list[float],
+    quick: bool = False,
+    stored: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Steps to each target at the best lr on the grid lr_rule(B)·2^k, walking k on while a depth's best
+    lr is at the walk's edge (up to MAX_GRID_RUNS runs). `stored`: an earlier result for this size, whose
+    runs are kept and whose walk goes on (`--deepen-grid`); a depth whose best lr stays keeps its orders."""
     task = TASKS[name]
     cap = task.ref_steps * (3 if batch_size < REFERENCE_BATCH else 2)
     runs: dict[int, dict[str, Any]] = {}
+    for kept in stored["grid"] if stored else []:
+        k = round(math.log2(kept["lr"] / _rule_lr(task, batch_size)))
+        runs[k] = {**kept, "train_seconds": 0.0}  # counted in the stored sweep_seconds
 
-    def run(k: int) -> float:
+    def run(k: int, depth: int = -1) -> float:
+        """Steps to `depth`'s target at lr_rule·2^k; inf unless the run went on to the deepest one: an
+        lr that reaches the shallow target in a few steps and then stalls or diverges trains nobody."""
         if k not in runs:
             best = min((r["steps"][-1] for r in runs.values() if r["steps"][-1]), default=None)
             limit = cap if best is None else min(cap, math.ceil(1.5 * best) + 5)
             runs[k] = run_to_targets(name, batch_size, _rule_lr(task, batch_size) * 2.0**k, targets, limit)
-        return runs[k]["steps"][-1] or math.inf
+        steps = runs[k]["steps"]
+        return steps[depth] if steps[depth] and steps[-1] else math.inf
 
     for k in (0, 1, -1) if not quick else (0, -1):
         run(k)
-    while len(runs) < MAX_GRID_RUNS and not quick:
-        best_k = min(runs, key=run)
+    while len(runs) < MAX_GRID_RUNS and not quick:  # on while any depth's best lr is at the walk's edge
         lower, upper = min(runs), max(runs)
-        if best_k == upper and run(best_k) < math.inf:
+        best = [min(runs, key=functools.partial(run, depth=d)) for d in range(len(targets))]
+        reached = [run(k, d) < math.inf for d, k in enumerate(best)]
+        if any(k == upper and ok for k, ok in zip(best, reached, strict=True)):
             run(upper + 1)
-        elif (best_k == lower and run(best_k) < math.inf) or all(run(k) == math.inf for k in runs):
+        elif any(k == lower and ok for k, ok in zip(best, reached, strict=True)) or not any(reached):
             run(lower - 1)
         else:
             break
     depths: list[dict[str, Any]] = []
     repeats: dict[int, list[dict[str, Any]]] = {}
     for d in range(len(targets)):
-        reached = {k: r["steps"][d] for k, r in runs.items() if r["steps"][d]}
-        if not reached:
-            depths.append({"best_lr": None, "steps": None, "steps_per_order": None})
-            continue
-        k = min(reached, key=lambda k: reached[k])
-        if k not in repeats:  # the further orders of one lr are shared by the depths that picked it
-            lr, more = runs[k]["lr"], range(1, ORDERS)
-            repeats[k] = [run_to_targets(name, batch_size, lr, targets, cap, seed=i) for i in more]
-        orders = [reached[k]] + [again["steps"][d] for again in repeats[k]]
-        depths.append({
-            "best_lr": runs[k]["lr"], "steps_per_order": orders,
-            "steps": statistics.mean(orders) if None not in orders else None,
-            "repeat_seconds": sum(again["train_seconds"] for again in repeats[k]),
-        })  # fmt: skip
-    return {
+        depths.append({"best_lr": None, "steps": None, "steps_per_order": None})
+        # the fastest lr that reaches the target in every minibatch order (one lucky order is not a
+        # learning rate to recommend); the further orders of one lr are shared by the depths
+        for k in sorted((k for k in runs if run(k, d) < math.inf), key=functools.partial(run, depth=d)):
+            if stored and stored["depths"][d]["best_lr"] == runs[k]["lr"] and stored["depths"][d]["steps"]:
+                depths[-1] = stored["depths"][d]
+                break
+            if k not in repeats:
+                lr, more = runs[k]["lr"], range(1, ORDERS)
+                repeats[k] = [run_to_targets(name, batch_size, lr, targets, cap, seed=i) for i in more]
+            orders = [run(k, d)] + [again["steps"][d] for again in repeats[k]]
+            if None not in orders:
+                depths[-1] = {
+                    "best_lr": runs[k]["lr"], "steps_per_order": orders, "steps": statistics.mean(orders),
+                    "repeat_seconds": sum(again["train_seconds"] for again in repeats[k]),
+                }  # fmt: skip
+                break
+    seconds = sum(r["train_seconds"] for r in runs.values())
+    tuned = {
         "batch_size": batch_size,
         "depths": depths,
         "grid": [{"lr": r["lr"], "steps": r["steps"], "status": r["status"]} for r in runs.values()],
-        "sweep_seconds": sum(r["train_seconds"] for r in runs.values()),
+        "sweep_seconds": seconds,
     }
+    if stored:  # the probe's budget stays a share of the sweep as first run; the further walk's cost apart
+        repeated = sum(r["train_seconds"] for again in repeats.values() for r in again)
+        tuned["sweep_seconds"] = stored["sweep_seconds"]
+        tuned["deepen_seconds"] = stored.get("deepen_seconds", 0.0) + seconds + repeated
+    return tuned
 
 
 def measure_step_times(setup: Setup, sizes: list[int], rounds: int, min_seconds: float) -> dict[int, float]:
@@ -1554,10 +1592,7 @@ def time_sweeps(args: argparse.Namespace, names: list[str]) -> None:
             name = t["task"]["name"]
             if name not in names:
                 continue
-            if TASKS[name].model == "exported_mlp" and name not in _ARCHIVES:
-                archive = _archive_path(TASKS[name])
-                _export_mlp([64, *TASKS[name].hidden, 10], archive)
-                _ARCHIVES[name] = str(archive)
+            _export_archives([name])
             sizes = sorted(int(b) for b in t["oracle"])
             t["step_seconds"] = measure_step_times(_setup(name), sizes, rounds=args.rounds, min_seconds=0.3)
             t["step_times_measured"] = {
@@ -1609,6 +1644,37 @@ def extend_sweep(args: argparse.Namespace) -> None:
         raise SystemExit(f"not in the stored sweeps: {sorted(wanted)}")
 
 
+def deepen_grid(args: argparse.Namespace, names: list[str]) -> None:
+    """Walk every stored size's lr grid on (`--deepen-grid`, up to MAX_GRID_RUNS runs) where its best lr
+    sat at the walk's edge, and write the deeper grid back into the stored sweep files: the sizes and
+    their step times stay, a depth whose best lr moved gets its `--orders` again."""
+    for path in args.rescore.split(","):
+        sweep = json.loads(Path(path).read_text())
+        tasks = [t for t in sweep["tasks"] if t["task"]["name"] in names]
+        _export_archives([t["task"]["name"] for t in tasks])
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(args.threads, dict(_ARCHIVES), args.orders)) as pool:  # fmt: skip
+            futures = {
+                (t["task"]["name"], b): pool.submit(
+                    tune_size, t["task"]["name"], int(b), t["reference_run"]["targets"], stored=tuned)
+                for t in tasks for b, tuned in t["oracle"].items()
+            }  # fmt: skip
+            for t in tasks:
+                name = t["task"]["name"]
+                for b in list(t["oracle"]):
+                    before = [d["best_lr"] for d in t["oracle"][b]["depths"]]
+                    t["oracle"][b] = futures[(name, b)].result()
+                    after = [d["best_lr"] for d in t["oracle"][b]["depths"]]
+                    print(f"{name} {b}: best lr {before} -> {after}", flush=True)
+                t.setdefault("deepened", []).append({
+                    "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "orders": args.orders,
+                    "max_grid_runs": MAX_GRID_RUNS,
+                    "command": "python bench/convergence.py " + " ".join(sys.argv[1:]),
+                })  # fmt: skip
+                Path(path).write_text(json.dumps(sweep, indent=1, default=str))
+    _remove_archives()
+
+
 def reuse_answers(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -> None:
     """Score the answers of a previous report (`--reuse-answers JSON`) again on the stored sweeps and
     their step times, without probing again: the same answers on an extended or re-timed oracle."""
@@ -1642,11 +1708,7 @@ def rescore(args: argparse.Namespace, names: list[str], loads: dict[str, Any]) -
     """Everything but the sweep again, on the sweep stored in `args.rescore` (steps to target do not
     depend on timing); step times stored with the sweep (`--time-sweeps`) are used unless `--retime`."""
     stored = _stored_sweeps(args.rescore, loads)
-    for name in names:
-        if name in stored and TASKS[name].model == "exported_mlp":
-            path = _archive_path(TASKS[name])
-            _export_mlp([64, *TASKS[name].hidden, 10], path)
-            _ARCHIVES[name] = str(path)
+    _export_archives([n for n in names if n in stored])
     started = time.monotonic()
     out = Path(args.out)
     results = []
@@ -1716,6 +1778,11 @@ def main() -> None:
         help="with --rescore: tune these sizes into the stored sweep files (then --time-sweeps)",
     )  # fmt: skip
     parser.add_argument(
+        "--deepen-grid", action="store_true",
+        help="with --rescore: walk each stored size's lr grid on where its best lr is at the walk's edge "
+        "(up to MAX_GRID_RUNS runs) and store it (--orders for a depth whose best lr moves)",
+    )  # fmt: skip
+    parser.add_argument(
         "--reuse-answers", metavar="JSON",
         help="with --rescore: score this report's answers again on the stored sweeps, without probing",
     )  # fmt: skip
@@ -1729,6 +1796,9 @@ def main() -> None:
     if args.rescore and args.extend_sweep:
         extend_sweep(args)
         return
+    if args.rescore and args.deepen_grid:
+        deepen_grid(args, names)
+        return
     if args.rescore and args.time_sweeps:
         time_sweeps(args, names)
         return
@@ -1738,11 +1808,7 @@ def main() -> None:
     if args.rescore:
         rescore(args, names, loads)
         return
-    for name in names:
-        if TASKS[name].model == "exported_mlp":
-            path = _archive_path(TASKS[name])
-            _export_mlp([64, *TASKS[name].hidden, 10], path)
-            _ARCHIVES[name] = str(path)
+    _export_archives(names)
     started = time.monotonic()
     results = []
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_init_worker,
