@@ -1335,6 +1335,19 @@ def write_report(results: list[dict[str, Any]], args: argparse.Namespace, out: P
             else []
         ),
         *(
+            [
+                "- the oracle's lr walk: the stored sweeps walked on (`--deepen-grid`) until no depth's best "
+                "lr is at the walk's edge, counting lrs that reach the deep target in every order: "
+                + "; ".join(
+                    f"`{w['command']}` (last {w['date']}, {w['passes']} pass(es), up to {w['max_grid_runs']} "
+                    f"runs per size, {len(w['tasks'])} tasks)"
+                    for w in loads["deepened"].values()
+                )
+            ]
+            if loads.get("deepened")
+            else []
+        ),
+        *(
             [f"- step times (the oracle's yardstick): {_step_times_source(loads['step_times'])}"]
             if loads.get("step_times")
             else []
@@ -1614,6 +1627,12 @@ def _stored_sweeps(paths: str, loads: dict[str, Any]) -> dict[str, Any]:
         loads.setdefault("oracle_sweep_from", sweep)
         loads.setdefault("oracle_sweeps", []).append(sweep)
         stored.update({t["task"]["name"]: t for t in previous["tasks"]})
+        for t in previous["tasks"]:
+            for walk in t.get("deepened", []):
+                noted = loads.setdefault("deepened", {}).setdefault(walk["command"], {**walk, "tasks": []})
+                noted["tasks"] += [t["task"]["name"]] if t["task"]["name"] not in noted["tasks"] else []
+                noted["passes"] = max(noted.get("passes", 0), len(t["deepened"]))
+                noted["date"] = max(noted["date"], walk["date"])
     return stored
 
 
