@@ -422,7 +422,8 @@ TASKS = {
              "SGD Nesterov momentum 0.9, lr 0.2"),
         # ---- held-out half: defined (conventional, untuned client lrs; two data sets no other task uses: two
         # interleaved spirals, and a polynomial regression with interactions) after the twelfth had been
-        # scored, before any change to the method; swept with four minibatch orders before it was scored
+        # scored, before any change to the method; swept with four minibatch orders before the interval's
+        # model-error term was set again (horizon.MODEL_SIGMA, which moves no size); scored once after it
         Task("spirals-mlp-momentum", "held_out", "spirals", "mlp", "sgd", 0.05, 800, hidden=(128, 128),
              options={"momentum": 0.9},
              description="MLP 6-128-128-2 on two interleaved spirals (plus 4 noise features), SGD momentum "
