@@ -106,9 +106,10 @@ REFERENCE_BATCH = 32
 SHALLOW_FRACTION = 1 / 5
 LADDER_SHARE = 0.4  # of the probe's budget for the throughput ladder, as engine.THROUGHPUT_TIME_SHARE
 PROBE_SHARE = 0.08  # the probe's budget: this share of the sweep's training seconds in the same run
-# The lr walk's runs per size. Sweeps stored before 2026-12-02 walked at most 4 (k = 0, 1, -1, 2): the best
-# lr sat at the walk's top on 524 of 756 size-depths, where doubling it had still cut the steps by a median
-# 0.66x, so the oracle's best was not the best. `--deepen-grid` walks those stored sweeps on.
+# The lr walk's runs per size. The sweeps of the halves up to the eleventh were first run with at most 4
+# (k = 0, 1, -1, 2): the best lr sat at the walk's top on 524 of 756 size-depths, where doubling it had
+# still cut the steps by a median 0.66x, so the oracle's best was not the best. `--deepen-grid` walked
+# them on (each task's `deepened` records how).
 MAX_GRID_RUNS = 10
 # `--without-knee`: each probe's answer also without the step-time knee (horizon.KNEE_WEIGHT 0), with the
 # interval calibration the method had before it.
