@@ -1,16 +1,17 @@
 """Generalisation suite: does the probe's recommended batch size hold on training jobs it was not tuned on?
 
-Seventy-eight small tasks in three groups, fixed in bench/convergence_tasks.py: the TUNING half is the
-one the method's constants (service/probing/horizon.py, races.py, recipe.py) were first set on; SEEN are
-twelve earlier held-out halves, each scored once and then read before the method's later changes (so no
-longer held out); the HELD-OUT half (six tasks, two data sets no other task uses) was defined and swept
-before the method's last change and is scored once, with the method fixed. Together they cover plain SGD,
-SGD with momentum (and Nesterov, weight decay), Adam and AdamW with beta1 0.8 to 0.9, beta2 0.95 to 0.999
-and weight decay, dropout, label noise, imbalanced classes, MSE and Huber regression, multi-label
-classification (binary cross-entropy), CNNs with and without BatchNorm, a character-level language model
-and a model that goes through a torch.export archive (`.pt2`, loaded by service/probing/exported.py as an
-upload would be). The oracle sweeps the committed report was scored on are stored under
-docs/benchmarks/convergence_sweeps/ (`--rescore` reads them).
+Eighty-four small tasks in three groups, fixed in bench/convergence_tasks.py: the TUNING half is the one
+the method's constants (service/probing/horizon.py, races.py, recipe.py) were first set on; SEEN are
+thirteen earlier held-out halves, each scored once and then read before the method's later changes (so no
+longer held out); the HELD-OUT half (six tasks, two data sets no other task uses) is defined and swept
+before it is scored, once, with the method fixed (each half's comment in convergence_tasks.py says what
+changed in the method around it). Together they cover plain SGD, SGD with momentum (and Nesterov, weight
+decay), Adam and AdamW with beta1 0.8 to 0.9, beta2 0.95 to 0.999 and weight decay, dropout, label noise,
+imbalanced classes, MSE and Huber regression, multi-label classification (binary cross-entropy), CNNs
+with and without BatchNorm, a character-level language model and a model that goes through a torch.export
+archive (`.pt2`, loaded by service/probing/exported.py as an upload would be). The oracle sweeps the
+committed report was scored on are stored under docs/benchmarks/convergence_sweeps/ (`--rescore` reads
+them).
 
 Each task has two depths. A reference run (batch 32, the client's learning rate) fixes them: the
 SHALLOW target is its training loss at ref_steps/5 steps (ref_steps/8 in sweeps stored before the fifth
