@@ -158,6 +158,14 @@ def _init_worker(threads: int, archives: dict[str, str], orders: int) -> None:
 # ----------------------------------------------------------------------------------------- oracle
 
 
+def _sweep_pool(args: argparse.Namespace) -> ProcessPoolExecutor:
+    """The processes that run the oracle's training runs (spawned: each imports torch afresh)."""
+    return ProcessPoolExecutor(
+        args.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+        initargs=(args.threads, dict(_ARCHIVES), args.orders),
+    )  # fmt: skip
+
+
 def run_to_targets(
     name: str, batch_size: int, lr: float, targets: list[float], max_steps: int, seed: int = 0
 ) -> dict[str, Any]:
@@ -1052,7 +1060,8 @@ def _stored_sweeps(paths: str, loads: dict[str, Any]) -> dict[str, Any]:
         for t in previous["tasks"]:
             for walk in t.get("deepened", []):
                 noted = loads.setdefault("deepened", {}).setdefault(walk["command"], {**walk, "tasks": []})
-                noted["tasks"] += [t["task"]["name"]] if t["task"]["name"] not in noted["tasks"] else []
+                if t["task"]["name"] not in noted["tasks"]:
+                    noted["tasks"].append(t["task"]["name"])
                 noted["passes"] = max(noted.get("passes", 0), len(t["deepened"]))
                 noted["date"] = max(noted["date"], walk["date"])
     return stored
@@ -1093,8 +1102,7 @@ def deepen_grid(args: argparse.Namespace, names: list[str]) -> None:
         sweep = json.loads(Path(path).read_text())
         tasks = [t for t in sweep["tasks"] if t["task"]["name"] in names]
         _export_archives([t["task"]["name"] for t in tasks])
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(args.threads, dict(_ARCHIVES), args.orders)) as pool:  # fmt: skip
+        with _sweep_pool(args) as pool:
             futures = {
                 (t["task"]["name"], b): pool.submit(
                     tune_size, t["task"]["name"], int(b), t["reference_run"]["targets"], stored=tuned)
@@ -1252,8 +1260,7 @@ def main() -> None:
     _export_archives(names)
     started = time.monotonic()
     results = []
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(args.threads, dict(_ARCHIVES), args.orders)) as pool:  # fmt: skip
+    with _sweep_pool(args) as pool:
         ref_futures = {n: pool.submit(reference_run, n) for n in names}
         refs = {n: f.result() for n, f in ref_futures.items()}
         for n in names:
