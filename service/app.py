@@ -131,6 +131,8 @@ def _document_write_refusals(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
 def operation_id(route: APIRoute) -> str:
     """OpenAPI operationIds are the handlers' names (`create_recommendation`): what generated clients call."""
     return route.name

@@ -116,8 +116,6 @@ def error_response(
     return JSONResponse(status_code=status_code, content=body.model_dump(mode="json"), headers=headers)
 
 
-
-
 def _describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     details = []
     for error in errors:

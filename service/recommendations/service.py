@@ -364,7 +364,6 @@ def _training_flops_per_sample(name: str, config: Any) -> float:
     return 0.0
 
 
-
 def parameter_bytes(spec: Any, config: Any) -> int:
     """Bytes of the model's fp32 parameters, computed from the config: no module is built."""
     from models import parameter_count
