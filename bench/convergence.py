@@ -92,6 +92,7 @@ import torch  # noqa: E402
 
 from service.probing import horizon, races, recipe  # noqa: E402
 from service.probing.memory import cpu_model_name  # noqa: E402
+from service.probing.spec import SGD_DEFAULT_MOMENTUM  # noqa: E402
 from service.probing.throughput import measure_throughput, throughput_ladder  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -343,6 +344,7 @@ class _HorizonSpec:
     epochs: float | None
     target_loss: float | None = None
     device_count: int = 1
+    sgd_momentum: float | None = None  # SGD's momentum; None for the Adam family
 
 
 def run_probe(setup: Setup, budget_s: float) -> dict[str, Any]:
@@ -369,14 +371,15 @@ def run_probe(setup: Setup, budget_s: float) -> dict[str, Any]:
 def recommend_for(setup: Setup, probe: dict[str, Any], epochs: float) -> dict[str, Any]:
     """The recipe for a horizon of `epochs` at the reference batch, as the engine assembles it."""
     task = setup.task
-    spec = _HorizonSpec(REFERENCE_BATCH, len(setup.x), epochs)
+    momentum = task.options.get("momentum", SGD_DEFAULT_MOMENTUM) if task.optimizer == "sgd" else None
+    spec = _HorizonSpec(REFERENCE_BATCH, len(setup.x), epochs, sgd_momentum=momentum)
     stats, ladder = probe["stats"], probe["ladder"]
     carried = horizon.carry(stats, spec)
     rec = recipe.recommend(
         throughput=ladder, max_feasible_batch_size=max(task.sizes), dataset_size=len(setup.x),
         optimizer=task.optimizer, learning_rate=task.reference_lr, reference_batch_size=REFERENCE_BATCH,
         gradient_noise_scale=stats["gradient_noise_scale"], races=stats["races"],
-        cut_short=stats["cut_short"], horizon=carried,
+        cut_short=stats["cut_short"], horizon=carried, sgd_momentum=momentum,
     )  # fmt: skip
     return horizon.attach(
         rec, carried, statistics=stats, spec=spec, throughput=ladder, max_micro_batch=max(task.sizes)

@@ -130,6 +130,9 @@ class Race(OpenModel):
     best_loss: float | None = Field(None, description="Lowest evaluation loss seen.")
     train_seconds: float | None = Field(None, description="Seconds spent training.")
     steps_to_level: float | None = Field(None, description="Steps to the common loss level (interpolated).")
+    lag_steps: float | None = Field(
+        None, description="Steps an SGD momentum buffer takes to fill; the S(B) fit counts the steps after."
+    )
 
 
 class Races(OpenModel):
@@ -280,6 +283,11 @@ class RecommendationResult(OpenModel):
     )
     noise_scale_source: str | None = Field(
         None, description="Where B_noise came from: `races`, `gradient_noise_scale` or `combined`."
+    )
+    noise_scale_stability_factor: float | None = Field(
+        None,
+        description="What SGD's measured B_noise was multiplied by for its stability limit: "
+        "min(1, 0.1 (1+momentum)/(1-momentum)); 1 for Adam.",
     )
     gradient_noise_scale: NoiseScale | None = Field(None, description="The measured gradient noise scale.")
     races: Races | None = Field(None, description="Short training races at a few sizes.")

@@ -722,6 +722,7 @@ def _assemble_result(
         cut_short=statistics.get("cut_short", ()),
         noise_independent=statistics.get("noise_independent"),
         horizon=carried,
+        sgd_momentum=spec.sgd_momentum,
     )
     horizon.attach(
         recommendation, carried, statistics=statistics, spec=spec, throughput=throughput,

@@ -687,7 +687,7 @@ def carry(statistics: Mapping[str, Any], spec: Any) -> dict[str, Any]:
     to `spec`'s horizon (a ProbeSpec: epochs, target_loss, reference_batch_size, dataset_size)."""
     from service.probing.recipe import choose_noise_scale
 
-    choice = choose_noise_scale(_resolved(statistics), statistics.get("races"))
+    choice = choose_noise_scale(_resolved(statistics), statistics.get("races"), spec.sgd_momentum)
     return carry_to_horizon(
         races=statistics.get("races"), b_noise_level=choice["value"], source=choice["source"],
         reference_batch_size=spec.reference_batch_size, dataset_size=spec.dataset_size,

@@ -10,7 +10,9 @@ by least squares in 1/B, weighting each point by 1/S² so every size counts by i
 
 The time budget is shared between the races: the first race runs its share and sets the loss level;
 later races stop as soon as they reach it. A fit counts only at a real depth: a level at least
-MIN_DROP_FRACTION below the start, reached in at least MIN_LEVEL_STEPS steps by every race it uses. A
+MIN_DROP_FRACTION below the start, reached in at least MIN_LEVEL_STEPS steps by every race it uses. Each
+race restarts its optimizer, and SGD's momentum buffer then takes a number of steps to fill (`momentum_lag`):
+the fit counts steps after that lag, which would otherwise weigh most on the large sizes' short races. A
 race that stalls (diverges, or never gets STALL_DROP below its start) is retried once at LR_BACKOFF times
 its lr, and each race reports `stable_learning_rate`, the largest lr it trained stably at. A held-out part
 of the sample (split_heldout) is kept out of all training and evaluated alongside, so the held-out loss
@@ -63,6 +65,17 @@ HOLDOUT_MAX = 512
 HOLDOUT_MIN_SAMPLE = 100  # smaller samples are not split
 
 
+def momentum_lag(optimizer: torch.optim.Optimizer) -> float:
+    """Steps a fresh SGD optimizer with momentum β falls behind one already at speed: β/(1-β) for heavy
+    ball, β²/(1-β) for Nesterov (the sums of the missing update fractions β^k and β^(k+1) while the buffer
+    fills on a steady gradient); 0 for plain SGD and for Adam, whose bias correction removes its lag."""
+    group = optimizer.param_groups[0]
+    beta = float(group.get("momentum") or 0.0)
+    if not 0.0 < beta < 1.0:
+        return 0.0
+    return (beta * beta if group.get("nesterov") else beta) / (1.0 - beta)
+
+
 def race_sizes(prediction: float, *, max_size: int, min_size: int = 1, count: int = 3) -> list[int]:
     """`count` sizes spaced x4 (x2 when the range is too narrow) around `prediction`, inside the bounds.
 
@@ -82,9 +95,7 @@ def race_sizes(prediction: float, *, max_size: int, min_size: int = 1, count: in
     return best
 
 
-def _eval_loss(
-    model: nn.Module, loss_fn: LossFn, x: Batch, y: torch.Tensor, chunk: int = 1024
-) -> float:
+def _eval_loss(model: nn.Module, loss_fn: LossFn, x: Batch, y: torch.Tensor, chunk: int = 1024) -> float:
     """Mean loss over (x, y) without gradients.
 
     Models with BatchNorm are evaluated in training mode (batch statistics: early in training the
@@ -341,6 +352,7 @@ def run_races(
                     max_steps=max_steps, seed=seed + 1, heldout=heldout, track_noise=track_noise and i == 0,
                 )  # fmt: skip
                 race["learning_rate"] = lr
+                race["lag_steps"] = momentum_lag(optimizer)
                 attempts.append({"learning_rate": lr, "status": race["status"], "steps": race["steps"]})
                 if not _stalled(race):
                     break
@@ -389,11 +401,12 @@ _PROBLEMS = {
     "diverged": "diverged",
     "skipped": "skipped: the time budget ran out",
     "no_progress": "made no progress (its loss never fell below the start)",
-    "too_fast": f"reached the level in fewer than {MIN_LEVEL_STEPS} steps: too shallow to count",
+    "too_fast": f"reached the level in fewer than {MIN_LEVEL_STEPS} steps after its momentum's lag: too "
+    "shallow to count",
 }
 _ROW_KEYS = (
     "batch_size", "learning_rate", "stable_learning_rate", "status", "steps", "best_loss", "train_seconds",
-    "attempts",
+    "attempts", "lag_steps",
 )  # fmt: skip
 
 
@@ -412,8 +425,11 @@ def _summarise(races: dict[int, dict[str, Any]], seconds: float) -> dict[str, An
         level = max(r["best_loss"] for r in usable.values())
         start = min(r["initial_loss"] for r in usable.values())
         steps = {b: steps_to_level(r["curve"], level) for b, r in usable.items()}
-        for b, s in steps.items():
-            if s is not None and s < MIN_LEVEL_STEPS:
+        # Steps at speed: after the momentum buffer's fill-up, which every race pays once (steps_to_level
+        # stays as measured).
+        at_speed = {b: s - usable[b].get("lag_steps", 0.0) for b, s in steps.items() if s is not None}
+        for b, s in at_speed.items():
+            if s < MIN_LEVEL_STEPS:
                 races[b]["status"] = "too_fast"
         for row in summary["races"]:
             race = races[row["batch_size"]]
@@ -424,7 +440,7 @@ def _summarise(races: dict[int, dict[str, Any]], seconds: float) -> dict[str, An
                 row["train_loss_at_level"] = level
                 if race.get("heldout_curve"):
                     row["heldout_loss_at_level"] = value_at(race["heldout_curve"], s)
-        points = {b: s for b, s in steps.items() if s is not None and s >= MIN_LEVEL_STEPS}
+        points = {b: s for b, s in at_speed.items() if s >= MIN_LEVEL_STEPS}
         drop = (start - level) / abs(start) if start else 0.0
         summary.update(level=level, start_loss=start, drop_fraction=drop)
     summary["warnings"] = _race_warnings(races)

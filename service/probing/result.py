@@ -70,6 +70,7 @@ class Race(TypedDict, total=False):
     best_loss: float | None
     train_seconds: float
     steps_to_level: float | None
+    lag_steps: float  # SGD momentum's fill-up steps, not counted in the fit
 
 
 class Races(TypedDict, total=False):
@@ -167,6 +168,7 @@ class ProbeResult(TypedDict, total=False):
     b_noise: float | None
     b_noise_bound: str | None
     noise_scale_source: str | None
+    noise_scale_stability_factor: float
     gradient_noise_scale: NoiseScale | None
     races: Races | None
     data_sample: DataSample | None

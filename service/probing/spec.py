@@ -61,6 +61,11 @@ class ProbeSpec:
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def sgd_momentum(self) -> float | None:
+        """SGD's momentum; None for the Adam family."""
+        return self.momentum if self.optimizer == "sgd" else None
+
     def optimizer_options(self) -> dict[str, Any]:
         """The keyword arguments `step.build_optimizer` takes for this optimizer (only those it uses)."""
         if self.optimizer == "sgd":

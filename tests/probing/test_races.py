@@ -272,6 +272,49 @@ def test_races_that_reach_their_level_in_a_few_steps_do_not_count():
     assert {r["status"] for r in result["races"]} == {"too_fast"}
 
 
+@pytest.mark.parametrize(
+    ("make", "lag"),
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), 9.0),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True), 8.1),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1), 0.0),
+        (lambda ps: torch.optim.Adam(ps, lr=1e-3), 0.0),
+    ],
+)
+def test_momentum_lag(make, lag):
+    assert races.momentum_lag(make(nn.Linear(2, 1).parameters())) == pytest.approx(lag)
+
+
+def test_momentum_lag_matches_a_fresh_buffer_on_a_steady_gradient():
+    # Heavy ball on a constant gradient: after n steps it has moved lr * (n - lag) / (1 - beta).
+    w = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.01, momentum=0.9)
+    for _ in range(200):
+        opt.zero_grad()
+        w.grad = torch.ones(1)
+        opt.step()
+    steps_at_speed = -w.item() * (1 - 0.9) / 0.01
+    assert steps_at_speed == pytest.approx(200 - races.momentum_lag(opt), rel=1e-3)
+
+
+def test_the_fit_counts_steps_after_the_momentum_lag():
+    curves = {16: [(0, 2.0), (100, 1.0)], 64: [(0, 2.0), (40, 1.0)], 256: [(0, 2.0), (25, 1.0)]}
+    plain = races._summarise({b: _race(b, c) for b, c in curves.items()}, 1.0)
+    lagged = races._summarise({b: {**_race(b, c), "lag_steps": 9.0} for b, c in curves.items()}, 1.0)
+    assert [r["steps_to_level"] for r in lagged["races"]] == [r["steps_to_level"] for r in plain["races"]]
+    # The fixed lag weighs most on the shortest race: without it the steps fall further with B.
+    assert lagged["value"] > plain["value"]
+    expected = races.fit_steps([16, 64, 256], [100 - 9.0, 40 - 9.0, 25 - 9.0])["value"]
+    assert lagged["value"] == pytest.approx(expected)
+
+
+def test_a_race_shorter_than_its_momentum_lag_does_not_count():
+    curves = {16: [(0, 2.0), (100, 1.0)], 64: [(0, 2.0), (40, 1.0)], 256: [(0, 2.0), (12, 1.0)]}
+    result = races._summarise({b: {**_race(b, c), "lag_steps": 9.0} for b, c in curves.items()}, 1.0)
+    assert {r["batch_size"]: r["status"] for r in result["races"]}[256] == "too_fast"
+    assert result["points"] == 2
+
+
 def test_a_level_barely_below_the_start_is_too_shallow():
     curve16 = [(0, 2.0), (40, 1.95), (80, 1.9)]  # 5 % below the start
     curve64 = [(0, 2.0), (20, 1.95), (30, 1.9)]

@@ -260,7 +260,26 @@ def test_race_bounds():
     assert recipe.choose_noise_scale({**GNS_CLIENT, "value": 10.0}, upper)["value"] == 10  # consistent
     assert recipe.choose_noise_scale(None, upper) == {
         "value": 16.0, "source": "races", "agreement": None, "warnings": [ANY], "bound": None,
+        "stability_factor": 1.0,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("momentum", "factor"),
+    [(None, 1.0), (0.0, recipe.STABILITY_KAPPA), (0.5, 3 * recipe.STABILITY_KAPPA), (0.9, 1.0), (0.99, 1.0)],
+)
+def test_sgd_b_noise_is_scaled_by_its_momentums_stability_factor(momentum, factor):
+    assert recipe.stability_factor(momentum) == pytest.approx(factor)
+    choice = recipe.choose_noise_scale(GNS_CLIENT, {"status": "ok", "value": 250.0}, momentum)
+    assert choice["value"] == pytest.approx(250 * factor) and choice["stability_factor"] == pytest.approx(factor)
+
+
+def test_plain_sgd_is_recommended_a_smaller_batch_than_the_same_statistics_with_momentum():
+    plain = _recommend(optimizer="sgd", sgd_momentum=0.0)
+    heavy = _recommend(optimizer="sgd", sgd_momentum=0.9)
+    assert heavy["noise_scale_stability_factor"] == 1.0 and heavy["b_noise"] == pytest.approx(90)
+    assert plain["b_noise"] == pytest.approx(90 * recipe.STABILITY_KAPPA)
+    assert plain["recommended_batch_size"] < heavy["recommended_batch_size"]
 
 
 def test_failed_races_fall_back_to_the_gradient_noise_scale():
