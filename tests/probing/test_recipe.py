@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from unittest.mock import ANY
 
 import pytest
@@ -271,15 +272,30 @@ def test_race_bounds():
 def test_sgd_b_noise_is_scaled_by_its_momentums_stability_factor(momentum, factor):
     assert recipe.stability_factor(momentum) == pytest.approx(factor)
     choice = recipe.choose_noise_scale(GNS_CLIENT, {"status": "ok", "value": 250.0}, momentum)
-    assert choice["value"] == pytest.approx(250 * factor) and choice["stability_factor"] == pytest.approx(factor)
+    assert choice["value"] == pytest.approx(250 * factor)
+    assert choice["stability_factor"] == pytest.approx(factor)
 
 
 def test_plain_sgd_is_recommended_a_smaller_batch_than_the_same_statistics_with_momentum():
     plain = _recommend(optimizer="sgd", sgd_momentum=0.0)
     heavy = _recommend(optimizer="sgd", sgd_momentum=0.9)
-    assert heavy["noise_scale_stability_factor"] == 1.0 and heavy["b_noise"] == pytest.approx(90)
-    assert plain["b_noise"] == pytest.approx(90 * recipe.STABILITY_KAPPA)
+    assert heavy["noise_scale_stability_factor"] == 1.0
+    assert plain["noise_scale_stability_factor"] == pytest.approx(recipe.STABILITY_KAPPA)
     assert plain["recommended_batch_size"] < heavy["recommended_batch_size"]
+    # The lr rule keeps the measured B_noise: the same rule at the chosen size.
+    assert plain["b_noise"] == heavy["b_noise"] == pytest.approx(90)
+    rule = recipe.scale_learning_rate(0.1, 32, plain["recommended_batch_size"], "sgd", 90.0)[0]
+    assert plain["learning_rate_scaled"] == pytest.approx(rule)
+
+
+HORIZON_SPEC = {"reference_batch_size": 32, "dataset_size": 50_000, "epochs": None, "target_loss": None}
+
+
+def test_the_horizons_b_noise_carries_the_stability_factor():
+    stats = {"gradient_noise_scale": GNS_CLIENT, "races": RACES_OK}
+    plain = horizon.carry(stats, SimpleNamespace(**HORIZON_SPEC, sgd_momentum=0.0))
+    adam = horizon.carry(stats, SimpleNamespace(**HORIZON_SPEC, sgd_momentum=None))
+    assert plain["value"] == pytest.approx(adam["value"] * recipe.STABILITY_KAPPA)
 
 
 def test_failed_races_fall_back_to_the_gradient_noise_scale():
