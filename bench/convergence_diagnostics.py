@@ -1,0 +1,181 @@
+"""Where the convergence suite's answers go wrong: each B_noise estimate against the oracle's own.
+
+Reads a report of bench/convergence.py (its probes' measurements and answers) and the oracle sweeps it
+was scored on (the `--rescore` files its command names), and prints, per optimizer family (plain SGD,
+SGD with momentum, Adam/AdamW):
+
+- the oracle's B_noise: S(B) = S_min(1 + B_noise/B) fitted (least squares in ln S, B_noise on a log grid)
+  to the steps the oracle needed at each swept size with the lr tuned per size;
+- the ratio of the probe's estimates to it: B_simple, the races' fit, and the B_noise the batch was
+  chosen for at the client's horizon;
+- the model-form floor: the size that S(B) with the oracle's own B_noise and the oracle's step times
+  chooses, scored like the recommendation (how often even that is over 1.25x the best time);
+- the oracle's best lr at batch 32 over the client's lr, and how the best lr grows with B (the slope of
+  ln lr against ln B over the swept sizes).
+
+No training: everything comes from the stored files. Writes a Markdown copy next to `--out`.
+
+    python bench/convergence_diagnostics.py [--report docs/benchmarks/convergence.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from service.probing.memory import cpu_model_name  # noqa: E402
+
+FAMILIES = ("plain SGD", "SGD momentum", "Adam/AdamW")
+NOISE_GRID = np.exp(np.linspace(0.0, math.log(1e5), 400))  # B_noise candidates for the oracle's fit
+
+
+def family(task: dict[str, Any]) -> str:
+    if task["optimizer"] != "sgd":
+        return "Adam/AdamW"
+    return "plain SGD" if task["options"].get("momentum", 0.9) == 0 else "SGD momentum"
+
+
+def oracle_noise_scale(steps: dict[int, float]) -> float:
+    """B_noise of S(B) = S_min(1 + B_noise/B) fitted to the oracle's steps (least squares in ln S)."""
+    sizes = np.array(sorted(steps), dtype=float)
+    log_steps = np.log([steps[int(b)] for b in sizes])
+    factors = np.log1p(NOISE_GRID[:, None] / sizes[None, :])
+    residual = log_steps[None, :] - factors
+    residual -= residual.mean(axis=1, keepdims=True)  # ln S_min: the best one per candidate
+    return float(NOISE_GRID[int(np.argmin((residual**2).sum(axis=1)))])
+
+
+def sweep_files(report: dict[str, Any]) -> list[Path]:
+    """The `--rescore` files the report's command names."""
+    words = shlex.split(report["command"])
+    files = words[words.index("--rescore") + 1].split(",")
+    return [ROOT / f for f in files]
+
+
+def load_sweeps(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    tasks: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for task in json.loads(path.read_text())["tasks"]:
+            tasks[task["task"]["name"]] = task
+    return tasks
+
+
+def _ratio_line(values: list[float]) -> str:
+    if not values:
+        return "-"
+    logs = sorted(math.log(v) for v in values)
+    q1, q3 = np.percentile(logs, [25, 75])
+    median = math.exp(statistics.median(logs))
+    return f"x{median:.2f} (IQR x{math.exp(q1):.2f}-x{math.exp(q3):.2f}, n {len(values)})"
+
+
+def analyse(report: dict[str, Any], sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    estimates: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    floor: dict[str, list[float]] = defaultdict(list)
+    lr_gap: dict[str, list[float]] = defaultdict(list)
+    lr_slope: dict[str, list[float]] = defaultdict(list)
+    for result in report["tasks"]:
+        task = result["task"]
+        sweep = sweeps[task["name"]]
+        fam = family(task)
+        step_s = {int(b): v for b, v in sweep["step_seconds"].items()}
+        probe = result["probe"]
+        gns = (probe.get("gradient_noise_scale") or {}).get("value")
+        races = probe.get("races") or {}
+        race_value = races.get("value") if races.get("status") == "ok" else None
+        for d, depth in enumerate(result["depths"]):
+            steps = {int(b): v["depths"][d]["steps"] for b, v in sweep["oracle"].items()}
+            steps = {b: s for b, s in steps.items() if s}
+            if len(steps) < 3:
+                continue
+            own = oracle_noise_scale(steps)
+            horizon = depth.get("b_noise_horizon")
+            for name, value in (("B_simple", gns), ("races", race_value), ("at the horizon", horizon)):
+                if value is not None and math.isfinite(value) and value > 0:
+                    estimates[fam][name].append(value / own)
+            times = {b: steps[b] * step_s[b] for b in steps}
+            pick = min(steps, key=lambda b: (1 + own / b) * step_s[b])
+            floor[fam].append(times[pick] / min(times.values()))
+            best_lr = [(int(b), v["depths"][d].get("best_lr")) for b, v in sweep["oracle"].items()]
+            best_lr = [(b, lr) for b, lr in best_lr if lr]
+            at_32 = dict(best_lr).get(32)
+            if at_32:
+                lr_gap[fam].append(at_32 / task["reference_lr"])
+            if len(best_lr) > 2:
+                slope = np.polyfit(np.log([b for b, _ in best_lr]), np.log([lr for _, lr in best_lr]), 1)[0]
+                lr_slope[fam].append(float(slope))
+    return {"estimates": estimates, "floor": floor, "lr_gap": lr_gap, "lr_slope": lr_slope}
+
+
+def render(found: dict[str, Any], header: list[str]) -> str:
+    lines = ["# Convergence suite: the B_noise estimates against the oracle's own", "", *header, ""]
+    lines += [
+        "Each estimate over the oracle's B_noise (S(B) fitted to its steps, lr tuned per size): median "
+        "ratio and interquartile range, per task-depth.",
+        "",
+        "| optimizer | B_simple | races' fit | at the horizon (the batch's) |",
+        "|---|---|---|---|",
+    ]
+    for fam in FAMILIES:
+        est = found["estimates"].get(fam, {})
+        cells = [_ratio_line(est.get(k, [])) for k in ("B_simple", "races", "at the horizon")]
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The model-form floor (the size S(B) with the oracle's own B_noise and step times chooses) and the "
+        "oracle's learning rates:",
+        "",
+        "| optimizer | task-depths | floor: median ratio | floor: over 1.25 | best lr at 32 / client's lr "
+        "| slope of ln best lr on ln B |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fam in FAMILIES:
+        floor, gap, slope = (found[k].get(fam, []) for k in ("floor", "lr_gap", "lr_slope"))
+        if not floor:
+            continue
+        lines.append(
+            f"| {fam} | {len(floor)} | {statistics.median(floor):.2f} | {sum(r > 1.25 for r in floor)} | "
+            f"{statistics.median(gap):.1f} | {statistics.median(slope):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report", default=str(ROOT / "docs" / "benchmarks" / "convergence.json"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "convergence_diagnostics.md"))
+    args = parser.parse_args()
+    report = json.loads(Path(args.report).read_text())
+    found = analyse(report, load_sweeps(sweep_files(report)))
+    command = "python bench/convergence_diagnostics.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = Path(args.report).resolve()
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    machine = cpu_model_name() or platform.processor()
+    header = [
+        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; machine: {machine}, {os.cpu_count()} cores "
+        "(no training: read from stored files)",
+        f"- command: `{command.strip()}`",
+        f"- report: `{shown}` ({report.get('date')}); its sweeps: the `--rescore` files of its command",
+    ]
+    text = render(found, header)
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
