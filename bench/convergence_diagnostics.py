@@ -11,7 +11,10 @@ SGD with momentum, Adam/AdamW):
 - the model-form floor: the size that S(B) with the oracle's own B_noise and the oracle's step times
   chooses, scored like the recommendation (how often even that is over 1.25x the best time);
 - the oracle's best lr at batch 32 over the client's lr, and how the best lr grows with B (the slope of
-  ln lr against ln B over the swept sizes).
+  ln lr against ln B over the swept sizes);
+- the oracle against itself: where a depth's steps were averaged over four or more minibatch orders, the
+  size the mean of half of them picks, scored on the mean of the other half (same step times). How often
+  that is over 1.25x is the yardstick's own noise: no answer can be scored more finely than this.
 
 No training: everything comes from the stored files. Writes a Markdown copy next to `--out`.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -60,6 +64,27 @@ def oracle_noise_scale(steps: dict[int, float]) -> float:
     return float(NOISE_GRID[int(np.argmin((residual**2).sum(axis=1)))])
 
 
+def split_half_ratios(per_order: dict[int, list[float]], step_seconds: dict[int, float]) -> list[float]:
+    """The oracle against itself at one depth: for each half of its minibatch orders that holds the first
+    (the one the lr was chosen on), the size whose mean steps over that half is fastest, its time over the
+    best time by the mean of the other half. [] unless every size has >= 4 orders."""
+    n = min((len(v) for v in per_order.values()), default=0)
+    if n < 4:
+        return []
+    orders = range(2 * (n // 2))
+    ratios = []
+    for others in itertools.combinations(orders[1:], n // 2 - 1):
+        pick_half = (0, *others)
+        score_half = [i for i in orders if i not in pick_half]
+        picked = {b: statistics.mean(v[i] for i in pick_half) * step_seconds[b] for b, v in per_order.items()}
+        scored = {
+            b: statistics.mean(v[i] for i in score_half) * step_seconds[b] for b, v in per_order.items()
+        }
+        choice = min(picked, key=lambda b: picked[b])
+        ratios.append(scored[choice] / min(scored.values()))
+    return ratios
+
+
 def sweep_files(report: dict[str, Any]) -> list[Path]:
     """The `--rescore` files the report's command names."""
     words = shlex.split(report["command"])
@@ -89,6 +114,7 @@ def analyse(report: dict[str, Any], sweeps: dict[str, dict[str, Any]]) -> dict[s
     floor: dict[str, list[float]] = defaultdict(list)
     lr_gap: dict[str, list[float]] = defaultdict(list)
     lr_slope: dict[str, list[float]] = defaultdict(list)
+    self_agreement: dict[str, list[float]] = defaultdict(list)
     for result in report["tasks"]:
         task = result["task"]
         sweep = sweeps[task["name"]]
@@ -101,6 +127,10 @@ def analyse(report: dict[str, Any], sweeps: dict[str, dict[str, Any]]) -> dict[s
         for d, depth in enumerate(result["depths"]):
             steps = {int(b): v["depths"][d]["steps"] for b, v in sweep["oracle"].items()}
             steps = {b: s for b, s in steps.items() if s}
+            oracle = sweep["oracle"]
+            per_order = {int(b): v["depths"][d].get("steps_per_order") or [] for b, v in oracle.items()}
+            if all(per_order.values()) and all(s is not None for v in per_order.values() for s in v):
+                self_agreement[fam].extend(split_half_ratios(per_order, step_s))
             if len(steps) < 3:
                 continue
             own = oracle_noise_scale(steps)
@@ -119,7 +149,10 @@ def analyse(report: dict[str, Any], sweeps: dict[str, dict[str, Any]]) -> dict[s
             if len(best_lr) > 2:
                 slope = np.polyfit(np.log([b for b, _ in best_lr]), np.log([lr for _, lr in best_lr]), 1)[0]
                 lr_slope[fam].append(float(slope))
-    return {"estimates": estimates, "floor": floor, "lr_gap": lr_gap, "lr_slope": lr_slope}
+    return {
+        "estimates": estimates, "floor": floor, "lr_gap": lr_gap, "lr_slope": lr_slope,
+        "self_agreement": self_agreement,
+    }  # fmt: skip
 
 
 def render(found: dict[str, Any], header: list[str]) -> str:
@@ -152,6 +185,24 @@ def render(found: dict[str, Any], header: list[str]) -> str:
             f"| {fam} | {len(floor)} | {statistics.median(floor):.2f} | {sum(r > 1.25 for r in floor)} | "
             f"{statistics.median(gap):.1f} | {statistics.median(slope):.2f} |"
         )
+    lines += [
+        "",
+        "The oracle against itself: half of a depth's minibatch orders pick the size, the other half "
+        "score it (each half that holds the first order, the one its lr was chosen on; depths with four or "
+        "more orders). A half is noisier than the whole oracle, so these rates overstate the whole "
+        "oracle's own; they show how finely a scored answer can be told apart from the best at all.",
+        "",
+        "| optimizer | task-depth-splits | median ratio | over 1.10 | over 1.25 | worst |",
+        "|---|---|---|---|---|---|",
+    ]
+    pooled = [r for fam in FAMILIES for r in found["self_agreement"].get(fam, [])]
+    for fam, ratios in [*((f, found["self_agreement"].get(f, [])) for f in FAMILIES), ("all", pooled)]:
+        if ratios:
+            lines.append(
+                f"| {fam} | {len(ratios)} | {statistics.median(ratios):.2f} | "
+                f"{sum(r > 1.10 for r in ratios) / len(ratios):.0%} | "
+                f"{sum(r > 1.25 for r in ratios) / len(ratios):.0%} | {max(ratios):.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

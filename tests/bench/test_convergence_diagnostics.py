@@ -40,3 +40,23 @@ def test_the_fit_is_least_squares_in_log_steps():
 )
 def test_family(optimizer, options, expected):
     assert diagnostics.family({"optimizer": optimizer, "options": options}) == expected
+
+
+def test_an_oracle_whose_orders_agree_agrees_with_itself():
+    per_order = {16: [300.0] * 4, 64: [100.0] * 4, 256: [60.0] * 4}
+    step_seconds = {16: 1.0, 64: 1.2, 256: 3.0}
+    assert diagnostics.split_half_ratios(per_order, step_seconds) == [1.0, 1.0, 1.0]
+
+
+def test_a_half_picks_and_the_other_half_scores():
+    # orders 0 and 1 make 16 the fastest, orders 2 and 3 make 64 over twice as fast as 16
+    per_order = {16: [50.0, 50.0, 200.0, 200.0], 64: [150.0, 150.0, 90.0, 90.0]}
+    step_seconds = {16: 1.0, 64: 1.0}
+    ratios = diagnostics.split_half_ratios(per_order, step_seconds)
+    assert len(ratios) == 3  # order 0 paired with each other order
+    assert ratios[0] == pytest.approx(200 / 90)  # {0, 1} picks 16; {2, 3} time it at 200, 64 at 90
+    assert ratios[1:] == [1.0, 1.0]  # {0, 2} and {0, 3} pick 64 (120 < 125), the best on the rest too
+
+
+def test_too_few_orders_give_no_split():
+    assert diagnostics.split_half_ratios({16: [1.0, 2.0, 3.0], 64: [1.0, 2.0, 3.0]}, {16: 1.0, 64: 1.0}) == []
