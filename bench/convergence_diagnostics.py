@@ -64,18 +64,19 @@ def oracle_noise_scale(steps: dict[int, float]) -> float:
     return float(NOISE_GRID[int(np.argmin((residual**2).sum(axis=1)))])
 
 
-def split_half_ratios(per_order: dict[int, list[float]], step_seconds: dict[int, float]) -> list[float]:
-    """The oracle against itself at one depth: for each half of its minibatch orders that holds the first
-    (the one the lr was chosen on), the size whose mean steps over that half is fastest, its time over the
-    best time by the mean of the other half. [] unless every size has >= 4 orders."""
-    n = min((len(v) for v in per_order.values()), default=0)
-    if n < 4:
+def split_half_ratios(
+    per_order: dict[int, list[float]], step_seconds: dict[int, float], orders: int = 4
+) -> list[float]:
+    """The oracle against itself at one depth, on its first `orders` minibatch orders: for each half of
+    them that holds the first (the one the lr was chosen on), the size whose mean steps over that half is
+    fastest, its time over the best time by the mean of the other half. [] unless every size has that
+    many orders."""
+    if orders < 4 or orders % 2 or min((len(v) for v in per_order.values()), default=0) < orders:
         return []
-    orders = range(2 * (n // 2))
     ratios = []
-    for others in itertools.combinations(orders[1:], n // 2 - 1):
+    for others in itertools.combinations(range(1, orders), orders // 2 - 1):
         pick_half = (0, *others)
-        score_half = [i for i in orders if i not in pick_half]
+        score_half = [i for i in range(orders) if i not in pick_half]
         picked = {b: statistics.mean(v[i] for i in pick_half) * step_seconds[b] for b, v in per_order.items()}
         scored = {
             b: statistics.mean(v[i] for i in score_half) * step_seconds[b] for b, v in per_order.items()
@@ -130,7 +131,11 @@ def analyse(report: dict[str, Any], sweeps: dict[str, dict[str, Any]]) -> dict[s
             oracle = sweep["oracle"]
             per_order = {int(b): v["depths"][d].get("steps_per_order") or [] for b, v in oracle.items()}
             if all(per_order.values()) and all(s is not None for v in per_order.values() for s in v):
-                self_agreement[fam].extend(split_half_ratios(per_order, step_s))
+                self_agreement[fam].extend(split_half_ratios(per_order, step_s, 4))
+                eight = split_half_ratios(per_order, step_s, 8)
+                if eight:  # the same depths with halves of two orders, for comparison
+                    self_agreement["eight: halves of four"].extend(eight)
+                    self_agreement["eight: halves of two"].extend(split_half_ratios(per_order, step_s, 4))
             if len(steps) < 3:
                 continue
             own = oracle_noise_scale(steps)
@@ -187,19 +192,24 @@ def render(found: dict[str, Any], header: list[str]) -> str:
         )
     lines += [
         "",
-        "The oracle against itself: half of a depth's minibatch orders pick the size, the other half "
-        "score it (each half that holds the first order, the one its lr was chosen on; depths with four or "
-        "more orders). A half is noisier than the whole oracle, so these rates overstate the whole "
-        "oracle's own; they show how finely a scored answer can be told apart from the best at all.",
+        "The oracle against itself: half of a depth's first four minibatch orders pick the size, the "
+        "other half score it (each half that holds the first order, the one its lr was chosen on; every "
+        "pairing is a split). A half is noisier than the whole oracle, so these rates overstate the whole "
+        "oracle's own; they show how finely a scored answer can be told apart from the best at all. The "
+        "last two rows: the depths whose sweep ran eight orders, with halves of two and of four.",
         "",
-        "| optimizer | task-depth-splits | median ratio | over 1.10 | over 1.25 | worst |",
-        "|---|---|---|---|---|---|",
+        "| orders per half | optimizer | task-depth-splits | median ratio | over 1.10 | over 1.25 | worst |",
+        "|---|---|---|---|---|---|---|",
     ]
-    pooled = [r for fam in FAMILIES for r in found["self_agreement"].get(fam, [])]
-    for fam, ratios in [*((f, found["self_agreement"].get(f, [])) for f in FAMILIES), ("all", pooled)]:
+    agreement = found["self_agreement"]
+    pooled = [r for fam in FAMILIES for r in agreement.get(fam, [])]
+    rows = [("2", f, agreement.get(f, [])) for f in FAMILIES] + [("2", "all", pooled)]
+    rows.append(("2", "all, depths with eight orders", agreement.get("eight: halves of two", [])))
+    rows.append(("4", "all, depths with eight orders", agreement.get("eight: halves of four", [])))
+    for half, fam, ratios in rows:
         if ratios:
             lines.append(
-                f"| {fam} | {len(ratios)} | {statistics.median(ratios):.2f} | "
+                f"| {half} | {fam} | {len(ratios)} | {statistics.median(ratios):.2f} | "
                 f"{sum(r > 1.10 for r in ratios) / len(ratios):.0%} | "
                 f"{sum(r > 1.25 for r in ratios) / len(ratios):.0%} | {max(ratios):.2f} |"
             )

@@ -60,3 +60,12 @@ def test_a_half_picks_and_the_other_half_scores():
 
 def test_too_few_orders_give_no_split():
     assert diagnostics.split_half_ratios({16: [1.0, 2.0, 3.0], 64: [1.0, 2.0, 3.0]}, {16: 1.0, 64: 1.0}) == []
+
+
+def test_eight_orders_split_into_halves_of_four():
+    per_order = {16: [100.0] * 8, 64: [90.0] * 8}
+    ratios = diagnostics.split_half_ratios(per_order, {16: 1.0, 64: 1.0}, orders=8)
+    assert len(ratios) == 35  # the first order with each 3 of the other 7
+    assert set(ratios) == {1.0}
+    assert diagnostics.split_half_ratios(per_order, {16: 1.0, 64: 1.0}, orders=6) != []
+    assert diagnostics.split_half_ratios({16: [1.0] * 4, 64: [1.0] * 4}, {16: 1.0, 64: 1.0}, orders=8) == []
