@@ -22,7 +22,8 @@ Then, for the recommended size and the reference: steps S(B) = S_min(1 + B_h/B),
 E(B) = S(B)·B/N = E_min(1 + B/B_h), predicted wall time S(B)·step time(B); held-out loss at equal
 training loss from the races (a warning when the recommended size generalises worse); and an interval
 for the recommended size's time ratio to the best size, by Monte Carlo over the measured uncertainties
-(B_h's spread, each ladder size's timing spread). `confidence` summarises that interval.
+(B_h's spread, each ladder size's timing spread) and the model's (MODEL_SIGMA; for SGD, FACTOR_SIGMA per
+unit of its stability factor's ln). `confidence` summarises that interval.
 
 Plain numbers and dicts, numpy only: imported by the probe engine and the benchmark.
 """
@@ -68,6 +69,13 @@ INTERVAL_PROBABILITY = 0.8
 # (1: none; the benchmark's knee ablation restores the method before the knee).
 MODEL_SIGMA = 1.2
 INTERVAL_CALIBRATION = 1.0
+# SGD's stability factor (recipe.stability_factor) is a model of where the lr stops scaling, not a measurement
+# of it: the interval's B_noise spread adds FACTOR_SIGMA per unit of ln(1/factor) (in quadrature; the batch
+# choice's spread does not). Set by MODEL_SIGMA's rule on stored probes of the benchmark's 72 tuning and seen
+# tasks (three draws, the 84 plain-SGD task-depths, factor 0.1): the bound held on 60 of 84 (71 %) without it,
+# 64 / 67 / 72 with 0.3 / 0.5 / 0.8 (median bound 1.17 / 1.19 / 1.23 / 1.31); Adam and momentum 0.9 (factor 1)
+# held on 89 % and 79 % without any.
+FACTOR_SIGMA = 0.5
 DRAWS = 2000
 # The step-time knee: the largest measured size whose step takes at most STEP_TIME_KNEE times the
 # smallest measured size's. Below it a bigger batch costs (almost) nothing per step, and with an lr tuned per
@@ -671,7 +679,7 @@ def report(
     }  # fmt: skip
     interval = time_ratio_interval(
         throughput=throughput, candidates=candidates, recommended=rec_micro, b_noise=b_h,
-        sigma=carried.get("sigma") or LEVEL_SIGMA_DEFAULT, devices=devices,
+        sigma=carried.get("interval_sigma") or carried.get("sigma") or LEVEL_SIGMA_DEFAULT, devices=devices,
     )  # fmt: skip
     gen = generalisation(races, rec_global, reference_batch_size)
     if gen and gen["warning"]:
@@ -684,15 +692,24 @@ def report(
 
 def carry(statistics: Mapping[str, Any], spec: Any) -> dict[str, Any]:
     """`carry_to_horizon` for a probe: the B_noise the recipe would choose at the races' level, carried
-    to `spec`'s horizon (a ProbeSpec: epochs, target_loss, reference_batch_size, dataset_size)."""
+    to `spec`'s horizon (a ProbeSpec: epochs, target_loss, reference_batch_size, dataset_size), with
+    "interval_sigma": the spread the time-ratio interval uses (`factor_spread`)."""
     from service.probing.recipe import choose_noise_scale
 
     choice = choose_noise_scale(_resolved(statistics), statistics.get("races"), spec.sgd_momentum)
-    return carry_to_horizon(
+    carried = carry_to_horizon(
         races=statistics.get("races"), b_noise_level=choice["value"], source=choice["source"],
         reference_batch_size=spec.reference_batch_size, dataset_size=spec.dataset_size,
         epochs=spec.epochs, target_loss=spec.target_loss,
     )  # fmt: skip
+    if carried.get("sigma") is not None:
+        carried["interval_sigma"] = math.hypot(carried["sigma"], factor_spread(choice["stability_factor"]))
+    return carried
+
+
+def factor_spread(stability_factor: float) -> float:
+    """The ln-spread SGD's stability factor adds to the interval: FACTOR_SIGMA·ln(1/factor) (0 at 1)."""
+    return FACTOR_SIGMA * math.log(1 / stability_factor) if 0 < stability_factor < 1 else 0.0
 
 
 def _resolved(statistics: Mapping[str, Any]) -> Mapping[str, Any] | None:

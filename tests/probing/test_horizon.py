@@ -323,6 +323,42 @@ def test_attach_adds_the_block_and_never_raises_confidence() -> None:
     assert rec["confidence_reasons"][-1] == block["interval"]["statement"]
 
 
+class _HorizonSpec:
+    reference_batch_size, dataset_size, device_count, epochs, target_loss = 32, 10_000, 1, 4.0, None
+
+    def __init__(self, sgd_momentum: float | None) -> None:
+        self.sgd_momentum = sgd_momentum
+
+
+def test_the_stability_factor_widens_the_interval_not_the_batch_choices_spread() -> None:
+    statistics = {"races": _races(), "gradient_noise_scale": None}
+    adam = horizon.carry(statistics, _HorizonSpec(None))
+    plain = horizon.carry(statistics, _HorizonSpec(0.0))  # factor 0.1
+    assert adam["interval_sigma"] == pytest.approx(adam["sigma"])
+    assert plain["sigma"] == pytest.approx(adam["sigma"])  # the choice's spread is B_noise's own
+    assert plain["interval_sigma"] == pytest.approx(
+        math.hypot(plain["sigma"], horizon.FACTOR_SIGMA * math.log(10))
+    )
+    assert horizon.factor_spread(1.0) == 0.0
+    assert horizon.factor_spread(0.3) == pytest.approx(horizon.FACTOR_SIGMA * math.log(1 / 0.3))
+
+
+def test_the_interval_uses_the_interval_spread() -> None:
+    carried = horizon.carry_to_horizon(
+        races=_races(), b_noise_level=200.0, source="races", reference_batch_size=32, dataset_size=10_000,
+        epochs=4.0,
+    )  # fmt: skip
+    rec = {"recommended_batch_size": 128, "micro_batch_size": 128, "gradient_accumulation_steps": 1}
+
+    def bound(block: dict) -> float:
+        return horizon.report(
+            block, recommendation=rec, throughput=THROUGHPUT, candidates=[16, 32, 64, 128, 256, 512],
+            races=None, dataset_size=10_000, reference_batch_size=32,
+        )["interval"]["time_ratio_high"]  # fmt: skip
+
+    assert bound({**carried, "interval_sigma": carried["sigma"] + 1.5}) > bound(carried)
+
+
 def test_a_probe_answers_for_the_clients_horizon_and_echoes_its_optimizer() -> None:
     import json
 
