@@ -1,8 +1,8 @@
 """Generalisation suite: does the probe's recommended batch size hold on training jobs it was not tuned on?
 
-A hundred and two small tasks in three groups, fixed in bench/convergence_tasks.py: the TUNING half is
+A hundred and eight small tasks in three groups, fixed in bench/convergence_tasks.py: the TUNING half is
 the one the method's constants (service/probing/horizon.py, races.py, recipe.py) were first set on; SEEN are
-sixteen earlier held-out halves, each scored once and then read before the method's later changes (so no
+seventeen earlier held-out halves, each scored once and then read before the method's later changes (so no
 longer held out); the HELD-OUT half (six tasks, two data sets no other task uses) is defined and swept
 before it is scored, once, with the method fixed (each half's comment in convergence_tasks.py says what
 changed in the method around it). Together they cover plain SGD, SGD with momentum (and Nesterov, weight
