@@ -14,7 +14,7 @@ SGD with momentum, Adam/AdamW):
   ln lr against ln B over the swept sizes);
 - the oracle against itself: where a depth's steps were averaged over four or more minibatch orders, the
   size the mean of half of them picks, scored on the mean of the other half (same step times). How often
-  that is over 1.25x is the yardstick's own noise: no answer can be scored more finely than this.
+  that is over 1.25x bounds the yardstick's own noise from above (a half is noisier than the whole).
 
 No training: everything comes from the stored files. Writes a Markdown copy next to `--out`.
 
