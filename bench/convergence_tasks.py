@@ -616,7 +616,7 @@ def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     ):
         return _manifold_data(kind)
     if kind in ("bumps", "triangle", "sectors", "bowl"):
-        return _bumps_and_triangle_data(kind)
+        return _radial_and_wave_data(kind)
     if kind == "text":
         from models import get_model, make_config
 
@@ -679,7 +679,7 @@ def _skewed_data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     raise ValueError(kind)
 
 
-def _bumps_and_triangle_data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _radial_and_wave_data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Four-class Gaussian bumps and five angular sectors (plus noise features), and a triangle-wave and a
     bowl-shaped regression of a few features."""
     if kind == "sectors":
