@@ -712,7 +712,10 @@ def _radial_and_wave_data(kind: str) -> tuple[torch.Tensor, torch.Tensor, str]:
         phase = (x[:, 0] + 0.5 * x[:, 1]) / 2
         noise = 0.1 * torch.randn(3000, generator=g)
         y = 4 * (phase - torch.floor(phase) - 0.5).abs() - 1 + 0.3 * x[:, 2] + noise
-        description = "3000 x 6 Gaussian: y = triangle wave (period 2) of x0 + x1 / 2, + 0.3 x2 + N(0, 0.01)"
+        description = (
+            "3000 x 6 Gaussian: y = triangle wave (period 2) of x0 + x1 / 2, + 0.3 x2 + N(0, 0.01), "
+            "y standardised"
+        )
         return x, _standardised(y), description
     raise ValueError(kind)
 
