@@ -126,16 +126,17 @@ def analyse(report: dict[str, Any], sweeps: dict[str, dict[str, Any]]) -> dict[s
         races = probe.get("races") or {}
         race_value = races.get("value") if races.get("status") == "ok" else None
         for d, depth in enumerate(result["depths"]):
-            steps = {int(b): v["depths"][d]["steps"] for b, v in sweep["oracle"].items()}
-            steps = {b: s for b, s in steps.items() if s}
             oracle = sweep["oracle"]
+            steps = {int(b): v["depths"][d]["steps"] for b, v in oracle.items()}
+            steps = {b: s for b, s in steps.items() if s}
             per_order = {int(b): v["depths"][d].get("steps_per_order") or [] for b, v in oracle.items()}
             if all(per_order.values()) and all(s is not None for v in per_order.values() for s in v):
-                self_agreement[fam].extend(split_half_ratios(per_order, step_s, 4))
+                halves_of_two = split_half_ratios(per_order, step_s, 4)
+                self_agreement[fam].extend(halves_of_two)
                 eight = split_half_ratios(per_order, step_s, 8)
                 if eight:  # the same depths with halves of two orders, for comparison
                     self_agreement["eight: halves of four"].extend(eight)
-                    self_agreement["eight: halves of two"].extend(split_half_ratios(per_order, step_s, 4))
+                    self_agreement["eight: halves of two"].extend(halves_of_two)
             if len(steps) < 3:
                 continue
             own = oracle_noise_scale(steps)
